@@ -1,0 +1,223 @@
+"""The data that crosses the routing core's boundary, and the one Policy protocol.
+
+Everything here is a frozen, slotted, keyword-only dataclass validated when built, so an
+invalid request or backend description cannot exist. The live proxy and the virtual-time
+simulator build the same `RouteRequest`s and feed `RoutingCore` (see `routing.py`) the same
+events (routed, first token, finished, failed), so a policy cannot tell which one runs it.
+
+Token ranges of a request, as the router sees them::
+
+    prompt_tokens = n
+    |<------------------------------- n ------------------------------->|
+    |  block 0  |  block 1  |  block 2  |  ...  | block k-1 (maybe part) |
+    |<-- cached at backend b (whole blocks) -->|<---- prefill at PP_b ---->|
+                                               then N output tokens at TG_b
+
+`blocks[i]` is a 64-bit hash chained on `blocks[i-1]`, so two requests with the same hash at
+depth i share the whole prefix up to and including block i.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, runtime_checkable
+
+__all__ = [
+    "BackendSpec",
+    "BackendState",
+    "BasePolicy",
+    "Choice",
+    "PerfPrior",
+    "Policy",
+    "RequestRecord",
+    "RouteRequest",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PerfPrior:
+    """What we believe about a backend's two speeds before we have measured it.
+
+    prefill time(new, ctx) = new / prefill_tokens_per_s + new * ctx * prefill_s_per_token_ctx
+    decode step time       = decode_step_s + decode_s_per_kv_token * (KV tokens in the batch)
+    """
+
+    prefill_tokens_per_s: float
+    prefill_s_per_token_ctx: float = 0.0
+    decode_step_s: float
+    decode_s_per_kv_token: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.prefill_tokens_per_s <= 0:
+            raise ValueError("prefill_tokens_per_s must be positive")
+        if self.decode_step_s <= 0:
+            raise ValueError("decode_step_s must be positive")
+        if self.prefill_s_per_token_ctx < 0 or self.decode_s_per_kv_token < 0:
+            raise ValueError("per-token coefficients must be non-negative")
+
+    def prefill_time(self, new_tokens: int, context_tokens: int) -> float:
+        return (
+            new_tokens / self.prefill_tokens_per_s
+            + new_tokens * context_tokens * self.prefill_s_per_token_ctx
+        )
+
+    def decode_step_time(self, batch_kv_tokens: int) -> float:
+        return self.decode_step_s + self.decode_s_per_kv_token * batch_kv_tokens
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackendSpec:
+    """A backend as the router knows it: identity, what it said about itself, our prior."""
+
+    id: str
+    kv_capacity_tokens: int | None = None  # from /get_server_info max_total_num_tokens
+    page_size: int = 1
+    prior: PerfPrior | None = None
+    max_running_requests: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ValueError("backend id must be non-empty")
+        if self.kv_capacity_tokens is not None and self.kv_capacity_tokens <= 0:
+            raise ValueError("kv_capacity_tokens must be positive")
+        if self.page_size <= 0:
+            raise ValueError("page_size must be positive")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteRequest:
+    """One request as the routing core sees it: no text, only chained block hashes and sizes."""
+
+    rid: str
+    blocks: tuple[int, ...]
+    block_tokens: int
+    prompt_tokens: int
+    max_tokens: int | None = None
+    session_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_tokens <= 0:
+            raise ValueError("block_tokens must be positive")
+        if self.prompt_tokens < 0:
+            raise ValueError("prompt_tokens must be non-negative")
+        if len(self.blocks) > 0 and self.prompt_tokens > len(self.blocks) * self.block_tokens:
+            raise ValueError("prompt_tokens exceeds what the blocks can hold")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise ValueError("max_tokens must be non-negative")
+
+    def tokens_in_blocks(self, count: int) -> int:
+        """Prompt tokens covered by the first `count` blocks (the last block may be partial)."""
+        return min(count * self.block_tokens, self.prompt_tokens)
+
+
+@dataclass(slots=True, kw_only=True)
+class RequestRecord:
+    """The core's record of one routed request, from routing to its one ending."""
+
+    request: RouteRequest
+    backend: str
+    routed_at: float
+    predicted_cached_tokens: int = 0
+    predicted_ttft_s: float | None = None
+    first_token_at: float | None = None
+    cached_tokens: int | None = None  # what the backend reported
+
+
+@dataclass(slots=True, kw_only=True)
+class BackendState:
+    """A backend's live state in the core: the spec plus what the core tracks about it.
+
+    Policies read it; only `RoutingCore` writes it.
+    """
+
+    spec: BackendSpec
+    healthy: bool = True
+    draining: bool = False
+    in_flight: dict[str, RequestRecord] = field(default_factory=dict)
+    # prompt tokens routed here whose first token has not come back yet (queued or prefilling)
+    pending_prefill_tokens: int = 0
+    # routed here, first token seen, not finished: the decode batch as the router sees it
+    decoding: int = 0
+    # KV tokens of the decoding requests (prompt + output so far, estimated)
+    decoding_kv_tokens: int = 0
+    # backend-reported load, when a poller supplies it (None in simulation)
+    reported_running: int | None = None
+    reported_waiting: int | None = None
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def load(self) -> int:
+        """The router's own in-flight count, as sglang-router counts load."""
+        return len(self.in_flight)
+
+    @property
+    def routable(self) -> bool:
+        return self.healthy and not self.draining
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Choice:
+    """A policy's answer: where to go and what it expects there (for /stats and feedback)."""
+
+    backend: str
+    predicted_cached_tokens: int = 0
+    predicted_ttft_s: float | None = None
+    reason: str = ""
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """One routing policy. `choose` gets only routable backends (never empty)."""
+
+    name: ClassVar[str]
+    needs_blocks: ClassVar[bool]  # False: the proxy may skip tokenizing the prompt
+
+    def choose(self, req: RouteRequest, backends: Sequence[BackendState], now: float) -> Choice: ...
+
+    def on_routed(self, rec: RequestRecord, now: float) -> None: ...
+
+    def on_first_token(self, rec: RequestRecord, now: float) -> None: ...
+
+    def on_finished(self, rec: RequestRecord, now: float, output_tokens: int) -> None: ...
+
+    def on_failed(self, rec: RequestRecord, now: float) -> None: ...
+
+    def on_backend_added(self, spec: BackendSpec) -> None: ...
+
+    def on_backend_removed(self, backend_id: str) -> None: ...
+
+
+class BasePolicy:
+    """No-op hooks, so a policy overrides only what it uses (sglang-router's habit)."""
+
+    name: ClassVar[str] = "base"
+    needs_blocks: ClassVar[bool] = False
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng if rng is not None else random.Random(0)
+
+    def choose(self, req: RouteRequest, backends: Sequence[BackendState], now: float) -> Choice:
+        raise NotImplementedError
+
+    def on_routed(self, rec: RequestRecord, now: float) -> None:
+        return None
+
+    def on_first_token(self, rec: RequestRecord, now: float) -> None:
+        return None
+
+    def on_finished(self, rec: RequestRecord, now: float, output_tokens: int) -> None:
+        return None
+
+    def on_failed(self, rec: RequestRecord, now: float) -> None:
+        return None
+
+    def on_backend_added(self, spec: BackendSpec) -> None:
+        return None
+
+    def on_backend_removed(self, backend_id: str) -> None:
+        return None

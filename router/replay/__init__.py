@@ -1,0 +1,1 @@
+"""Trace loaders, the HTTP replay client, the virtual-time simulation driver, reports."""

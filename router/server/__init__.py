@@ -1,0 +1,1 @@
+"""Live proxy on aiohttp: endpoints, streaming, pool, health, metrics, auth."""

@@ -1,0 +1,1 @@
+"""Where shared routing state lives: in memory (default) or Redis (several replicas)."""

@@ -1,0 +1,127 @@
+"""The router server's configuration: CLI flags over environment over a YAML file.
+
+`ServerConfig` is a pydantic-settings model. Its sources, strongest first:
+
+1. keyword arguments (what `prefix-router serve` got on its command line),
+2. environment variables `PREFIX_ROUTER_<FIELD>` (lists as JSON or comma-separated:
+   `PREFIX_ROUTER_BACKENDS=http://a:30000,http://b:30000`),
+3. a YAML file (`--config FILE`, or `PREFIX_ROUTER_CONFIG`), whose keys are the field names,
+4. the defaults below.
+
+`load_config(path, **overrides)` builds one; nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+__all__ = ["ServerConfig", "load_config"]
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class ServerConfig(BaseSettings):
+    """Everything the live proxy needs to know; one object, validated once."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PREFIX_ROUTER_", extra="forbid", frozen=True, yaml_file=None
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=30000, ge=0, le=65535)
+    backends: CommaList = Field(default_factory=list)
+    embedded: int = Field(default=0, ge=0, description="simulated backends to start in-process")
+    profile: str | None = None
+    speedup: float = Field(default=1.0, gt=0)
+    policy: str | None = None  # None: "cost" if registered, else "cache_aware"
+    policy_options: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+    api_keys: CommaList = Field(default_factory=list)
+    admin_key: str | None = None
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    block_tokens: int = Field(default=64, gt=0)
+    tokenizer: str = "cl100k_base"
+    # prompts longer than this (characters) are tokenized in the default executor
+    executor_tokenize_chars: int = Field(default=32_768, ge=0)
+    health_interval_s: float = Field(default=5.0, gt=0)
+    health_timeout_s: float = Field(default=2.0, gt=0)
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_cooldown_s: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    # longest silence between two chunks of an upstream response before we give up on it
+    read_timeout_s: float = Field(default=600.0, gt=0)
+    abort_timeout_s: float = Field(default=2.0, gt=0)
+    retry_after_s: int = Field(default=1, ge=0)
+    log_prompts: bool = False
+    log_level: str = "INFO"
+
+    @field_validator("backends", "api_keys", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        """Accept `a,b` (env, --backends) as well as a YAML/JSON list."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("backends")
+    @classmethod
+    def _normalise_urls(cls, value: list[str]) -> list[str]:
+        out: list[str] = []
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                url = "http://" + url
+            url = url.rstrip("/")
+            if url not in out:
+                out.append(url)
+        return out
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ServerConfig:
+    """Build the config from `overrides` (None values are skipped), env and the YAML `path`."""
+    if path is None:
+        path = os.environ.get("PREFIX_ROUTER_CONFIG") or None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if path is None:
+        return ServerConfig(**given)
+    yaml_path = Path(path)
+    if not yaml_path.is_file():
+        raise FileNotFoundError(f"config file not found: {yaml_path}")
+    with_yaml = type(
+        "ServerConfigFromFile",
+        (ServerConfig,),
+        {
+            "model_config": SettingsConfigDict(
+                **{**ServerConfig.model_config, "yaml_file": yaml_path}
+            )
+        },
+    )
+    cfg: ServerConfig = with_yaml(**given)
+    return cfg

@@ -1,0 +1,175 @@
+"""`prefix-router simulate`: a whole pool in virtual time, one run per policy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HELP = "simulate a pool of SGLang backends in virtual time and compare routing policies"
+DESCRIPTION = """\
+Replays a trace against N simulated SGLang engines in virtual time (an hour of trace takes
+seconds), once per policy, each on fresh engines with empty caches, and reports TTFT, TPOT, E2E
+and prefix-cache hit ratio per policy beside two bounds: the ideal hit ratio (one infinite
+cache) and the LRU bound (one LRU cache holding the whole pool's KV capacity).
+
+examples:
+  prefix-router simulate --trace conversation --backends 8 --profile llama3-8b-h100 \\
+      --policies round_robin,cache_aware,cost --json out.json --plot out.png
+  prefix-router simulate --trace my.jsonl --backends 8 --find-capacity --slo-ttft-p90 2
+
+--trace takes a path (Mooncake JSONL, Azure CSV, chat-log JSONL) or a bundled name:
+conversation, azure-conv, azure-code, mtbench-chat.
+"""
+
+__all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", required=True, help="trace path or bundled name")
+    parser.add_argument("--backends", type=int, default=8, help="pool size (default 8)")
+    parser.add_argument(
+        "--profile",
+        default="llama3-8b-h100",
+        help="performance profile; a comma list is cycled over the backends for a mixed pool "
+        "(see `prefix-router profiles`)",
+    )
+    parser.add_argument(
+        "--load", type=float, default=1.0, help="arrival-rate multiplier (timestamps / load)"
+    )
+    parser.add_argument(
+        "--policies",
+        default="round_robin,cache_aware,cost",
+        help="comma-separated policies to run (default: round_robin,cache_aware,cost)",
+    )
+    parser.add_argument("--start", type=float, default=0.0, help="window start, seconds of trace")
+    parser.add_argument("--duration", type=float, default=None, help="window length, seconds")
+    parser.add_argument("--seed", type=int, default=0, help="seed for randomized policies")
+    parser.add_argument(
+        "--schedule-policy", choices=["fcfs", "lpm"], default="fcfs", help="engine queue order"
+    )
+    parser.add_argument(
+        "--find-capacity", action="store_true", help="search each policy's capacity"
+    )
+    parser.add_argument(
+        "--slo-ttft-p90", type=float, default=2.0, help="p90 TTFT SLO for --find-capacity (s)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write results JSON here")
+    parser.add_argument("--plot", type=Path, default=None, help="write a TTFT CDF PNG here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _fail(message: str) -> int:
+    print(f"prefix-router simulate: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from backends.sim.engine import EngineConfig
+    from backends.sim.perf import PROFILES
+    from router.core.policies import POLICIES
+    from router.replay.analyze import ideal_hit_ratio, lru_hit_ratio
+    from router.replay.metrics import json_safe
+    from router.replay.report import format_table, plot_ttft_cdf
+    from router.replay.simulate import SimConfig, find_capacity, simulate_policy
+    from router.replay.traces import TraceError, bundled, load_trace
+
+    if args.backends < 1:
+        return _fail("--backends must be at least 1")
+    if not args.load > 0:
+        return _fail("--load must be positive")
+    names = [p.strip() for p in args.profile.split(",") if p.strip()]
+    unknown = [n for n in names if n not in PROFILES]
+    if not names or unknown:
+        return _fail(f"unknown profile {unknown or args.profile!r}; known: {', '.join(PROFILES)}")
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in policies if p not in POLICIES]
+    if not policies or bad:
+        return _fail(f"unknown policy {bad}; known: {', '.join(sorted(POLICIES))}")
+    try:
+        path = Path(args.trace)
+        trace = load_trace(path if path.exists() else bundled(args.trace))
+    except (OSError, KeyError, TraceError) as exc:
+        return _fail(str(exc))
+    if args.start or args.duration is not None:
+        trace = trace.window(args.start, args.duration)
+    if not trace.requests:
+        return _fail("the trace window holds no requests")
+
+    profiles = tuple(names[i % len(names)] for i in range(args.backends))
+    engine_cfg = EngineConfig(schedule_policy=args.schedule_policy)
+    pool_tokens = sum(PROFILES[p].kv_capacity_tokens for p in profiles)
+    ideal = ideal_hit_ratio(trace)
+    lru = lru_hit_ratio(trace, pool_tokens)
+    print(
+        f"trace {trace.name}: {len(trace.requests)} requests over {trace.duration():.0f} s; "
+        f"{args.backends} x {args.profile}; ideal hit ratio {ideal:.3f}, "
+        f"LRU bound at pool capacity ({pool_tokens:,} tokens) {lru:.3f}",
+        file=sys.stderr,
+    )
+
+    def one_run(policy: str, load: float, desc: str) -> Any:
+        cfg = SimConfig(profiles=profiles, load=load, seed=args.seed, engine=engine_cfg)
+        with tqdm(
+            total=len(trace.requests), desc=desc, unit="req", disable=args.quiet, leave=False
+        ) as bar:
+            return simulate_policy(trace, policy, cfg, on_request=bar.update)
+
+    results: dict[str, Any] = {}
+    outcomes: dict[str, Any] = {}
+    for policy in policies:
+        outcome = one_run(policy, args.load, f"{policy} @ load {args.load:g}")
+        summary = dict(outcome.summary)
+        summary["ideal_hit_ratio"] = ideal
+        summary["lru_bound_hit_ratio"] = lru
+        results[policy] = summary
+        outcomes[policy] = outcome.outcomes
+
+    capacity: dict[str, Any] = {}
+    if args.find_capacity:
+        for policy in policies:
+
+            def p90_at(load: float, policy: str = policy) -> float:
+                summary = one_run(policy, load, f"{policy} capacity @ {load:.3g}").summary
+                return float("inf") if summary["failed"] else float(summary["ttft_p90"])
+
+            found = find_capacity(p90_at, slo=args.slo_ttft_p90, start=args.load)
+            capacity[policy] = {
+                "slo_ttft_p90": found.slo_ttft_p90,
+                "max_load": found.max_load,
+                "probes": [list(p) for p in found.probes],
+            }
+            print(f"capacity {policy}: load {found.max_load:.3f}", file=sys.stderr)
+
+    title = (
+        f"{trace.name}: {args.backends} x {args.profile}, load {args.load:g} "
+        f"(ideal hit {ideal:.3f}, LRU bound {lru:.3f})"
+    )
+    print(format_table(results, title=title))
+    if capacity:
+        for policy, cap in capacity.items():
+            slo, load = cap["slo_ttft_p90"], cap["max_load"]
+            print(f"  capacity at p90 TTFT <= {slo:g} s: {policy} {load:.3f}")
+
+    if args.json is not None:
+        doc: dict[str, Any] = {
+            "trace": trace.name,
+            "backends": args.backends,
+            "profile": args.profile,
+            "load": args.load,
+            "start": args.start,
+            "duration": args.duration,
+            "pool_kv_tokens": pool_tokens,
+            "results": results,
+        }
+        if capacity:
+            doc["capacity"] = capacity
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
+    if args.plot is not None:
+        plot_ttft_cdf(outcomes, args.plot, title=title)
+    return 0

@@ -1,0 +1,302 @@
+"""Virtual-time simulation of a whole pool: a trace, N simulated engines, one routing policy.
+
+The loop is the live proxy's life with the sockets taken out::
+
+    for each request, in arrival order (timestamps / load):
+        advance every engine to the arrival time; feed their events to the RoutingCore
+            (FirstToken -> on_first_token, Finished -> on_finished, Aborted -> on_failed)
+        core.route(request, now) -> backend; engine[backend].add_request(...)
+    then run the engines dry the same way.
+
+The router only learns what the live proxy would learn (first token, finish, reported cached
+tokens), so the policy's decisions here are the decisions it makes in production. Only the
+`oracle` policy is given a probe into the engines' true cache and queue.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends.sim.api import Aborted, Finished, FirstToken, SimRequest
+from backends.sim.engine import Engine, EngineConfig
+from backends.sim.perf import Profile, get_profile
+from router.core.model import BackendSpec, PerfPrior, RouteRequest
+from router.core.policies import make_policy
+from router.core.routing import RoutingCore
+from router.replay.metrics import RequestOutcome, summarize
+from router.replay.traces import Trace
+
+__all__ = [
+    "CapacityResult",
+    "EngineProbe",
+    "PolicyRun",
+    "SimConfig",
+    "find_capacity",
+    "prior_from_profile",
+    "simulate_policy",
+]
+
+
+def prior_from_profile(profile: Profile) -> PerfPrior:
+    """The router's prior for a backend whose profile the operator named.
+
+    Read off the profile's own time functions, so the router's starting belief matches the
+    roofline; calibration (router.core.cost) corrects it from what backends actually do.
+    """
+    base = profile.prefill_time(1024, 0)
+    with_ctx = profile.prefill_time(1024, 16384)
+    step0 = profile.decode_step_time(1, 0)
+    step1 = profile.decode_step_time(1, 1_000_000)
+    return PerfPrior(
+        prefill_tokens_per_s=1024 / base,
+        prefill_s_per_token_ctx=max(with_ctx - base, 0.0) / (1024 * 16384),
+        decode_step_s=step0,
+        decode_s_per_kv_token=max(step1 - step0, 0.0) / 1_000_000,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimConfig:
+    """One simulated pool. `profiles` has one name per backend (heterogeneous pools allowed)."""
+
+    profiles: tuple[str, ...]
+    load: float = 1.0
+    seed: int = 0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    policy_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.profiles:
+            raise ValueError("a pool needs at least one backend")
+        if not self.load > 0:
+            raise ValueError("load must be positive")
+
+
+class EngineProbe:
+    """The oracle's window into the engines: true cached tokens and true queue wait."""
+
+    def __init__(self, engines: dict[str, Engine]) -> None:
+        self._engines = engines
+
+    def cached_tokens(self, backend: str, req: RouteRequest) -> int:
+        sim = _sim_request(req, output_tokens=1)
+        probe = self._engines[backend].probe(sim)
+        return probe.device_tokens + probe.host_tokens
+
+    def device_and_host_tokens(self, backend: str, req: RouteRequest) -> tuple[int, int]:
+        probe = self._engines[backend].probe(_sim_request(req, output_tokens=1))
+        return probe.device_tokens, probe.host_tokens
+
+    def wait_s(self, backend: str, now: float) -> float:
+        return self._engines[backend].predicted_wait_s(now)
+
+    def profile(self, backend: str) -> Profile:
+        return self._engines[backend].profile
+
+
+def _sim_request(req: RouteRequest, *, output_tokens: int) -> SimRequest:
+    return SimRequest(
+        rid=req.rid,
+        blocks=req.blocks,
+        block_size=req.block_tokens,
+        prompt_tokens=req.prompt_tokens,
+        output_tokens=output_tokens,
+    )
+
+
+@dataclass(slots=True, kw_only=True)
+class _Live:
+    arrival: float
+    req: RouteRequest
+    output_tokens: int
+    backend: str
+    first_token: float | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class PolicyRun:
+    """Everything one policy's run produced: per-request outcomes, the summary, the core's stats."""
+
+    policy: str
+    outcomes: list[RequestOutcome]
+    summary: dict[str, Any]
+    stats: dict[str, Any]
+
+
+def _backend_ids(count: int) -> list[str]:
+    return [f"b{i}" for i in range(count)]
+
+
+def simulate_policy(
+    trace: Trace,
+    policy: str,
+    config: SimConfig,
+    *,
+    on_request: Callable[[], None] | None = None,
+) -> PolicyRun:
+    """Run `trace` through fresh engines routed by `policy`; every request ends in an outcome."""
+    started = time.perf_counter()
+    ids = _backend_ids(len(config.profiles))
+    profiles = {bid: get_profile(name) for bid, name in zip(ids, config.profiles, strict=True)}
+    engines = {bid: Engine(profiles[bid], config.engine) for bid in ids}
+    specs = [
+        BackendSpec(
+            id=bid,
+            kv_capacity_tokens=profiles[bid].kv_capacity_tokens,
+            prior=prior_from_profile(profiles[bid]),
+            max_running_requests=config.engine.max_running_requests,
+        )
+        for bid in ids
+    ]
+    chosen = make_policy(policy, rng=random.Random(config.seed), **config.policy_options)
+    bind = getattr(chosen, "bind_probe", None)
+    if bind is not None:
+        bind(EngineProbe(engines))
+    core = RoutingCore(chosen, specs)
+
+    live: dict[str, _Live] = {}
+    outcomes: list[RequestOutcome] = []
+
+    def finish(rid: str, event: Finished | Aborted) -> None:
+        item = live.pop(rid)
+        if isinstance(event, Aborted):
+            core.on_failed(rid, event.time)
+            outcomes.append(_failed(rid, item, "aborted"))
+            return
+        core.on_finished(rid, event.time, event.output_tokens, event.cached_tokens)
+        ttft = event.first_token_time - item.arrival
+        decode = event.time - event.first_token_time
+        tpot = decode / (event.output_tokens - 1) if event.output_tokens > 1 else None
+        outcomes.append(
+            RequestOutcome(
+                rid=rid,
+                arrival=item.arrival,
+                prompt_tokens=event.prompt_tokens,
+                output_tokens=event.output_tokens,
+                cached_tokens=event.cached_tokens,
+                ttft=ttft,
+                tpot=tpot,
+                e2e=event.time - item.arrival,
+                backend=item.backend,
+            )
+        )
+
+    def deliver(now: float) -> None:
+        batch: list[tuple[float, int, FirstToken | Finished | Aborted]] = []
+        for order, engine in enumerate(engines.values()):
+            for event in engine.advance(now):
+                batch.append((event.time, order, event))
+        batch.sort(key=lambda item: (item[0], item[1]))
+        for _, _, event in batch:
+            if isinstance(event, FirstToken):
+                live[event.rid].first_token = event.time
+                core.on_first_token(event.rid, event.time, event.cached_tokens)
+            else:
+                finish(event.rid, event)
+
+    for position, treq in enumerate(trace.requests):
+        now = treq.timestamp / config.load
+        deliver(now)
+        rid = f"r{position}"
+        route_req = RouteRequest(
+            rid=rid,
+            blocks=treq.hash_ids,
+            block_tokens=trace.block_size,
+            prompt_tokens=treq.input_length,
+            max_tokens=treq.output_length,
+            session_key=treq.session,
+        )
+        decision = core.route(route_req, now)
+        live[rid] = _Live(
+            arrival=now, req=route_req, output_tokens=treq.output_length, backend=decision.backend
+        )
+        engines[decision.backend].add_request(
+            _sim_request(route_req, output_tokens=treq.output_length), now
+        )
+        if on_request is not None:
+            on_request()
+
+    while True:
+        pending = [t for e in engines.values() if (t := e.next_event_time()) is not None]
+        if not pending:
+            break
+        deliver(min(pending))
+    for rid in list(live):  # an engine that went idle with requests still live lost them
+        outcomes.append(_failed(rid, live.pop(rid), "lost by the engine"))
+
+    outcomes.sort(key=lambda o: o.arrival)
+    summary = summarize(outcomes, wall_s=time.perf_counter() - started)
+    return PolicyRun(policy=policy, outcomes=outcomes, summary=summary, stats=core.stats())
+
+
+def _failed(rid: str, item: _Live, error: str) -> RequestOutcome:
+    return RequestOutcome(
+        rid=rid,
+        arrival=item.arrival,
+        prompt_tokens=item.req.prompt_tokens,
+        output_tokens=0,
+        cached_tokens=0,
+        ttft=None,
+        tpot=None,
+        e2e=None,
+        backend=item.backend,
+        error=error,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CapacityResult:
+    slo_ttft_p90: float
+    max_load: float
+    probes: tuple[tuple[float, float], ...]  # (load, p90 TTFT) tried, in order
+
+
+def find_capacity(
+    run_at: Callable[[float], float],
+    *,
+    slo: float,
+    start: float = 1.0,
+    precision: float = 0.05,
+    max_steps: int = 24,
+) -> CapacityResult:
+    """Highest load whose p90 TTFT (from `run_at(load)`) stays within `slo`, to `precision`.
+
+    Brackets by doubling/halving from `start`, then bisects geometrically until hi/lo is within
+    1 + precision. A load whose run had failures should make `run_at` return +inf.
+    """
+    probes: list[tuple[float, float]] = []
+
+    def ok(load: float) -> bool:
+        p90 = run_at(load)
+        probes.append((load, p90))
+        return p90 <= slo
+
+    lo, hi = 0.0, math.inf
+    load = start
+    for _ in range(max_steps):
+        if ok(load):
+            lo = load
+            if hi < math.inf:
+                break
+            load *= 2
+        else:
+            hi = load
+            if lo > 0:
+                break
+            load /= 2
+            if load < 1e-3:
+                break
+    steps = 0
+    while lo > 0 and hi < math.inf and hi / lo > 1 + precision and steps < max_steps:
+        mid = math.sqrt(lo * hi)
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+        steps += 1
+    return CapacityResult(slo_ttft_p90=slo, max_load=lo, probes=tuple(probes))

@@ -43,6 +43,7 @@ __all__ = [
     "TraceRequest",
     "bundled",
     "chat_hash_ids",
+    "data_dir",
     "load_trace",
     "write_mooncake",
 ]
@@ -130,12 +131,16 @@ class Trace:
         )
 
 
+def data_dir() -> Path:
+    """The source tree's `data/traces/` (not package data, so found relative to this file)."""
+    return Path(__file__).resolve().parents[2] / "data" / "traces"
+
+
 def bundled(name: str) -> Path:
-    """Path of a trace shipped in the repo's `data/traces/` (not package data: source tree)."""
+    """Path of a trace shipped in the repo's `data/traces/`; KeyError for an unknown name."""
     if name not in BUNDLED:
         raise KeyError(f"unknown bundled trace {name!r}; known: {', '.join(BUNDLED)}")
-    root = Path(__file__).resolve().parents[2]
-    path = root / "data" / "traces" / BUNDLED[name]
+    path = data_dir() / BUNDLED[name]
     if not path.is_file():
         raise FileNotFoundError(
             f"bundled trace {name!r} not found at {path}: it ships in the source tree's "

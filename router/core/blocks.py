@@ -1,0 +1,205 @@
+"""Token ids -> chained 64-bit block hashes, the keys of the prefix index.
+
+A prompt's tokens are cut into blocks of `block_tokens` (default 64); the last block may be
+partial and its hash covers exactly the tokens it has. Block k's hash is computed over
+(block k-1's hash, block k's tokens), so::
+
+    hash at depth k equal  <=>  the whole prefix up to and including block k is equal
+
+(up to 64-bit collisions). Block 0 chains on a seed derived from the salt (model name, LoRA,
+cache salt) and the tokenizer, so equal text under two models, or two tokenizations, never
+matches.
+
+The hash function is CPython's tuple hash (xxHash-derived since 3.8) over ``(parent, block)``:
+for tuples of ints it is deterministic across processes and hosts (int hashing is not
+randomised by PYTHONHASHSEED), and it runs about twice as fast as one ``blake2b`` call per
+block, which is where decision time goes for long prompts. It is not cryptographic: a client
+able to craft collisions could only mislead routing, never another tenant's output. Replicas
+sharing an index (redis) must run the same CPython minor line; a mismatch only costs matches.
+
+`BlockHasher` is the text path: segments are tokenized through a `SegmentTokenCache`, and the
+chain state (full-block hashes plus the partial tail's tokens) is remembered per message
+prefix, so turn N+1 of a conversation tokenizes and hashes only the messages added since
+turn N::
+
+    turn N    | sys | u1 | a1 | u2 |                     state cached at the end
+    turn N+1  | sys | u1 | a1 | u2 | a2 | u3 |           resume from turn N's state
+                                   |<-- new -->|          only these are tokenized and hashed
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from router.core.model import RouteRequest
+from router.core.prompt import Prompt
+from router.core.tokens import SegmentTokenCache, Tokenizer
+
+__all__ = [
+    "BlockHasher",
+    "chain_hashes",
+    "route_request_from_hash_ids",
+    "salt_seed",
+]
+
+_MASK64 = (1 << 64) - 1
+# how many message-prefix lengths (from the full list down) to try when resuming a chain:
+# a conversation's next turn usually appends one to a few messages (assistant, tool, user).
+_RESUME_DEPTH = 8
+
+
+def salt_seed(salt: str) -> int:
+    """A stable 64-bit seed for a salt string (blake2b: stable across processes and hosts)."""
+    return int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=8).digest(), "little")
+
+
+def chain_hashes(token_ids: Sequence[int], block_tokens: int, seed: int = 0) -> tuple[int, ...]:
+    """One 64-bit hash per block (the last may be partial), each chained on its parent's."""
+    if block_tokens <= 0:
+        raise ValueError("block_tokens must be positive")
+    return tuple(_chain(token_ids, block_tokens, seed & _MASK64))
+
+
+def _chain(token_ids: Sequence[int], block_tokens: int, parent: int) -> list[int]:
+    ids = token_ids if isinstance(token_ids, tuple) else tuple(token_ids)
+    out: list[int] = []
+    append = out.append
+    for i in range(0, len(ids), block_tokens):
+        parent = hash((parent, ids[i : i + block_tokens])) & _MASK64
+        append(parent)
+    return out
+
+
+def route_request_from_hash_ids(
+    rid: str,
+    hash_ids: Sequence[int],
+    block_tokens: int,
+    prompt_tokens: int,
+    max_tokens: int | None,
+    session_key: str | None = None,
+) -> RouteRequest:
+    """A trace request whose ``hash_ids`` (Mooncake: chained 512-token block ids) are the blocks."""
+    return RouteRequest(
+        rid=rid,
+        blocks=tuple(hash_ids),
+        block_tokens=block_tokens,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        session_key=session_key,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _ChainState:
+    """The chain after a message prefix: hashes of its full blocks and the partial tail."""
+
+    full_blocks: tuple[int, ...]
+    tail: tuple[int, ...]  # tokens after the last full block (fewer than block_tokens)
+    tokens: int
+
+
+class BlockHasher:
+    """Prompt -> `RouteRequest`, tokenizing and hashing only what earlier turns did not."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        block_tokens: int = 64,
+        cache_entries: int = 65536,
+        *,
+        state_entries: int = 4096,
+        state_blocks: int = 1_000_000,
+    ) -> None:
+        if block_tokens <= 0:
+            raise ValueError("block_tokens must be positive")
+        if state_entries <= 0 or state_blocks <= 0:
+            raise ValueError("state_entries and state_blocks must be positive")
+        self.tokenizer = tokenizer
+        self.block_tokens = block_tokens
+        self.segments = SegmentTokenCache(tokenizer, max_entries=cache_entries)
+        self.state_entries = state_entries
+        self.state_blocks = state_blocks
+        self._state_block_count = 0
+        self._states: OrderedDict[tuple[int, tuple[str, ...]], _ChainState] = OrderedDict()
+        self._seeds: dict[str, int] = {}
+        self.resumed = 0  # requests that continued a cached message-prefix chain
+        self.fresh = 0  # requests hashed from their first message
+
+    def text_seed(self, salt: str) -> int:
+        """The chain seed of text prompts under `salt` (the tokenizer is part of it)."""
+        seed = self._seeds.get(salt)
+        if seed is None:
+            if len(self._seeds) > 4096:
+                self._seeds.clear()
+            seed = salt_seed(f"text\x1f{self.tokenizer.name}\x1f{self.block_tokens}\x1f{salt}")
+            self._seeds[salt] = seed
+        return seed
+
+    def route_request(self, prompt: Prompt, rid: str) -> RouteRequest:
+        """The request the routing core sees: blocks, sizes, max_tokens, session key."""
+        if prompt.input_ids is not None:
+            seed = salt_seed(f"ids\x1f{self.block_tokens}\x1f{prompt.salt}")
+            blocks = chain_hashes(prompt.input_ids, self.block_tokens, seed)
+            n = len(prompt.input_ids)
+        else:
+            blocks, n = self._text_blocks(prompt)
+        return RouteRequest(
+            rid=rid,
+            blocks=blocks,
+            block_tokens=self.block_tokens,
+            prompt_tokens=n,
+            max_tokens=prompt.max_tokens,
+            session_key=prompt.session_key,
+        )
+
+    def _text_blocks(self, prompt: Prompt) -> tuple[tuple[int, ...], int]:
+        seed = self.text_seed(prompt.salt)
+        segs = prompt.segments
+        bt = self.block_tokens
+        states = self._states
+        start = 0
+        state: _ChainState | None = None
+        for i in range(len(segs), max(0, len(segs) - _RESUME_DEPTH), -1):
+            state = states.get((seed, segs[:i]))
+            if state is not None:
+                states.move_to_end((seed, segs[:i]))
+                start = i
+                break
+        if state is None:
+            self.fresh += 1
+            full_blocks: tuple[int, ...] = ()
+            tokens: list[int] = []
+            count = 0
+            parent = seed
+        else:
+            self.resumed += 1
+            full_blocks = state.full_blocks
+            tokens = list(state.tail)
+            count = state.tokens - len(state.tail)
+            parent = full_blocks[-1] if full_blocks else seed
+        if start == len(segs):
+            assert state is not None
+            blocks = (
+                full_blocks + tuple(_chain(state.tail, bt, parent)) if state.tail else full_blocks
+            )
+            return blocks, state.tokens
+        encode = self.segments.encode
+        for seg in segs[start:]:
+            tokens.extend(encode(seg))
+        new = _chain(tokens, bt, parent)
+        n = count + len(tokens)
+        whole = len(tokens) // bt
+        key = (seed, segs)
+        old = states.pop(key, None)
+        if old is not None:
+            self._state_block_count -= len(old.full_blocks)
+        kept = full_blocks + tuple(new[:whole])
+        states[key] = _ChainState(full_blocks=kept, tail=tuple(tokens[whole * bt :]), tokens=n)
+        self._state_block_count += len(kept)
+        while len(states) > self.state_entries or self._state_block_count > self.state_blocks:
+            _, dropped = states.popitem(last=False)
+            self._state_block_count -= len(dropped.full_blocks)
+        return full_blocks + tuple(new), n

@@ -1,0 +1,77 @@
+"""`prefix-router serve`: the live router in front of SGLang backends (or simulated ones)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
+
+HELP = "run the live router (OpenAI- and SGLang-compatible proxy)"
+DESCRIPTION = """Run the prompt-cache-aware router.
+
+Backends come from --backend URL (repeatable), --backends URL,URL, the config file, or
+PREFIX_ROUTER_BACKENDS; --embedded K starts K simulated SGLang backends in this process.
+Every option can also be set in a YAML file (--config) or as PREFIX_ROUTER_<NAME>.
+
+examples:
+  prefix-router serve --embedded 4
+  prefix-router serve --backend http://gpu1:30000 --backend http://gpu2:30000 --policy cost
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--config", metavar="FILE", help="YAML file with any of the options below")
+    a("--backend", action="append", metavar="URL", help="a backend URL (repeatable)")
+    a("--backends", metavar="URL,URL", help="backend URLs, comma-separated")
+    a("--embedded", type=int, metavar="K", help="start K simulated backends in-process")
+    a("--profile", help="performance profile of the simulated backends")
+    a("--speedup", type=float, help="simulated backends run this many times faster")
+    a("--policy", help='routing policy (default: "cost" if available, else "cache_aware")')
+    a("--host", help="listen address (default 127.0.0.1)")
+    a("--port", type=int, help="listen port (default 30000)")
+    a("--api-key", action="append", dest="api_keys", metavar="KEY", help="client key (repeatable)")
+    a("--admin-key", metavar="KEY", help="key for /admin/ (admin API off without it)")
+    a("--max-body-bytes", type=int, help="largest request body accepted (413 above)")
+    a("--block-tokens", type=int, help="tokens per routing block (default 64)")
+    a("--tokenizer", help="cl100k_base (offline) or a path to tokenizer.json")
+    a("--health-interval", type=float, dest="health_interval_s", metavar="S")
+    a("--max-attempts", type=int, help="backends tried per request before 503")
+    a("--seed", type=int, help="random seed of the policy")
+    a("--log-prompts", action="store_true", default=None, help="log prompt text (off by default)")
+    a("--log-level", help="DEBUG, INFO, WARNING...")
+
+
+def run(args: argparse.Namespace) -> int:
+    from router.server.config import load_config
+    from router.server.embedded import serve
+
+    backends: list[str] | None = None
+    if args.backend or args.backends:
+        backends = list(args.backend or [])
+        if args.backends:
+            backends += [u.strip() for u in args.backends.split(",") if u.strip()]
+    config = load_config(
+        args.config,
+        backends=backends,
+        embedded=args.embedded,
+        profile=args.profile,
+        speedup=args.speedup,
+        policy=args.policy,
+        host=args.host,
+        port=args.port,
+        api_keys=args.api_keys,
+        admin_key=args.admin_key,
+        max_body_bytes=args.max_body_bytes,
+        block_tokens=args.block_tokens,
+        tokenizer=args.tokenizer,
+        health_interval_s=args.health_interval_s,
+        max_attempts=args.max_attempts,
+        seed=args.seed,
+        log_prompts=args.log_prompts,
+        log_level=args.log_level,
+    )
+    if not config.backends and not config.embedded:
+        print("no backends: pass --backend URL, --backends URL,URL or --embedded K")
+        return 2
+    return serve(config)

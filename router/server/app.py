@@ -1,0 +1,194 @@
+"""The aiohttp application: one factory, one ClientSession, one routing core per app.
+
+`create_app(config)` returns an `web.Application` whose `cleanup_ctx` builds, on startup and
+inside the running loop, everything with a lifetime: the policy and `RoutingCore`, the
+tokenizer and `BlockHasher` (only when the policy reads blocks), one `aiohttp.ClientSession`
+for all upstream traffic, the `BackendPool` (first health round before the app takes
+requests, so a pool of live backends is ready at once) and the handlers. On shutdown it stops
+health checks, waits briefly for pending upstream aborts and closes the session.
+
+`start_server(config)` runs the app on a TCP site with handler cancellation on: a client that
+disconnects cancels its handler at once, which is how the proxy learns to abort upstream
+without waiting for the next chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from router.core.blocks import BlockHasher
+from router.core.model import Policy
+from router.core.policies import POLICIES, make_policy
+from router.core.routing import RoutingCore
+from router.core.tokens import load_tokenizer
+from router.server.admin import AdminApi
+from router.server.config import ServerConfig
+from router.server.errors import error_middleware
+from router.server.metrics import RouterMetrics
+from router.server.pool import BackendPool
+from router.server.proxy import Proxy
+from router.server.status import StatusApi
+
+__all__ = [
+    "STATE",
+    "RouterState",
+    "RunningServer",
+    "build_policy",
+    "create_app",
+    "start_server",
+]
+
+log = logging.getLogger("router.server")
+
+
+@dataclass(slots=True, kw_only=True)
+class RouterState:
+    """Everything one app owns while it runs."""
+
+    config: ServerConfig
+    policy_name: str
+    policy: Policy
+    core: RoutingCore
+    session: aiohttp.ClientSession
+    pool: BackendPool
+    proxy: Proxy
+    status: StatusApi
+    admin: AdminApi
+    metrics: RouterMetrics
+
+
+STATE = web.AppKey("prefix_router_state", RouterState)
+
+
+def build_policy(config: ServerConfig) -> tuple[str, Policy]:
+    """The configured policy, or the default: "cost" when registered, else "cache_aware"."""
+    name = config.policy or ("cost" if "cost" in POLICIES else "cache_aware")
+    return name, make_policy(name, rng=random.Random(config.seed), **config.policy_options)
+
+
+def _make_hasher(config: ServerConfig, policy: Policy) -> BlockHasher | None:
+    """Tokenizer and hasher, only for policies that read blocks (loading costs a moment)."""
+    if not policy.needs_blocks:
+        return None
+    return BlockHasher(load_tokenizer(config.tokenizer), block_tokens=config.block_tokens)
+
+
+async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterator[None]:
+    policy_name, policy = build_policy(config)
+    core = RoutingCore(policy, [])
+    metrics = RouterMetrics()
+    hasher = _make_hasher(config, policy)
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    pool = BackendPool(
+        core,
+        session,
+        health_interval_s=config.health_interval_s,
+        health_timeout_s=config.health_timeout_s,
+        breaker_failures=config.breaker_failures,
+        breaker_cooldown_s=config.breaker_cooldown_s,
+    )
+    proxy = Proxy(
+        config=config,
+        core=core,
+        policy=policy,
+        pool=pool,
+        session=session,
+        metrics=metrics,
+        hasher=hasher,
+    )
+    state = RouterState(
+        config=config,
+        policy_name=policy_name,
+        policy=policy,
+        core=core,
+        session=session,
+        pool=pool,
+        proxy=proxy,
+        status=StatusApi(core, policy, pool, metrics, policy_name),
+        admin=AdminApi(config, pool),
+        metrics=metrics,
+    )
+    app[STATE] = state
+    for url in config.backends:
+        pool.add(url)
+    await pool.start()
+    log.info("router ready: policy=%s backends=%d", policy_name, len(pool.entries))
+    try:
+        yield
+    finally:
+        await pool.stop()
+        if proxy.background:
+            await asyncio.wait(set(proxy.background), timeout=config.abort_timeout_s)
+        await session.close()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _late(pick: Callable[[RouterState], Handler]) -> Handler:
+    """A route whose handler exists only once the app started (state built in cleanup_ctx)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await pick(request.app[STATE])(request)
+
+    return handler
+
+
+def create_app(config: ServerConfig) -> web.Application:
+    """The router as an aiohttp app; bodies over `max_body_bytes` get a 413 JSON error."""
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        async for _ in _lifecycle(config, app):
+            yield
+
+    app.cleanup_ctx.append(lifecycle)
+    r = app.router
+    r.add_post("/v1/chat/completions", _late(lambda s: s.proxy.chat))
+    r.add_post("/v1/completions", _late(lambda s: s.proxy.completions))
+    r.add_post("/generate", _late(lambda s: s.proxy.generate))
+    r.add_get("/v1/models", _late(lambda s: s.proxy.models))
+    r.add_get("/health", _late(lambda s: s.status.health))
+    r.add_get("/readiness", _late(lambda s: s.status.readiness))
+    r.add_get("/stats", _late(lambda s: s.status.stats))
+    r.add_get("/metrics", _late(lambda s: s.status.prometheus))
+    r.add_get("/admin/backends", _late(lambda s: s.admin.list))
+    r.add_post("/admin/backends", _late(lambda s: s.admin.add))
+    r.add_delete("/admin/backends", _late(lambda s: s.admin.remove))
+    r.add_post("/admin/backends/drain", _late(lambda s: s.admin.drain))
+    return app
+
+
+@dataclass(slots=True, kw_only=True)
+class RunningServer:
+    """A started router: its URL, its app (for state in tests) and how to stop it."""
+
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+
+    @property
+    def state(self) -> RouterState:
+        return self.app[STATE]
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    """Start the router on config.host:config.port (port 0: any free port)."""
+    app = create_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else config.port
+    return RunningServer(url=f"http://{config.host}:{port}", app=app, runner=runner)

@@ -1,0 +1,566 @@
+"""Forwarding: parse, route, send upstream, stream back, feed the routing core.
+
+One request's path through `Proxy.forward`::
+
+    read body (413 over the limit) -> JSON object (400) -> parse prompt (400) -> model known (404)
+    -> [tokenize into blocks, only when the policy needs them]
+    -> attempt 1..max_attempts:
+         core.route(exclude=failed backends)            (none left -> 503 + Retry-After)
+         POST upstream with our rid in the body
+           refused / reset / 5xx before any byte went to the client
+                -> core.on_failed, breaker, exclude it, try the next backend
+    -> headers arrived: pass status + content-type through, prepare(), write() each SSE event
+       first event: core.on_first_token(cached)    end: core.on_finished(output, cached)
+       upstream breaks after the first byte: `data: {"error": ...}` then stop (never retried)
+       client goes away (cancellation / reset): abort upstream + POST /abort_request {rid}
+
+Every request ends in exactly one of on_finished / on_failed, recorded in a `finally`.
+
+Streams are forwarded one SSE event at a time, as soon as the event is complete: no response
+is buffered. For OpenAI streams the router asks the backend for
+`stream_options.include_usage` (to learn cached tokens) and drops that extra usage chunk when
+the client did not ask for it. Prompt text is logged only with `--log-prompts`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import aiohttp
+from aiohttp import web
+
+from router.core.blocks import BlockHasher
+from router.core.model import Policy, RouteRequest
+from router.core.prompt import Prompt, PromptError, parse_chat, parse_completion, parse_generate
+from router.core.routing import NoBackendError, RoutingCore
+from router.server.auth import check_client
+from router.server.config import ServerConfig
+from router.server.errors import REQUEST_ID_KEY, ApiError, sse_error_event
+from router.server.metrics import RouterMetrics
+from router.server.pool import BackendPool
+
+__all__ = ["Endpoint", "Proxy", "Usage", "usage_from"]
+
+log = logging.getLogger("router.server.proxy")
+
+EndpointKind = Literal["chat", "completion", "generate"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Endpoint:
+    kind: EndpointKind
+    path: str  # upstream path, same as ours
+
+
+ENDPOINTS: dict[EndpointKind, Endpoint] = {
+    "chat": Endpoint(kind="chat", path="/v1/chat/completions"),
+    "completion": Endpoint(kind="completion", path="/v1/completions"),
+    "generate": Endpoint(kind="generate", path="/generate"),
+}
+
+PARSERS: dict[EndpointKind, Callable[[Mapping[str, Any]], Prompt]] = {
+    "chat": parse_chat,
+    "completion": parse_completion,
+    "generate": parse_generate,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    """Token counts a backend reported for one response."""
+
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_tokens: int | None = None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def usage_from(obj: Any) -> Usage | None:
+    """Usage from an OpenAI body/chunk (`usage`) or an SGLang /generate one (`meta_info`)."""
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        details = usage.get("prompt_tokens_details")
+        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+        return Usage(
+            prompt_tokens=_int(usage.get("prompt_tokens")),
+            output_tokens=_int(usage.get("completion_tokens")),
+            cached_tokens=cached,
+        )
+    meta = obj.get("meta_info")
+    if isinstance(meta, dict):
+        return Usage(
+            prompt_tokens=_int(meta.get("prompt_tokens")),
+            output_tokens=_int(meta.get("completion_tokens")),
+            cached_tokens=_int(meta.get("cached_tokens")),
+        )
+    return None
+
+
+class _UpstreamFailed(Exception):
+    """The backend failed before any byte reached the client: the request may be re-routed."""
+
+    def __init__(self, reason: str, *, trip: bool, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.trip = trip
+        self.status = status
+
+
+@dataclass(slots=True)
+class _Flight:
+    """What one request did, for its single log line and its single ending."""
+
+    rid: str
+    endpoint: str
+    started: float
+    backend: str | None = None
+    predicted_cached: int = 0
+    status: int = 0
+    ttft_s: float | None = None
+    usage: Usage | None = None
+    attempts: int = 0
+    ended: bool = False
+
+
+class Proxy:
+    """The request handlers for the model endpoints, sharing one session and one core."""
+
+    def __init__(
+        self,
+        *,
+        config: ServerConfig,
+        core: RoutingCore,
+        policy: Policy,
+        pool: BackendPool,
+        session: aiohttp.ClientSession,
+        metrics: RouterMetrics,
+        hasher: BlockHasher | None,
+    ) -> None:
+        self.config = config
+        self.core = core
+        self.policy = policy
+        self.pool = pool
+        self.session = session
+        self.metrics = metrics
+        self.hasher = hasher
+        self.live: set[str] = set()
+        self.background: set[asyncio.Task[None]] = set()
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
+        )
+
+    # ----- entry points -----------------------------------------------------------------
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self.forward(request, ENDPOINTS["chat"])
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.forward(request, ENDPOINTS["completion"])
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        return await self.forward(request, ENDPOINTS["generate"])
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        check_client(request, self.config.api_keys)
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "prefix-router"}
+            for name in self.pool.models()
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    # ----- the request's life -----------------------------------------------------------
+
+    def _new_rid(self, request: web.Request, body: Mapping[str, Any] | None) -> str:
+        given = request.headers.get("X-Request-Id", "").strip()
+        if body is not None and isinstance(body.get("rid"), str):
+            given = given or str(body["rid"])
+        rid = given[:128] if given else uuid.uuid4().hex
+        if rid in self.live:
+            rid = f"{rid}-{uuid.uuid4().hex[:8]}"
+        return rid
+
+    async def _read_json(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()  # 413 from aiohttp past client_max_size
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(
+                400, f"request body is not valid JSON: {exc}", code="invalid_json"
+            ) from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+        return body
+
+    async def _route_request(self, prompt: Prompt, rid: str, body_chars: int) -> RouteRequest:
+        """Blocks only when the policy reads them; big prompts tokenize off the event loop."""
+        if self.hasher is None or not self.policy.needs_blocks:
+            return RouteRequest(
+                rid=rid,
+                blocks=(),
+                block_tokens=self.config.block_tokens,
+                prompt_tokens=0,
+                max_tokens=prompt.max_tokens,
+                session_key=prompt.session_key,
+            )
+        if body_chars > self.config.executor_tokenize_chars:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, self.hasher.route_request, prompt, rid)
+        return self.hasher.route_request(prompt, rid)
+
+    def _exclusions(self, body: Mapping[str, Any], endpoint: Endpoint) -> set[str]:
+        """Backends that cannot serve the requested model (404 when none can)."""
+        if endpoint.kind == "generate":
+            return set()
+        model = body.get("model")
+        known = self.pool.models()
+        if not isinstance(model, str) or not known:
+            return set()
+        if model not in known:
+            raise ApiError(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+        serving = self.pool.serving(model)
+        return {e.id for e in self.pool.entries.values() if e.discovered and e.id not in serving}
+
+    async def forward(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        flight = _Flight(rid="-", endpoint=endpoint.path, started=loop.time())
+        request[REQUEST_ID_KEY] = self._new_rid(request, None)
+        self.metrics.in_flight.inc(amount=1)
+        try:
+            response = await self._forward(request, endpoint, flight)
+            flight.status = response.status
+            return response
+        except ApiError as err:
+            flight.status = err.status
+            if err.status == 503:
+                self.metrics.errors.inc("no_backend")
+            raise
+        except asyncio.CancelledError:
+            flight.status = 499  # client closed the request
+            self.metrics.errors.inc("client_disconnect")
+            raise
+        except Exception:
+            flight.status = 500
+            self.metrics.errors.inc("internal")
+            raise
+        finally:
+            self.metrics.in_flight.inc(amount=-1)
+            self.metrics.requests.inc(endpoint.path, str(flight.status))
+            self._end(flight, ok=False)  # no-op when the request already ended
+            self.live.discard(flight.rid)
+            ttft = f"{flight.ttft_s * 1000:.1f}ms" if flight.ttft_s is not None else "-"
+            cached = flight.usage.cached_tokens if flight.usage else None
+            log.info(
+                "rid=%s endpoint=%s backend=%s status=%s ttft=%s cached=%s attempts=%d e2e=%.1fms",
+                flight.rid,
+                endpoint.path,
+                flight.backend or "-",
+                flight.status,
+                ttft,
+                cached if cached is not None else "-",
+                flight.attempts,
+                (loop.time() - flight.started) * 1000,
+            )
+
+    async def _forward(
+        self, request: web.Request, endpoint: Endpoint, flight: _Flight
+    ) -> web.StreamResponse:
+        check_client(request, self.config.api_keys)
+        body = await self._read_json(request)
+        rid = self._new_rid(request, body)
+        request[REQUEST_ID_KEY] = rid
+        flight.rid = rid
+        try:
+            prompt = PARSERS[endpoint.kind](body)
+        except PromptError as exc:
+            raise ApiError(400, str(exc), code="invalid_request") from None
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool) and stream is not None:
+            raise ApiError(400, "stream must be a boolean", param="stream", code="invalid_type")
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, "model must be a string", param="model", code="invalid_type")
+        stream = stream is True
+        exclude = self._exclusions(body, endpoint)
+        if self.config.log_prompts:
+            log.info("rid=%s prompt=%s", rid, json.dumps(body)[:4096])
+        route_req = await self._route_request(prompt, rid, request.content_length or 0)
+        upstream_body, strip_usage = self._upstream_body(body, endpoint, rid, stream)
+        self.live.add(rid)
+        payload = json.dumps(upstream_body).encode()
+        last: _UpstreamFailed | None = None
+        for attempt in range(self.config.max_attempts):
+            flight.attempts = attempt + 1
+            try:
+                decision = self.core.route(
+                    route_req, asyncio.get_running_loop().time(), exclude=exclude
+                )
+            except NoBackendError:
+                break
+            flight.backend = decision.backend
+            flight.predicted_cached = decision.predicted_cached_tokens
+            flight.ended = False
+            self.metrics.routed.inc(decision.backend)
+            if attempt:
+                self.metrics.retries.inc()
+            try:
+                return await self._attempt(
+                    request, endpoint, flight, payload, stream=stream, strip_usage=strip_usage
+                )
+            except _UpstreamFailed as failed:
+                last = failed
+                now = asyncio.get_running_loop().time()
+                self._end(flight, ok=False)
+                self.metrics.errors.inc("upstream_5xx" if failed.status else "upstream_connect")
+                self.pool.report_failure(decision.backend, now, failed.reason, trip=failed.trip)
+                exclude.add(decision.backend)
+                log.warning("rid=%s backend=%s failed: %s", rid, decision.backend, failed.reason)
+        headers = {"Retry-After": str(self.config.retry_after_s)}
+        if last is not None:
+            raise ApiError(
+                503,
+                f"all backends failed (last: {last.reason})",
+                code="backend_unavailable",
+                headers=headers,
+            )
+        raise ApiError(
+            503, "no healthy backend available", code="no_healthy_backend", headers=headers
+        )
+
+    def _upstream_body(
+        self, body: dict[str, Any], endpoint: Endpoint, rid: str, stream: bool
+    ) -> tuple[dict[str, Any], bool]:
+        """Our rid in the body (so /abort_request can target it); usage asked for on streams."""
+        out = dict(body)
+        batch = endpoint.kind == "generate" and isinstance(body.get("text"), list)
+        if not batch:
+            out["rid"] = rid
+        strip_usage = False
+        if stream and endpoint.kind != "generate":
+            options = body.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                out["stream_options"] = {**(options or {}), "include_usage": True}
+                strip_usage = True
+        return out, strip_usage
+
+    def _end(self, flight: _Flight, *, ok: bool) -> None:
+        """The request's one ending in the core (finished or failed); later calls do nothing."""
+        if flight.ended or flight.backend is None:
+            return
+        flight.ended = True
+        now = asyncio.get_running_loop().time()
+        usage = flight.usage
+        if ok and usage is not None:
+            cached = usage.cached_tokens or 0
+            self.core.on_finished(flight.rid, now, usage.output_tokens or 0, usage.cached_tokens)
+            if usage.prompt_tokens is not None:
+                backend = flight.backend
+                self.metrics.prompt_tokens.inc(backend, amount=usage.prompt_tokens)
+                self.metrics.reported_cached.inc(backend, amount=cached)
+                self.metrics.predicted_cached.inc(backend, amount=flight.predicted_cached)
+        elif ok:
+            self.core.on_finished(flight.rid, now, 0, None)
+        else:
+            self.core.on_failed(flight.rid, now)
+
+    def _first_token(self, flight: _Flight, cached: int | None) -> None:
+        now = asyncio.get_running_loop().time()
+        if flight.ttft_s is not None or flight.backend is None:
+            return
+        flight.ttft_s = now - flight.started
+        self.core.on_first_token(flight.rid, now, cached or 0)
+        self.metrics.ttft.observe(flight.backend, value=flight.ttft_s)
+
+    def _abort_upstream(self, backend_url: str, rid: str) -> None:
+        """Tell the backend to stop working on `rid` (fire and forget, kept referenced)."""
+
+        async def abort() -> None:
+            try:
+                async with self.session.post(
+                    backend_url + "/abort_request",
+                    json={"rid": rid},
+                    timeout=aiohttp.ClientTimeout(total=self.config.abort_timeout_s),
+                ) as resp:
+                    await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("rid=%s abort at %s failed: %r", rid, backend_url, exc)
+
+        task = asyncio.get_running_loop().create_task(abort())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        endpoint: Endpoint,
+        flight: _Flight,
+        payload: bytes,
+        *,
+        stream: bool,
+        strip_usage: bool,
+    ) -> web.StreamResponse:
+        assert flight.backend is not None
+        url = flight.backend + endpoint.path
+        headers = {"Content-Type": "application/json", "X-Request-Id": flight.rid}
+        try:
+            try:
+                upstream = await self.session.post(
+                    url, data=payload, headers=headers, timeout=self.timeout
+                )
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                raise _UpstreamFailed(f"connect: {exc!r}", trip=True) from None
+            async with upstream:
+                if upstream.status >= 500:
+                    text = await upstream.text(errors="replace")
+                    raise _UpstreamFailed(
+                        f"status {upstream.status}: {text[:200]}",
+                        trip=False,
+                        status=upstream.status,
+                    )
+                self.pool.report_success(flight.backend)
+                content_type = upstream.headers.get("Content-Type", "application/json")
+                if not stream or upstream.status != 200 or "event-stream" not in content_type:
+                    raw = await upstream.read()
+                    if upstream.status == 200:
+                        try:
+                            flight.usage = usage_from(json.loads(raw))
+                        except ValueError:
+                            flight.usage = None
+                        cached = flight.usage.cached_tokens if flight.usage else None
+                        self._first_token(flight, cached)
+                        self._end(flight, ok=True)
+                    else:
+                        self._end(flight, ok=False)
+                    return web.Response(
+                        body=raw,
+                        status=upstream.status,
+                        headers={
+                            "Content-Type": content_type,
+                            "X-Request-Id": flight.rid,
+                            "X-Prefix-Router-Backend": flight.backend,
+                        },
+                    )
+                response = web.StreamResponse(
+                    status=upstream.status,
+                    headers={
+                        "Content-Type": content_type,
+                        "Cache-Control": "no-cache",
+                        "X-Request-Id": flight.rid,
+                        "X-Prefix-Router-Backend": flight.backend,
+                    },
+                )
+                return await self._relay(request, upstream, response, flight, endpoint, strip_usage)
+        except asyncio.CancelledError:
+            # the client went away (aiohttp cancels the handler): stop the backend's work too
+            if not flight.ended:
+                self._abort_upstream(flight.backend, flight.rid)
+            raise
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        flight: _Flight,
+        endpoint: Endpoint,
+        strip_usage: bool,
+    ) -> web.StreamResponse:
+        """Copy SSE events one by one as each completes; parse only what feedback needs."""
+        assert flight.backend is not None
+        buffer = b""
+        last_data: bytes | None = None
+        done = False
+        broken: str | None = None
+        try:
+            async for chunk in upstream.content.iter_any():
+                buffer += chunk
+                while (cut := buffer.find(b"\n\n")) >= 0:
+                    event, buffer = buffer[: cut + 2], buffer[cut + 2 :]
+                    data = event.strip()
+                    if data.startswith(b"data:"):
+                        data = data[5:].strip()
+                        if data == b"[DONE]":
+                            done = True
+                        else:
+                            self._first_token(flight, None)
+                            event = self._feedback(flight, endpoint, data, event, strip_usage)
+                            last_data = data
+                    if event:
+                        if not response.prepared:
+                            await response.prepare(request)
+                        await response.write(event)
+            if buffer.strip():
+                if not response.prepared:
+                    await response.prepare(request)
+                await response.write(buffer)
+            if not done:
+                broken = "stream ended without [DONE]"
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            broken = f"stream broke: {exc!r}"
+        except ConnectionError:
+            # the client reset the connection while we wrote to it
+            self.metrics.errors.inc("client_disconnect")
+            self._end(flight, ok=False)
+            self._abort_upstream(flight.backend, flight.rid)
+            flight.status = 499
+            return response
+        if broken is not None:
+            if not response.prepared:
+                raise _UpstreamFailed(f"{broken} (before any byte)", trip=True)
+            # the first byte went out: never retried; the client gets an error event and the end
+            self.metrics.errors.inc("stream_broken")
+            self._end(flight, ok=False)
+            now = asyncio.get_running_loop().time()
+            self.pool.report_failure(flight.backend, now, broken, trip=True)
+            log.warning("rid=%s backend=%s %s", flight.rid, flight.backend, broken)
+            flight.status = 502
+            with contextlib.suppress(ConnectionError):
+                await response.write(sse_error_event("the backend failed mid-stream"))
+                await response.write_eof()
+            return response
+        if endpoint.kind == "generate" and last_data is not None and flight.usage is None:
+            with contextlib.suppress(ValueError):
+                flight.usage = usage_from(json.loads(last_data))
+        if not response.prepared:
+            await response.prepare(request)
+        self._end(flight, ok=True)
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+        return response
+
+    def _feedback(
+        self, flight: _Flight, endpoint: Endpoint, data: bytes, event: bytes, strip_usage: bool
+    ) -> bytes:
+        """Read usage from an OpenAI chunk that carries it; drop it if the client did not ask."""
+        if endpoint.kind == "generate" or b'"usage"' not in data:
+            return event
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return event
+        usage = usage_from(chunk)
+        if usage is None:
+            return event
+        flight.usage = usage
+        if not strip_usage:
+            return event
+        if isinstance(chunk, dict) and not chunk.get("choices"):
+            return b""
+        chunk.pop("usage", None)
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"

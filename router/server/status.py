@@ -1,0 +1,151 @@
+"""Operations endpoints: /health, /readiness, /stats (JSON) and /metrics (Prometheus).
+
+- `/health` answers 200 while the router's event loop runs: it says nothing about backends.
+- `/readiness` is 503 until at least one backend is healthy and not draining, so a load
+  balancer in front of several routers only sends traffic to one that can serve it.
+- `/stats` is the per-backend picture: URL, health, circuit, load as the router counts it and
+  as the backend reports it, requests routed, predicted vs reported cached tokens, and the
+  learned prefill/decode speeds when the policy exposes them (`policy.learned`, optional).
+- `/metrics` refreshes the live gauges (health, in-flight, learned speeds) and renders the
+  registry. None of these need a key: they carry no prompt text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from router.core.model import BackendState, Policy
+from router.core.routing import RoutingCore
+from router.server.admin import describe_entry
+from router.server.metrics import RouterMetrics
+from router.server.pool import BackendPool
+
+__all__ = ["StatusApi", "learned_for"]
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def learned_for(policy: Policy, backend_id: str) -> Any:
+    """What the policy has learned about a backend (PP/TG), if it exposes `learned`."""
+    learned = getattr(policy, "learned", None)
+    if learned is None:
+        return None
+    try:
+        if callable(learned):
+            return _plain(learned(backend_id))
+        if isinstance(learned, Mapping):
+            return _plain(learned.get(backend_id))
+    except (KeyError, LookupError, ValueError):
+        return None
+    return None
+
+
+def _number(obj: Any, *names: str) -> float | None:
+    for name in names:
+        value = obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+class StatusApi:
+    def __init__(
+        self,
+        core: RoutingCore,
+        policy: Policy,
+        pool: BackendPool,
+        metrics: RouterMetrics,
+        policy_name: str,
+    ) -> None:
+        self.core = core
+        self.policy = policy
+        self.pool = pool
+        self.metrics = metrics
+        self.policy_name = policy_name
+        metrics.registry.collectors.append(self._collect)
+
+    def _states(self) -> dict[str, BackendState]:
+        return {b.id: b for b in self.core.backends()}
+
+    def _collect(self) -> None:
+        states = self._states()
+        m = self.metrics
+        m.backend_healthy.clear()
+        m.backend_in_flight.clear()
+        m.learned_pp.clear()
+        m.learned_tg.clear()
+        for entry in self.pool.entries.values():
+            m.backend_healthy.set(entry.id, value=1.0 if entry.healthy else 0.0)
+            state = states.get(entry.id)
+            m.backend_in_flight.set(entry.id, value=float(state.load if state else 0))
+            learned = learned_for(self.policy, entry.id)
+            pp = _number(learned, "prefill_tokens_per_s", "pp_tokens_per_s")
+            tg = _number(learned, "decode_step_s", "tg_step_s")
+            if pp is not None:
+                m.learned_pp.set(entry.id, value=pp)
+            if tg is not None:
+                m.learned_tg.set(entry.id, value=tg)
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "ok"})
+
+    async def readiness(self, request: web.Request) -> web.StreamResponse:
+        healthy = [e.url for e in self.pool.entries.values() if e.healthy and not e.draining]
+        if healthy:
+            return web.json_response({"status": "ready", "healthy_backends": len(healthy)})
+        return web.json_response(
+            {"status": "not ready", "healthy_backends": 0}, status=503, headers={"Retry-After": "1"}
+        )
+
+    def stats_body(self) -> dict[str, Any]:
+        states = self._states()
+        m = self.metrics
+        backends: list[dict[str, Any]] = []
+        for entry in self.pool.entries.values():
+            state = states.get(entry.id)
+            row = describe_entry(entry)
+            row.update(
+                load=state.load if state else 0,
+                reported_running=state.reported_running if state else None,
+                reported_waiting=state.reported_waiting if state else None,
+                routed=int(m.routed.get(entry.id)),
+                prompt_tokens=int(m.prompt_tokens.get(entry.id)),
+                predicted_cached_tokens=int(m.predicted_cached.get(entry.id)),
+                reported_cached_tokens=int(m.reported_cached.get(entry.id)),
+                learned=learned_for(self.policy, entry.id),
+            )
+            backends.append(row)
+        core_stats: Any = None
+        stats: Callable[[], Any] | None = getattr(self.core, "stats", None)
+        if stats is not None:
+            core_stats = _plain(stats())
+        return {
+            "policy": self.policy_name,
+            "in_flight": int(m.in_flight.get()),
+            "backends": backends,
+            "core": core_stats,
+        }
+
+    async def stats(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.stats_body(), dumps=lambda o: json.dumps(o, default=repr))
+
+    async def prometheus(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            text=self.metrics.render(),
+            content_type="text/plain",
+            charset="utf-8",
+            headers={"X-Prometheus-Format": "0.0.4"},
+        )

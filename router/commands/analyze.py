@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="trace format (default: from the file)",
     )
     parser.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="tokens per hash id (default: 512 Mooncake/Azure, 64 chat logs)",
+    )
+    parser.add_argument(
         "--cache-tokens",
         default=None,
         metavar="N[,N...]",
@@ -58,7 +64,7 @@ def _fail(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from router.replay.analyze import analyze, format_report
-    from router.replay.traces import TraceError, bundled, load_trace
+    from router.replay.traces import BUNDLED, TraceError, bundled, load_trace
 
     sizes: list[int] | None = None
     if args.cache_tokens is not None:
@@ -68,9 +74,17 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--cache-tokens must be integers, got {args.cache_tokens!r}")
         if not sizes or any(s <= 0 for s in sizes):
             return _fail("--cache-tokens must be positive integers")
+    if args.block_size is not None and args.block_size <= 0:
+        return _fail("--block-size must be positive")
+    path = Path(args.trace)
+    if not path.exists() and args.trace not in BUNDLED:
+        return _fail(
+            f"no trace file or bundled trace {args.trace!r} (bundled: {', '.join(BUNDLED)})"
+        )
     try:
-        path = Path(args.trace)
-        trace = load_trace(path if path.exists() else bundled(args.trace), args.format)
+        trace = load_trace(
+            path if path.exists() else bundled(args.trace), args.format, block_size=args.block_size
+        )
     except (OSError, KeyError, TraceError) as exc:
         return _fail(str(exc).strip("'\""))
     report = analyze(trace, sizes)

@@ -262,8 +262,14 @@ class RadixCache:
         self.reserved_tokens -= tokens
 
     def make_room(self, tokens: int) -> bool:
-        """Evict until `tokens` are available; False (having evicted what it could) if not."""
+        """Evict until `tokens` are available; False, evicting nothing, when they cannot be.
+
+        Every unlocked device node can be evicted (children go first), so the check against
+        `evictable_tokens` is exact.
+        """
         short = tokens - self.available_tokens
+        if short > self.evictable_tokens:
+            return False
         if short > 0:
             self.evict(short)
         return self.available_tokens >= tokens

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from router.core.blocks import BlockHasher
+from router.core.prompt import parse_chat
+from router.core.tokens import load_tokenizer
 from router.replay.traces import (
     BUNDLED,
     Trace,
@@ -151,14 +154,26 @@ def test_chat_log_second_turn_extends_first_turn_chain(tmp_path: Path) -> None:
     if r1.input_length % 64:  # the partial last block grew: new content, new id
         assert r2.hash_ids[full] != r1.hash_ids[full]
     assert all(0 <= b < 2**64 for b in r2.hash_ids)
+    # the same blocks the live proxy computes for the same chat body
+    live = BlockHasher(load_tokenizer("cl100k_base"), 64).route_request(
+        parse_chat({"messages": [sys_msg, q1, a1, q2], "max_tokens": 20}), "x"
+    )
+    assert live.blocks == r2.hash_ids and live.prompt_tokens == r2.input_length
 
 
 @pytest.mark.parametrize(
     ("line", "why"),
     [
-        ('{"timestamp": 0, "messages": [], "max_tokens": 5}', "'messages' must be a non-empty"),
-        ('{"timestamp": 0, "messages": [{"content": "hi"}], "max_tokens": 5}', "string 'role'"),
+        ('{"timestamp": 0, "messages": [], "max_tokens": 5}', "messages must be a non-empty list"),
+        (
+            '{"timestamp": 0, "messages": [{"content": "hi"}], "max_tokens": 5}',
+            "messages\\[0\\].role must be a string",
+        ),
         ('{"timestamp": 0, "messages": [{"role": "user", "content": 3}], "max_tokens": 5}', "str"),
+        (
+            '{"timestamp": 0, "messages": [{"role": "wizard", "content": "x"}], "max_tokens": 5}',
+            "one of",
+        ),
         ('{"timestamp": 0, "messages": [{"role": "user", "content": "x"}]}', "'max_tokens'"),
         (
             '{"timestamp": -1, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}',

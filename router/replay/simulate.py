@@ -48,15 +48,14 @@ def prior_from_profile(profile: Profile) -> PerfPrior:
     Read off the profile's own time functions, so the router's starting belief matches the
     roofline; calibration (router.core.cost) corrects it from what backends actually do.
     """
-    base = profile.prefill_time(1024, 0)
-    with_ctx = profile.prefill_time(1024, 16384)
-    step0 = profile.decode_step_time(1, 0)
-    step1 = profile.decode_step_time(1, 1_000_000)
+    per_token = profile.prefill_time(1, 1)
+    per_token_ctx = (profile.prefill_time(1, 100_001) - per_token) / 100_000
+    step_s, per_kv_token = profile.decode_coefficients()
     return PerfPrior(
-        prefill_tokens_per_s=1024 / base,
-        prefill_s_per_token_ctx=max(with_ctx - base, 0.0) / (1024 * 16384),
-        decode_step_s=step0,
-        decode_s_per_kv_token=max(step1 - step0, 0.0) / 1_000_000,
+        prefill_tokens_per_s=1.0 / per_token,
+        prefill_s_per_token_ctx=max(per_token_ctx, 0.0),
+        decode_step_s=step_s,
+        decode_s_per_kv_token=per_kv_token,
     )
 
 

@@ -15,8 +15,8 @@ in-flight count, `BackendState.load`, as sglang-router counts it):
 - `session`: consistent hashing of `RouteRequest.session_key` onto a ring of virtual nodes per
   backend. A key whose backend is not routable walks clockwise to the next routable one, and a
   removed backend takes only its own points off the ring, so only its keys move. Without a key
-  the chained hash of the first `prefix_blocks` blocks is the key (one conversation or one
-  shared system prompt sticks to one backend); with no blocks either, round robin.
+  the chained hash of the first `prefix_blocks` blocks (default 2) is the key, so requests
+  sharing that prefix stick to one backend; with no blocks either, round robin.
 
 `cache_aware` (sglang-router 0.3.2) lives in `cache_aware.py`, `cost` and `oracle` in
 `cost_policy.py`; importing this module registers them too (see `_load_builtin_policies`).
@@ -203,10 +203,14 @@ class SessionConfig:
     (the standard deviation of a backend's share falls as 1/sqrt(points)).
     `prefix_blocks`: without a session key, the key is the chained hash of this many leading
     blocks (fewer when the prompt is shorter), so requests sharing that prefix stick together.
+    One block is too few when a system prompt opens every request: all 12,031 requests of the
+    Mooncake conversation trace share block 0, so prefix_blocks=1 sends them all to one backend
+    (mean TTFT about an hour on 8 x llama3-8b-h100), while 2 blocks give 7,373 keys, a hit
+    ratio of 0.151 and a mean TTFT of 1.25 s. Set it past the longest shared system prompt.
     """
 
     virtual_nodes: int = 160
-    prefix_blocks: int = 1
+    prefix_blocks: int = 2
 
     def __post_init__(self) -> None:
         if self.virtual_nodes <= 0:

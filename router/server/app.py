@@ -186,7 +186,13 @@ class RunningServer:
 async def start_server(config: ServerConfig) -> RunningServer:
     """Start the router on config.host:config.port (port 0: any free port)."""
     app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=config.shutdown_timeout_s,
+    )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()

@@ -63,6 +63,8 @@ class ServerConfig(BaseSettings):
     # longest silence between two chunks of an upstream response before we give up on it
     read_timeout_s: float = Field(default=600.0, gt=0)
     abort_timeout_s: float = Field(default=2.0, gt=0)
+    # how long a stopping router waits for in-flight requests before cutting them
+    shutdown_timeout_s: float = Field(default=5.0, ge=0)
     retry_after_s: int = Field(default=1, ge=0)
     log_prompts: bool = False
     log_level: str = "INFO"

@@ -30,7 +30,7 @@ __all__ = [
 log = logging.getLogger("router.server")
 
 # request[REQUEST_ID_KEY] holds the request id once the proxy assigned one
-REQUEST_ID_KEY = "prefix_router_rid"
+REQUEST_ID_KEY = web.RequestKey("prefix_router_rid", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

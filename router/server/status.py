@@ -25,7 +25,7 @@ from router.server.admin import describe_entry
 from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
 
-__all__ = ["StatusApi", "learned_for"]
+__all__ = ["StatusApi", "learned_all"]
 
 
 def _plain(value: Any) -> Any:
@@ -38,19 +38,14 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-def learned_for(policy: Policy, backend_id: str) -> Any:
-    """What the policy has learned about a backend (PP/TG), if it exposes `learned`."""
+def learned_all(policy: Policy) -> dict[str, Any]:
+    """What the policy has learned per backend (PP/TG), if it exposes `learned()` or `learned`."""
     learned = getattr(policy, "learned", None)
-    if learned is None:
-        return None
-    try:
-        if callable(learned):
-            return _plain(learned(backend_id))
-        if isinstance(learned, Mapping):
-            return _plain(learned.get(backend_id))
-    except (KeyError, LookupError, ValueError):
-        return None
-    return None
+    if callable(learned):
+        learned = learned()
+    if not isinstance(learned, Mapping):
+        return {}
+    return {str(k): _plain(v) for k, v in learned.items()}
 
 
 def _number(obj: Any, *names: str) -> float | None:
@@ -87,11 +82,12 @@ class StatusApi:
         m.backend_in_flight.clear()
         m.learned_pp.clear()
         m.learned_tg.clear()
+        learned_by_backend = learned_all(self.policy)
         for entry in self.pool.entries.values():
             m.backend_healthy.set(entry.id, value=1.0 if entry.healthy else 0.0)
             state = states.get(entry.id)
             m.backend_in_flight.set(entry.id, value=float(state.load if state else 0))
-            learned = learned_for(self.policy, entry.id)
+            learned = learned_by_backend.get(entry.id)
             pp = _number(learned, "prefill_tokens_per_s", "pp_tokens_per_s")
             tg = _number(learned, "decode_step_s", "tg_step_s")
             if pp is not None:
@@ -114,6 +110,7 @@ class StatusApi:
         states = self._states()
         m = self.metrics
         backends: list[dict[str, Any]] = []
+        learned_by_backend = learned_all(self.policy)
         for entry in self.pool.entries.values():
             state = states.get(entry.id)
             row = describe_entry(entry)
@@ -125,7 +122,7 @@ class StatusApi:
                 prompt_tokens=int(m.prompt_tokens.get(entry.id)),
                 predicted_cached_tokens=int(m.predicted_cached.get(entry.id)),
                 reported_cached_tokens=int(m.reported_cached.get(entry.id)),
-                learned=learned_for(self.policy, entry.id),
+                learned=learned_by_backend.get(entry.id),
             )
             backends.append(row)
         core_stats: Any = None

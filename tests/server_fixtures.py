@@ -1,0 +1,81 @@
+"""Shared helpers for the router-server tests: real simulated SGLang servers and a real router.
+
+Everything listens on 127.0.0.1 with ephemeral ports. Simulated backends run sped up so that
+a test takes a fraction of a second, except where a test needs a long stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from backends.sim.server import SimServerHandle, start_sim_servers
+from router.core.policies import POLICIES
+from router.server.app import RunningServer, start_server
+from router.server.config import ServerConfig
+
+__all__ = ["Setup", "cache_policy", "router_for", "serving", "sims"]
+
+
+def cache_policy() -> str:
+    """The best prefix-aware policy registered right now (tests stay valid as policies land)."""
+    for name in ("cost", "cache_aware", "session"):
+        if name in POLICIES:
+            return name
+    raise RuntimeError("no prefix-aware policy registered")
+
+
+@asynccontextmanager
+async def sims(count: int, *, speedup: float = 20.0) -> AsyncIterator[list[SimServerHandle]]:
+    handles = await start_sim_servers(count, speedup=speedup)
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            await h.close()
+
+
+@asynccontextmanager
+async def router_for(backends: list[str], **overrides: Any) -> AsyncIterator[RunningServer]:
+    settings: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "backends": backends,
+        "policy": "round_robin",
+        "health_interval_s": 0.2,
+        "health_timeout_s": 0.5,
+        "breaker_cooldown_s": 0.3,
+        "connect_timeout_s": 1.0,
+    }
+    settings.update(overrides)
+    server = await start_server(ServerConfig(**settings))
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+@dataclass(slots=True)
+class Setup:
+    handles: list[SimServerHandle]
+    router: RunningServer
+    session: aiohttp.ClientSession
+
+    @property
+    def url(self) -> str:
+        return self.router.url
+
+
+@asynccontextmanager
+async def serving(count: int, *, speedup: float = 20.0, **overrides: Any) -> AsyncIterator[Setup]:
+    """`count` simulated backends, a router in front, and a client session."""
+    async with (
+        sims(count, speedup=speedup) as handles,
+        router_for([h.url for h in handles], **overrides) as router,
+        aiohttp.ClientSession() as session,
+    ):
+        yield Setup(handles=handles, router=router, session=session)

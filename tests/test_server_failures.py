@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 import aiohttp
-import pytest
 from server_fixtures import Setup, router_for, serving, sims
 
 from backends.sim.server import start_sim_servers
@@ -141,7 +140,6 @@ async def _healthy(env: Setup, url: str) -> bool:
     return bool({b["url"]: b for b in stats["backends"]}[url]["healthy"])
 
 
-@pytest.mark.slow
 async def test_backend_killed_mid_run_retries_errors_and_recovers() -> None:
     port = _free_port()
     dead_url = f"http://127.0.0.1:{port}"
@@ -161,7 +159,7 @@ async def test_backend_killed_mid_run_retries_errors_and_recovers() -> None:
             pending = [asyncio.create_task(_chat(session, env.url, 400)) for _ in range(2)]
             await asyncio.sleep(0.3)
             loads = {b.id: b.load for b in router.state.core.backends()}
-            assert loads == {dead_url: 2, live[0].url: 2}
+            assert loads[dead_url] == 2  # a stream and a request waiting for its headers
             proc.kill()  # SIGKILL: connections drop, nothing is sent
             await proc.wait()
             # the request that was not yet streaming is retried on the live backend

@@ -30,6 +30,7 @@ KV pool size); `prefix-router profiles` prints the derived figures.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -216,7 +217,8 @@ def _llama31_8b_h100() -> Profile:
 
 def _llama31_8b_h100_hicache() -> Profile:
     base = _llama31_8b_h100()
-    return Profile(
+    return dataclasses.replace(
+        base,
         name="llama3-8b-h100-hicache",
         description="Llama-3.1-8B BF16 on one H100 SXM 80GB, with a HiCache host pool 4x the GPU's",
         sources=(
@@ -233,25 +235,14 @@ def _llama31_8b_h100_hicache() -> Profile:
             "a host hit is copied back before the request's first prefill chunk and stalls that "
             "step (real HiCache overlaps the copy with compute layer by layer: pessimistic)",
         ),
-        params=base.params,
-        n_layers=base.n_layers,
-        n_kv_heads=base.n_kv_heads,
-        n_heads=base.n_heads,
-        head_dim=base.head_dim,
-        dtype_bytes=base.dtype_bytes,
-        peak_flops=base.peak_flops,
-        mfu=base.mfu,
-        hbm_bytes_per_s=base.hbm_bytes_per_s,
-        bw_efficiency=base.bw_efficiency,
-        step_overhead_s=base.step_overhead_s,
-        kv_capacity_tokens=base.kv_capacity_tokens,
         host_capacity_tokens=4 * base.kv_capacity_tokens,
         h2d_bytes_per_s=25e9,
     )
 
 
 def _llama31_8b_a100() -> Profile:
-    return Profile(
+    return dataclasses.replace(
+        _llama31_8b_h100(),
         name="llama3-8b-a100",
         description="Llama-3.1-8B BF16 on one A100 SXM 80GB",
         sources=(
@@ -265,18 +256,11 @@ def _llama31_8b_a100() -> Profile:
             "1.5 ms fixed overhead per step",
             "KV pool 409,600 tokens, as for the H100 (same 80 GB)",
         ),
-        params=8.03e9,
-        n_layers=32,
-        n_kv_heads=8,
-        n_heads=32,
-        head_dim=128,
-        dtype_bytes=2,
         peak_flops=312e12,
         mfu=0.55,
         hbm_bytes_per_s=2.039e12,
         bw_efficiency=0.85,
         step_overhead_s=1.5e-3,
-        kv_capacity_tokens=_H100_KV_TOKENS,
     )
 
 

@@ -13,12 +13,15 @@ these observations are noisy and sometimes wild (a TTFT that hid a queue, a stal
    a 1 s miss on a 2 s prefill;
 2. iteratively reweighted least squares with Huber weights at 1.5 robust sigmas (sigma from
    the median absolute relative residual), and observations beyond 6 sigmas ignored;
-3. a ridge pull toward the prior worth a few observations, so an unexcited direction (every
+3. a ridge pull toward the prior's speed (3 observations' worth) and, for the second term,
+   toward the prior's shape, its ratio to the first (16 observations' worth for prefill, whose
+   two terms noisy TTFTs barely tell apart; 3 for decode), so an unexcited direction (every
    prompt the same length) stays at the prior instead of wandering;
 4. coefficients are kept non-negative (the per-token terms) and positive (a and s0).
 
-Refits are amortised (every observation for the first 32, then every 8), so observing costs
-microseconds and predicting is two multiply-adds.
+Refits over the window (default 128 observations, two IRLS passes) run on every observation
+for the first 32, then every 32, so observing costs ~30 us amortised on a slow core and
+predicting is two multiply-adds (~1 us).
 
 `OutputLengthModel` gives the expected output length of a request: the expectation of
 min(N, max_tokens) over a window of observed output lengths N, i.e. max_tokens capped by what
@@ -55,19 +58,33 @@ _HUBER = 1.5  # robust sigmas at which Huber weights start to fall
 _REJECT = 6.0  # robust sigmas beyond which an observation is ignored
 _MIN_SIGMA = 0.01  # relative; keeps a perfect fit from rejecting everything
 _EAGER_FITS = 32  # refit on every observation until this many
-_REFIT_EVERY = 8
+_REFIT_EVERY = 32
+_ITERATIONS = 2  # IRLS passes per refit (each starts from the last fit, so few suffice)
 
 
 class _RobustLine:
     """y = c1 * x1 + c2 * x2 (c1 > 0, c2 >= 0) fitted robustly on a window; see module doc."""
 
-    __slots__ = ("_since", "c1", "c2", "count", "p1", "p2", "prior_weight", "window")
+    __slots__ = (
+        "_since",
+        "c1",
+        "c2",
+        "count",
+        "p1",
+        "p2",
+        "prior_weight",
+        "shape_weight",
+        "window",
+    )
 
-    def __init__(self, p1: float, p2: float, *, window: int, prior_weight: float) -> None:
+    def __init__(
+        self, p1: float, p2: float, *, window: int, prior_weight: float, shape_weight: float
+    ) -> None:
         self.p1, self.p2 = p1, p2
         self.c1, self.c2 = p1, p2
         self.window: deque[tuple[float, float, float]] = deque(maxlen=window)
         self.prior_weight = prior_weight
+        self.shape_weight = shape_weight
         self.count = 0
         self._since = 0
 
@@ -90,12 +107,15 @@ class _RobustLine:
         m1 = sum(o[0] for o in obs) / n
         m2 = sum(o[1] for o in obs) / n
         ybar = sum(o[2] for o in obs) / n
-        # ridge in relative-contribution units: a change dc moves a typical prediction by dc*m/ybar
+        # Ridge in relative-contribution units (a change dc moves a typical prediction by
+        # dc * m / ybar): c1 is pulled toward the prior, c2 toward the prior's *shape*
+        # (c2 / c1 = p2 / p1), since a profile knows the attention-vs-linear split better
+        # than the absolute speed, and noisy data barely tells the two terms apart.
         r1 = self.prior_weight * (m1 / ybar) ** 2
-        r2 = self.prior_weight * (m2 / ybar) ** 2
-        # the ctx / per-KV term has a zero prior scale when the prior has none; still regularise
+        r2 = self.shape_weight * (m2 / ybar) ** 2
+        rho = self.p2 / self.p1
         c1, c2 = self.c1, self.c2
-        for _ in range(3):
+        for _ in range(_ITERATIONS):
             preds = [max(c1 * x1 + c2 * x2, 1e-12) for x1, x2, _ in obs]
             rel = [(y - p) / p for (_, _, y), p in zip(obs, preds, strict=True)]
             sigma = max(1.4826 * _median([abs(r) for r in rel]), _MIN_SIGMA)
@@ -111,7 +131,7 @@ class _RobustLine:
                 t1 += w * x1 * y
                 t2 += w * x2 * y
             c1, c2 = _solve_nonneg(
-                s11 + r1, s12, s22 + r2, t1 + r1 * self.p1, t2 + r2 * self.p2, self.p1
+                s11 + r1 + r2 * rho * rho, s12 - r2 * rho, s22 + r2, t1 + r1 * self.p1, t2, self.p1
             )
         self.c1, self.c2 = c1, c2
 
@@ -153,23 +173,38 @@ def _median(values: list[float]) -> float:
 class PerfModel:
     """One backend's prefill and decode-step models, starting at the prior, learned online."""
 
-    def __init__(self, prior: PerfPrior, *, window: int = 256, prior_weight: float = 3.0) -> None:
+    def __init__(
+        self,
+        prior: PerfPrior,
+        *,
+        window: int = 128,
+        prior_weight: float = 3.0,
+        prefill_shape_weight: float = 16.0,
+    ) -> None:
+        """The weights are worth that many observations (module doc).
+
+        Prefill's two features (new, new * ctx) are nearly collinear in real traffic, so its
+        split is held to the prior's shape more firmly than decode's (1, kv), which traffic
+        separates well.
+        """
         if window < 8:
             raise ValueError("window must be at least 8 observations")
-        if prior_weight < 0:
-            raise ValueError("prior_weight must be non-negative")
+        if prior_weight < 0 or prefill_shape_weight < 0:
+            raise ValueError("prior_weight and prefill_shape_weight must be non-negative")
         self.prior = prior
         self._prefill = _RobustLine(
             1.0 / prior.prefill_tokens_per_s,
             prior.prefill_s_per_token_ctx,
             window=window,
             prior_weight=prior_weight,
+            shape_weight=prefill_shape_weight,
         )
         self._decode = _RobustLine(
             prior.decode_step_s,
             prior.decode_s_per_kv_token,
             window=window,
             prior_weight=prior_weight,
+            shape_weight=prior_weight,
         )
 
     def prefill_time(self, new_tokens: int, context_tokens: int) -> float:

@@ -1,4 +1,4 @@
-"""The server's small parts on their own: config sources, the breaker, metrics text, usage."""
+"""The server's small parts on their own: config sources, the breaker, metrics text."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 from router.server.config import load_config
 from router.server.metrics import RouterMetrics
 from router.server.pool import BreakerState, CircuitBreaker
-from router.server.proxy import usage_from
 
 
 def test_config_cli_over_env_over_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,23 +58,3 @@ def test_metrics_text_format() -> None:
     assert "prefix_router_hit_ratio 0.25" in text
     assert "prefix_router_predicted_hit_ratio 0.5" in text
     assert text.endswith("\n")
-
-
-def test_usage_from_openai_and_sglang_shapes() -> None:
-    openai_body = {
-        "usage": {
-            "prompt_tokens": 10,
-            "completion_tokens": 3,
-            "prompt_tokens_details": {"cached_tokens": 8},
-        }
-    }
-    got = usage_from(openai_body)
-    assert got is not None and (got.prompt_tokens, got.output_tokens, got.cached_tokens) == (
-        10,
-        3,
-        8,
-    )
-    native = usage_from({"meta_info": {"prompt_tokens": 5, "completion_tokens": 2}})
-    assert native is not None and native.cached_tokens is None and native.output_tokens == 2
-    assert usage_from({"usage": None, "choices": []}) is None
-    assert usage_from([1]) is None

@@ -8,11 +8,12 @@ Each backend URL becomes a `PoolEntry`. Its life::
     OPEN --cooldown elapsed--> HALF_OPEN: the health loop sends one probe
     HALF_OPEN --probe ok--> CLOSED          --probe fails--> OPEN (cooldown restarts)
 
-Discovery reads `/get_server_info` (or `/server_info`) for the KV capacity
-(`max_total_num_tokens`) and page size, and `/v1/models` for the served model names; a backend
+Discovery (`backends.sglang.fetch_server_info`) reads `/get_server_info` (or `/server_info`)
+for the KV capacity (`max_total_num_tokens`), page size and served model name; a backend
 that cannot be reached yet stays out of the routing core and is retried every health
 interval. Failures come from two places: the health loop (`GET /health`) and the proxy
-(`report_failure` on a refused connection or a 5xx before the first byte). The breaker itself
+(`report_failure` on a refused connection or a 5xx before the first byte). Each healthy round
+also reads the backend's own load (`/v1/loads` or `/get_load`) into the core. The breaker itself
 is sans-clock: the caller passes `now` (the event loop's clock).
 
 Draining keeps a backend's in-flight requests running but routes nothing new to it.
@@ -25,11 +26,11 @@ import contextlib
 import enum
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import aiohttp
 
+from backends.sglang import BackendError, check_health, fetch_load, fetch_server_info
 from router.core.model import BackendSpec
 from router.core.routing import RoutingCore
 
@@ -99,7 +100,6 @@ class PoolEntry:
     healthy: bool = False  # last verdict pushed into the routing core
     last_error: str | None = None
     checks: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -108,50 +108,6 @@ class PoolEntry:
     @property
     def discovered(self) -> bool:
         return self.info is not None
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-async def _get_json(session: aiohttp.ClientSession, url: str, timeout: float) -> Any:
-    async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-        if resp.status != 200:
-            raise aiohttp.ClientResponseError(
-                resp.request_info, resp.history, status=resp.status, message="not 200"
-            )
-        return await resp.json(content_type=None)
-
-
-async def discover(session: aiohttp.ClientSession, url: str, timeout: float) -> BackendInfo:
-    """Read model names, KV capacity and page size from a backend (SGLang's endpoints)."""
-    info: dict[str, Any] = {}
-    for path in ("/get_server_info", "/server_info"):
-        try:
-            got = await _get_json(session, url + path, timeout)
-        except aiohttp.ClientResponseError:
-            continue
-        if isinstance(got, dict):
-            info = got
-            break
-    models: list[str] = []
-    try:
-        listing = await _get_json(session, url + "/v1/models", timeout)
-        for item in listing.get("data", []) if isinstance(listing, dict) else []:
-            if isinstance(item, dict) and isinstance(item.get("id"), str):
-                models.append(item["id"])
-    except aiohttp.ClientResponseError:
-        pass
-    for key in ("served_model_name", "model_path"):
-        name = info.get(key)
-        if isinstance(name, str) and name and name not in models:
-            models.append(name)
-    return BackendInfo(
-        models=tuple(models),
-        kv_capacity_tokens=_int_or_none(info.get("max_total_num_tokens")),
-        page_size=_int_or_none(info.get("page_size")) or 1,
-        max_running_requests=_int_or_none(info.get("max_running_requests")),
-    )
 
 
 class BackendPool:
@@ -254,12 +210,21 @@ class BackendPool:
 
     async def _discover(self, entry: PoolEntry) -> bool:
         try:
-            info = await discover(self.session, entry.url, self.health_timeout_s)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            entry.last_error = f"discovery failed: {exc!r}"
+            server = await fetch_server_info(self.session, entry.url, timeout=self.health_timeout_s)
+        except (BackendError, ValueError) as exc:
+            entry.last_error = f"discovery failed: {exc}"
             return False
         if entry.url not in self.entries:
             return False
+        models = [server.model]
+        if server.model_path and server.model_path != server.model:
+            models.append(server.model_path)
+        info = BackendInfo(
+            models=tuple(models),
+            kv_capacity_tokens=server.max_total_num_tokens or None,
+            page_size=server.page_size,
+            max_running_requests=server.max_running_requests or None,
+        )
         entry.info = info
         spec = BackendSpec(
             id=entry.id,
@@ -288,24 +253,27 @@ class BackendPool:
             return
         if not entry.breaker.may_probe(now):
             return
-        try:
-            async with self.session.get(
-                entry.url + "/health", timeout=aiohttp.ClientTimeout(total=self.health_timeout_s)
-            ) as resp:
-                await resp.read()
-                ok = resp.status == 200
-                reason = f"health status {resp.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            ok, reason = False, f"health check failed: {exc!r}"
+        ok = await check_health(self.session, entry.url, self.health_timeout_s)
+        reason = "health check failed"
         if ok:
             entry.breaker.record_success()
             entry.last_error = None
             self._set_healthy(entry, True)
+            await self._poll_load(entry)
         else:
             entry.last_error = reason
             entry.breaker.record_failure(now, trip=entry.breaker.state is BreakerState.HALF_OPEN)
             if not entry.breaker.closed:
                 self._set_healthy(entry, False)
+
+    async def _poll_load(self, entry: PoolEntry) -> None:
+        """The backend's own running/waiting counts, for policies that read them."""
+        try:
+            load = await fetch_load(self.session, entry.url, timeout=self.health_timeout_s)
+        except BackendError:
+            return
+        if entry.url in self.entries:
+            self.core.set_reported_load(entry.id, load.running, load.waiting)
 
     async def check_all(self) -> None:
         now = asyncio.get_running_loop().time()

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import aiohttp
 from aiohttp import web
 
+from backends.sglang import TokenUsage, abort_request, usage_from_sse_chunk
 from router.core.blocks import BlockHasher
 from router.core.model import Policy, RouteRequest
 from router.core.prompt import Prompt, PromptError, parse_chat, parse_completion, parse_generate
@@ -46,7 +47,7 @@ from router.server.errors import REQUEST_ID_KEY, ApiError, sse_error_event
 from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
 
-__all__ = ["Endpoint", "Proxy", "Usage", "usage_from"]
+__all__ = ["Endpoint", "Proxy"]
 
 log = logging.getLogger("router.server.proxy")
 
@@ -72,42 +73,6 @@ PARSERS: dict[EndpointKind, Callable[[Mapping[str, Any]], Prompt]] = {
 }
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Usage:
-    """Token counts a backend reported for one response."""
-
-    prompt_tokens: int | None = None
-    output_tokens: int | None = None
-    cached_tokens: int | None = None
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def usage_from(obj: Any) -> Usage | None:
-    """Usage from an OpenAI body/chunk (`usage`) or an SGLang /generate one (`meta_info`)."""
-    if not isinstance(obj, dict):
-        return None
-    usage = obj.get("usage")
-    if isinstance(usage, dict):
-        details = usage.get("prompt_tokens_details")
-        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
-        return Usage(
-            prompt_tokens=_int(usage.get("prompt_tokens")),
-            output_tokens=_int(usage.get("completion_tokens")),
-            cached_tokens=cached,
-        )
-    meta = obj.get("meta_info")
-    if isinstance(meta, dict):
-        return Usage(
-            prompt_tokens=_int(meta.get("prompt_tokens")),
-            output_tokens=_int(meta.get("completion_tokens")),
-            cached_tokens=_int(meta.get("cached_tokens")),
-        )
-    return None
-
-
 class _UpstreamFailed(Exception):
     """The backend failed before any byte reached the client: the request may be re-routed."""
 
@@ -129,7 +94,7 @@ class _Flight:
     predicted_cached: int = 0
     status: int = 0
     ttft_s: float | None = None
-    usage: Usage | None = None
+    usage: TokenUsage | None = None
     attempts: int = 0
     ended: bool = False
 
@@ -368,7 +333,9 @@ class Proxy:
         usage = flight.usage
         if ok and usage is not None:
             cached = usage.cached_tokens or 0
-            self.core.on_finished(flight.rid, now, usage.output_tokens or 0, usage.cached_tokens)
+            self.core.on_finished(
+                flight.rid, now, usage.completion_tokens or 0, usage.cached_tokens
+            )
             if usage.prompt_tokens is not None:
                 backend = flight.backend
                 self.metrics.prompt_tokens.inc(backend, amount=usage.prompt_tokens)
@@ -391,15 +358,9 @@ class Proxy:
         """Tell the backend to stop working on `rid` (fire and forget, kept referenced)."""
 
         async def abort() -> None:
-            try:
-                async with self.session.post(
-                    backend_url + "/abort_request",
-                    json={"rid": rid},
-                    timeout=aiohttp.ClientTimeout(total=self.config.abort_timeout_s),
-                ) as resp:
-                    await resp.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("rid=%s abort at %s failed: %r", rid, backend_url, exc)
+            timeout = self.config.abort_timeout_s
+            if not await abort_request(self.session, backend_url, rid, timeout=timeout):
+                log.warning("rid=%s abort at %s failed", rid, backend_url)
 
         task = asyncio.get_running_loop().create_task(abort())
         self.background.add(task)
@@ -439,7 +400,7 @@ class Proxy:
                     raw = await upstream.read()
                     if upstream.status == 200:
                         try:
-                            flight.usage = usage_from(json.loads(raw))
+                            flight.usage = usage_from_sse_chunk(json.loads(raw))
                         except ValueError:
                             flight.usage = None
                         cached = flight.usage.cached_tokens if flight.usage else None
@@ -536,7 +497,7 @@ class Proxy:
             return response
         if endpoint.kind == "generate" and last_data is not None and flight.usage is None:
             with contextlib.suppress(ValueError):
-                flight.usage = usage_from(json.loads(last_data))
+                flight.usage = usage_from_sse_chunk(json.loads(last_data))
         if not response.prepared:
             await response.prepare(request)
         self._end(flight, ok=True)
@@ -554,13 +515,12 @@ class Proxy:
             chunk = json.loads(data)
         except ValueError:
             return event
-        usage = usage_from(chunk)
-        if usage is None:
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("usage"), dict):
             return event
-        flight.usage = usage
+        flight.usage = usage_from_sse_chunk(chunk)
         if not strip_usage:
             return event
-        if isinstance(chunk, dict) and not chunk.get("choices"):
+        if not chunk.get("choices"):
             return b""
         chunk.pop("usage", None)
         return b"data: " + json.dumps(chunk).encode() + b"\n\n"

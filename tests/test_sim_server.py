@@ -45,6 +45,14 @@ async def _total_load(session: aiohttp.ClientSession, url: str) -> int:
     return int(agg["total_running_reqs"] + agg["total_waiting_reqs"])
 
 
+async def _wait_idle(session: aiohttp.ClientSession, url: str, within: float = 1.0) -> None:
+    """The engine frees an aborted request at its current step's end: poll, bounded."""
+    deadline = time.monotonic() + within
+    while await _total_load(session, url) != 0:
+        assert time.monotonic() < deadline, f"engine still busy after {within}s"
+        await asyncio.sleep(0.02)
+
+
 def test_filler_round_trips_through_the_tokenizer() -> None:
     tok = get_tokenizer()
     for offset in range(0, 30, 7):
@@ -254,10 +262,7 @@ async def test_client_disconnect_mid_stream_aborts(sim_server: Any) -> None:
         assert first.startswith(b"data:")
         assert await _total_load(s, url) == 1
         resp.close()  # drop the connection mid-stream
-        deadline = time.monotonic() + 1.0
-        while await _total_load(s, url) != 0:
-            assert time.monotonic() < deadline, "engine still holds the aborted request"
-            await asyncio.sleep(0.02)
+        await _wait_idle(s, url, within=1.0)
 
 
 async def test_client_timeout_while_waiting_aborts(sim_server: Any) -> None:
@@ -269,10 +274,7 @@ async def test_client_timeout_while_waiting_aborts(sim_server: Any) -> None:
                 json={"prompt": "x", "max_tokens": 20000},
                 timeout=aiohttp.ClientTimeout(total=0.3),
             )
-        deadline = time.monotonic() + 1.0
-        while await _total_load(s, url) != 0:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        await _wait_idle(s, url, within=1.0)
 
 
 async def test_abort_request_by_rid(sim_server: Any) -> None:
@@ -288,7 +290,7 @@ async def test_abort_request_by_rid(sim_server: Any) -> None:
         status, out = await asyncio.wait_for(task, 2.0)
         assert status == 200
         assert out["meta_info"]["finish_reason"]["type"] == "abort"
-        assert await _total_load(s, url) == 0
+        await _wait_idle(s, url, within=1.0)
 
 
 @pytest.mark.parametrize(
@@ -374,3 +376,33 @@ def test_sim_command_serves_several_and_stops_on_sigterm(sim_process: Any) -> No
     log = sp.log_text()
     assert all(url in log for url in sp.urls)
     assert "Traceback" not in log
+
+
+async def test_wall_clock_follows_the_engine_model_at_speedup(sim_server: Any) -> None:
+    """TTFT and E2E seen by a client = the engine's virtual-time figures / speedup."""
+    from backends.sim.api import Finished, FirstToken, SimRequest
+    from backends.sim.server import build_engine
+
+    ids = [(i * 7919) % 50000 for i in range(4000)]
+    engine, _ = build_engine("llama3-8b-h100", page_size=16)
+    engine.add_request(
+        SimRequest(rid="x", blocks=page_chain(ids, 16), block_size=16, prompt_tokens=4000,
+                   output_tokens=150),
+        0.0,
+    )  # fmt: skip
+    events = engine.advance(1e9)
+    ttft = next(e.time for e in events if isinstance(e, FirstToken))
+    e2e = next(e.time for e in events if isinstance(e, Finished))
+    speedup = sim_server.server.config.speedup
+    async with aiohttp.ClientSession() as s:
+        t0 = time.monotonic()
+        async with s.post(
+            sim_server.url + "/generate",
+            json={"input_ids": ids, "sampling_params": {"max_new_tokens": 150}, "stream": True},
+        ) as resp:
+            await resp.content.readline()
+            first = time.monotonic() - t0
+            await resp.read()
+            total = time.monotonic() - t0
+    assert ttft / speedup * 0.9 <= first <= ttft / speedup + 0.15
+    assert e2e / speedup * 0.9 <= total <= e2e / speedup + 0.15

@@ -111,7 +111,7 @@ async def test_generate_streams_cumulative_text_ending_in_done() -> None:
         router, s = env.router, env.session
         body = {
             "text": "Hello there",
-            "sampling_params": {"max_new_tokens": 12},
+            "sampling_params": {"max_new_tokens": 300},
             "stream": True,
         }
         async with s.post(router.url + "/generate", json=body) as r:
@@ -127,7 +127,7 @@ async def test_generate_streams_cumulative_text_ending_in_done() -> None:
         for a, b in itertools.pairwise(texts):
             assert b.startswith(a)  # cumulative, as SGLang streams it
         final = json.loads(events[-2])["meta_info"]
-        assert final["completion_tokens"] == 12
+        assert final["completion_tokens"] == 300
         # input_ids, not streamed
         async with s.post(
             router.url + "/generate",

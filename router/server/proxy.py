@@ -16,6 +16,12 @@ One request's path through `Proxy.forward`::
 
 Every request ends in exactly one of on_finished / on_failed, recorded in a `finally`.
 
+Feedback timing: a stream's first data event is its first token (TTFT = that moment minus
+routing). `/generate` chunks carry `meta_info.cached_tokens` from the first one on, so the core
+hears cached tokens at first token; OpenAI streams report usage only at the end, so their
+cached tokens reach the core with `on_finished`. A non-streaming response has no first-token
+moment: it goes straight to `on_finished` (its latency would be a false TTFT).
+
 Streams are forwarded one SSE event at a time, as soon as the event is complete: no response
 is buffered. For OpenAI streams the router asks the backend for
 `stream_options.include_usage` (to learn cached tokens) and drops that extra usage chunk when
@@ -351,8 +357,19 @@ class Proxy:
         if flight.ttft_s is not None or flight.backend is None:
             return
         flight.ttft_s = now - flight.started
-        self.core.on_first_token(flight.rid, now, cached or 0)
+        self.core.on_first_token(flight.rid, now, cached)
         self.metrics.ttft.observe(flight.backend, value=flight.ttft_s)
+
+    @staticmethod
+    def _early_cached(endpoint: Endpoint, data: bytes) -> int | None:
+        """Cached tokens known at the first chunk: SGLang's /generate chunks carry meta_info."""
+        if endpoint.kind != "generate":
+            return None  # OpenAI streams report usage only in their last chunk
+        try:
+            usage = usage_from_sse_chunk(json.loads(data))
+        except ValueError:
+            return None
+        return usage.cached_tokens if usage is not None else None
 
     def _abort_upstream(self, backend_url: str, rid: str) -> None:
         """Tell the backend to stop working on `rid` (fire and forget, kept referenced)."""
@@ -403,8 +420,7 @@ class Proxy:
                             flight.usage = usage_from_sse_chunk(json.loads(raw))
                         except ValueError:
                             flight.usage = None
-                        cached = flight.usage.cached_tokens if flight.usage else None
-                        self._first_token(flight, cached)
+                        # no first-token event: a whole response's latency is not a TTFT
                         self._end(flight, ok=True)
                     else:
                         self._end(flight, ok=False)
@@ -459,7 +475,8 @@ class Proxy:
                         if data == b"[DONE]":
                             done = True
                         else:
-                            self._first_token(flight, None)
+                            if flight.ttft_s is None:
+                                self._first_token(flight, self._early_cached(endpoint, data))
                             event = self._feedback(flight, endpoint, data, event, strip_usage)
                             last_data = data
                     if event:

@@ -406,3 +406,19 @@ async def test_wall_clock_follows_the_engine_model_at_speedup(sim_server: Any) -
             total = time.monotonic() - t0
     assert ttft / speedup * 0.9 <= first <= ttft / speedup + 0.15
     assert e2e / speedup * 0.9 <= total <= e2e / speedup + 0.15
+
+
+async def test_close_with_streams_in_flight_is_prompt(sim_servers: Any) -> None:
+    (h,) = await sim_servers(1, speedup=1.0)
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(
+            h.url + "/generate",
+            json={"text": "x", "sampling_params": {"max_new_tokens": 20000}, "stream": True},
+        )
+        await resp.content.readline()
+        t0 = time.monotonic()
+        await h.close()
+        assert time.monotonic() - t0 < 1.5
+        rest = await resp.read()
+        resp.close()
+    assert b'"abort"' in rest or rest == b""

@@ -380,6 +380,13 @@ class SimServer:
             self._end_aborted(req)
         self._wake.set()
 
+    def abort_all(self) -> int:
+        """Abort every request in flight (shutdown, `/abort_request` with abort_all)."""
+        reqs = list(self._reqs.values())
+        for req in reqs:
+            self._abort(req)
+        return len(reqs)
+
     def _progress(self, req: _Req) -> proto.Progress:
         end = req.end_wall if req.end_wall is not None else self._loop_time()
         return proto.Progress(
@@ -698,7 +705,8 @@ class SimServerHandle:
         return self.server.engine
 
     async def close(self) -> None:
-        """Stop accepting, abort what is in flight, stop the driver."""
+        """Abort what is in flight (handlers end at once), stop listening, stop the driver."""
+        self.server.abort_all()
         await self._runner.cleanup()
         await self.server.stop_driver()
 
@@ -709,6 +717,7 @@ class SimServerHandle:
             server.app,
             handle_signals=False,
             handler_cancellation=True,
+            shutdown_timeout=2.0,
             access_log=logging.getLogger("aiohttp.access") if server.config.access_log else None,
             logger=_handler_logger(),
         )

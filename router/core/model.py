@@ -73,6 +73,8 @@ class BackendSpec:
 
     id: str
     kv_capacity_tokens: int | None = None  # from /get_server_info max_total_num_tokens
+    # A hierarchical cache's host pool (SGLang HiCache): prefixes there load back, not recompute.
+    host_cache_tokens: int = 0
     page_size: int = 1
     prior: PerfPrior | None = None
     max_running_requests: int | None = None
@@ -84,6 +86,15 @@ class BackendSpec:
             raise ValueError("kv_capacity_tokens must be positive")
         if self.page_size <= 0:
             raise ValueError("page_size must be positive")
+        if self.host_cache_tokens < 0:
+            raise ValueError("host_cache_tokens must be non-negative")
+
+    @property
+    def cache_capacity_tokens(self) -> int | None:
+        """Prefix-cache tokens the backend can keep: device pool plus any host tier."""
+        if self.kv_capacity_tokens is None:
+            return None
+        return self.kv_capacity_tokens + self.host_cache_tokens
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

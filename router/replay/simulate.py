@@ -147,6 +147,7 @@ def simulate_policy(
         BackendSpec(
             id=bid,
             kv_capacity_tokens=profiles[bid].kv_capacity_tokens,
+            host_cache_tokens=profiles[bid].host_capacity_tokens,
             prior=prior_from_profile(profiles[bid]),
             max_running_requests=config.engine.max_running_requests,
         )

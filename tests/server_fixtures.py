@@ -6,6 +6,7 @@ a test takes a fraction of a second, except where a test needs a long stream.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,7 +19,15 @@ from router.core.policies import POLICIES
 from router.server.app import RunningServer, start_server
 from router.server.config import ServerConfig
 
-__all__ = ["Setup", "cache_policy", "router_for", "serving", "sims"]
+__all__ = ["Setup", "cache_policy", "free_port", "router_for", "serving", "sims"]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for a backend started later on it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def cache_policy() -> str:

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 
 import aiohttp
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from server_fixtures import free_port
 
 
 async def test_serve_embedded_answers_and_stops_cleanly_on_sigint() -> None:
-    port = _free_port()
+    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "router", "serve", "--embedded", "2", "--port", str(port),
         "--policy", "round_robin", "--api-key", "sk-test",

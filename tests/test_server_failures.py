@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import sys
 import time
 from typing import Any
 
 import aiohttp
-from server_fixtures import Setup, router_for, serving, sims
+from server_fixtures import Setup, free_port, router_for, serving, sims
 
 from backends.sim.server import start_sim_servers
 
@@ -74,13 +73,6 @@ async def test_client_disconnect_aborts_backend_within_1s_and_frees_load() -> No
         assert 'prefix_router_errors_total{kind="client_disconnect"} 1' in metrics
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def _spawn_sim(port: int) -> asyncio.subprocess.Process:
     """A simulated backend in its own process (`prefix-router sim`), so it can be SIGKILLed."""
     proc = await asyncio.create_subprocess_exec(
@@ -141,7 +133,7 @@ async def _healthy(env: Setup, url: str) -> bool:
 
 
 async def test_backend_killed_mid_run_retries_errors_and_recovers() -> None:
-    port = _free_port()
+    port = free_port()
     dead_url = f"http://127.0.0.1:{port}"
     proc = await _spawn_sim(port)  # real time: its requests are still running when it dies
     try:

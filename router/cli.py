@@ -2,12 +2,18 @@
 
 Each module in `router/commands/` defines `HELP` (one line), `add_arguments(parser)` and
 `run(args) -> int`. Modules import their heavy dependencies inside `run`, so `--help` is fast.
+
+Output piped into a reader that stops early (`prefix-router profiles --json | head`) ends the
+command quietly: the BrokenPipeError is caught, stdout is pointed at /dev/null so the
+interpreter's final flush cannot fail again, and the exit code is 1 (as the Python docs advise
+for SIGPIPE-less Python), with no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
@@ -44,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _dispatch(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:
@@ -56,6 +62,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return code
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null so the interpreter's exit-time flush of stdout cannot fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; a reader that closed our stdout early ends it quietly (exit 1)."""
+    try:
+        try:
+            return _dispatch(argv)
+        finally:  # flush here, inside the handler, not at interpreter exit (also on --help)
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,25 +81,39 @@ def run(args: argparse.Namespace) -> int:
 
     if args.backends < 1:
         return _fail("--backends must be at least 1")
-    if not args.load > 0:
-        return _fail("--load must be positive")
+    if not (args.load > 0 and math.isfinite(args.load)):
+        return _fail(f"--load must be a positive number, got {args.load:g}")
+    if not (args.start >= 0 and math.isfinite(args.start)):
+        return _fail(f"--start must be non-negative, got {args.start:g}")
+    if args.duration is not None and not (args.duration > 0):
+        return _fail(f"--duration must be positive, got {args.duration:g}")
+    if not (args.slo_ttft_p90 > 0 and math.isfinite(args.slo_ttft_p90)):
+        return _fail(f"--slo-ttft-p90 must be a positive number, got {args.slo_ttft_p90:g}")
     names = [p.strip() for p in args.profile.split(",") if p.strip()]
     unknown = [n for n in names if n not in PROFILES]
     if not names or unknown:
-        return _fail(f"unknown profile {unknown or args.profile!r}; known: {', '.join(PROFILES)}")
+        shown = ", ".join(unknown) if unknown else repr(args.profile)
+        return _fail(f"unknown profile {shown}; known: {', '.join(PROFILES)}")
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in policies if p not in POLICIES]
     if not policies or bad:
-        return _fail(f"unknown policy {bad}; known: {', '.join(sorted(POLICIES))}")
+        shown = f"unknown policy {', '.join(bad)}" if bad else "--policies names no policy"
+        return _fail(f"{shown}; known: {', '.join(sorted(POLICIES))}")
+    path = Path(args.trace)
+    looks_like_path = path.suffix != "" or len(path.parts) > 1
+    if not path.exists() and looks_like_path:
+        return _fail(f"trace file not found: {path}")
     try:
-        path = Path(args.trace)
         trace = load_trace(path if path.exists() else bundled(args.trace))
-    except (OSError, KeyError, TraceError) as exc:
+    except KeyError as exc:  # unknown bundled name: its message is the first argument
+        return _fail(str(exc.args[0]) if exc.args else str(exc))
+    except (OSError, TraceError) as exc:
         return _fail(str(exc))
+    span = trace.duration()
     if args.start or args.duration is not None:
         trace = trace.window(args.start, args.duration)
     if not trace.requests:
-        return _fail("the trace window holds no requests")
+        return _fail(f"the trace window holds no requests (the trace spans 0-{span:.0f} s)")
 
     profiles = tuple(names[i % len(names)] for i in range(args.backends))
     engine_cfg = EngineConfig(schedule_policy=args.schedule_policy)

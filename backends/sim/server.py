@@ -713,6 +713,7 @@ class SimServerHandle:
     @classmethod
     async def start(cls, server: SimServer, host: str, port: int) -> SimServerHandle:
         """Listen on host:port (0 = ephemeral) and start the engine's real-time driver."""
+        get_tokenizer()  # load the BPE ranks now, not inside the first request's TTFT
         runner = web.AppRunner(
             server.app,
             handle_signals=False,

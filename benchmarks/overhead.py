@@ -1,0 +1,645 @@
+"""What a router adds to each request's latency: prefix-router and sglang-router vs. direct.
+
+How it works. Three kinds of process, all on loopback:
+
+    generator (this process, its own uvloop/asyncio loop)
+        |--> direct:        simulated SGLang backend
+        |--> prefix-router: `prefix-router serve --backend B --policy cost` --> the same backend
+        '--> sglang-router: `python -m sglang_router.launch_router --worker-urls B` --> same
+
+The backend is one subprocess running the simulated SGLang server (`backends.sim.server`, the
+code behind `prefix-router sim`) at `--speedup` X, so its own time per request is small and
+steady; it is started through `--sim-worker` of this script only to set the streaming tick
+(`stream_interval_s`, which the `sim` command does not expose): SGLang streams a chunk per
+token, and a 20 ms tick would give a 256-token stream two chunks to relay instead of dozens.
+
+Cells are (mode, concurrency): "short" is a non-streaming chat completion with a one-line
+prompt and `max_tokens` 1-8; "stream" is a streaming chat completion of 256 tokens. Each cell
+runs a closed loop (`concurrency` workers, each sending its next request when the previous one
+ended) against each target in turn, split into rounds whose target order rotates, so slow
+drifts of a shared machine hit every target alike; latencies of a cell's rounds are pooled.
+Latency is from just before the request is sent to the last byte read (for streams also the
+time to the first byte, TTFT). Every target gets the same generator, backend and requests;
+"added" is a router's percentile minus direct's in the same cell. Each target is warmed first.
+
+Every process is started in its own session and stopped (SIGTERM, then SIGKILL) in a
+`finally`, also on errors and Ctrl-C. `--cprofile FILE` runs prefix-router under cProfile for
+one extra short c=32 pass (after the measured run, so the profiler cannot skew the figures)
+and prints where its time goes.
+
+Run: python benchmarks/overhead.py --json benchmarks/results/overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import platform
+import pstats
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+__all__ = ["CellResult", "Samples", "main", "percentile"]
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+TARGETS = ("direct", "prefix-router", "sglang-router")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100) of a non-empty sample."""
+    if not values:
+        raise ValueError("percentile of an empty sample")
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+@dataclass(slots=True)
+class Samples:
+    """Latencies (seconds) gathered for one target in one cell, over all its rounds."""
+
+    latency: list[float] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+    chunks: int = 0
+    errors: int = 0
+    wall_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CellResult:
+    """One row of the JSON: a target's figures in one (mode, concurrency) cell."""
+
+    router: str
+    mode: str
+    concurrency: int
+    p50_ms: float
+    p99_ms: float
+    added_p50_ms: float
+    added_p99_ms: float
+    requests: int
+    errors: int
+    throughput_rps: float
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    chunks_per_request: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "router": self.router,
+            "mode": self.mode,
+            "concurrency": self.concurrency,
+            "p50_ms": round(self.p50_ms, 3),
+            "p99_ms": round(self.p99_ms, 3),
+            "added_p50_ms": round(self.added_p50_ms, 3),
+            "added_p99_ms": round(self.added_p99_ms, 3),
+            "requests": self.requests,
+            "errors": self.errors,
+            "throughput_rps": round(self.throughput_rps, 1),
+        }
+        if self.ttft_p50_ms is not None and self.ttft_p99_ms is not None:
+            out["ttft_p50_ms"] = round(self.ttft_p50_ms, 3)
+            out["ttft_p99_ms"] = round(self.ttft_p99_ms, 3)
+        if self.chunks_per_request is not None:
+            out["chunks_per_request"] = round(self.chunks_per_request, 1)
+        return out
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(slots=True)
+class _Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+class Processes:
+    """Child processes, each in its own session, all stopped by `stop_all` (idempotent)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[_Proc] = []
+
+    def spawn(self, name: str, argv: Sequence[str]) -> _Proc:
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("wb") as log_file:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        proc = _Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every live child's process group, wait, then SIGKILL what is left."""
+        for p in reversed(self.procs):
+            if p.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for p in reversed(self.procs):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.popen.wait(max(deadline - time.monotonic(), 0.1))
+            if p.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.popen.pid, signal.SIGKILL)
+                p.popen.wait()
+        self.procs.clear()
+
+
+async def _wait_ready(
+    session: aiohttp.ClientSession, proc: _Proc, url: str, timeout_s: float = 60.0
+) -> None:
+    """Poll `url` until it answers 200; fail with the child's log if it dies or stalls."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.log_tail()}")
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
+                if r.status == 200:
+                    return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"{proc.name} not ready at {url} after {timeout_s} s:\n{proc.log_tail()}")
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _body(mode: str, i: int) -> dict[str, Any]:
+    prompt = f"Request {i}: say something short about routers."
+    body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": prompt}]}
+    if mode == "short":
+        body["max_tokens"] = 1 + i % 8
+    else:
+        body["max_tokens"] = 256
+        body["stream"] = True
+    return body
+
+
+async def _one(session: aiohttp.ClientSession, url: str, mode: str, i: int, out: Samples) -> None:
+    payload = json.dumps(_body(mode, i)).encode()
+    headers = {"Content-Type": "application/json"}
+    t0 = time.perf_counter()
+    try:
+        async with session.post(url, data=payload, headers=headers) as r:
+            if mode == "short":
+                data = await r.read()
+                ok = r.status == 200 and b'"choices"' in data
+                ttft = None
+                chunks = 0
+            else:
+                ttft = None
+                chunks = 0
+                tail = b""
+                async for piece in r.content.iter_any():
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    both = tail + piece
+                    chunks += both.count(b"data: ") - tail.count(b"data: ")
+                    tail = both[-16:]
+                ok = r.status == 200 and b"[DONE]" in tail
+        t1 = time.perf_counter()
+    except (aiohttp.ClientError, TimeoutError):
+        out.errors += 1
+        return
+    if not ok:
+        out.errors += 1
+        return
+    out.latency.append(t1 - t0)
+    if ttft is not None:
+        out.ttft.append(ttft)
+        out.chunks += chunks
+
+
+async def _closed_loop(
+    session: aiohttp.ClientSession, url: str, mode: str, concurrency: int, n: int, out: Samples
+) -> None:
+    """`concurrency` workers send `n` requests in all, each worker one at a time."""
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            await _one(session, url, mode, i, out)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    out.wall_s += time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BenchConfig:
+    """Everything one run depends on (recorded in the JSON beside the results)."""
+
+    concurrencies: tuple[int, ...]
+    modes: tuple[str, ...]
+    short_requests: int
+    stream_requests: dict[int, int]
+    rounds: int
+    speedup: float
+    stream_interval_s: float
+    profile: str
+    policy: str
+    warmup: int
+    log_level: str
+
+
+def _python() -> str:
+    return sys.executable
+
+
+def _start_backend(procs: Processes, cfg: BenchConfig, port: int) -> _Proc:
+    argv = [
+        _python(),
+        str(Path(__file__).resolve()),
+        "--sim-worker",
+        "--port",
+        str(port),
+        "--speedup",
+        str(cfg.speedup),
+        "--stream-interval",
+        str(cfg.stream_interval_s),
+        "--profile",
+        cfg.profile,
+    ]
+    return procs.spawn("backend", argv)
+
+
+def _prefix_router_argv(cfg: BenchConfig, backend: str, port: int) -> list[str]:
+    return [
+        "-m",
+        "router.cli",
+        "serve",
+        "--backend",
+        backend,
+        "--policy",
+        cfg.policy,
+        "--port",
+        str(port),
+        "--log-level",
+        cfg.log_level.upper(),
+    ]
+
+
+def _sglang_router_argv(cfg: BenchConfig, backend: str, port: int) -> list[str]:
+    level = {"warning": "warn"}.get(cfg.log_level.lower(), cfg.log_level.lower())
+    return [
+        _python(),
+        "-m",
+        "sglang_router.launch_router",
+        "--worker-urls",
+        backend,
+        "--policy",
+        "round_robin",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        level,
+    ]
+
+
+async def _warm(session: aiohttp.ClientSession, base: str, mode: str, n: int) -> Samples:
+    s = Samples()
+    await _closed_loop(session, base + "/v1/chat/completions", mode, 8, n, s)
+    return s
+
+
+def _requests_for(cfg: BenchConfig, mode: str, c: int) -> int:
+    if mode == "short":
+        return cfg.short_requests
+    return cfg.stream_requests.get(c, max(cfg.stream_requests.values()))
+
+
+async def _measure(
+    cfg: BenchConfig, bases: dict[str, str], sessions: dict[str, aiohttp.ClientSession]
+) -> dict[tuple[str, str, int], Samples]:
+    samples: dict[tuple[str, str, int], Samples] = {}
+    for mode in cfg.modes:
+        for name in bases:
+            w = await _warm(sessions[name], bases[name], mode, cfg.warmup)
+            if w.errors:
+                raise RuntimeError(f"{name}: {w.errors} errors in warm-up ({mode})")
+        for c in cfg.concurrencies:
+            n = _requests_for(cfg, mode, c)
+            per_round = max(n // cfg.rounds, 1)
+            names = list(bases)
+            for r in range(cfg.rounds):
+                order = names[r % len(names) :] + names[: r % len(names)]
+                for name in order:
+                    s = samples.setdefault((name, mode, c), Samples())
+                    url = bases[name] + "/v1/chat/completions"
+                    await _closed_loop(sessions[name], url, mode, c, per_round, s)
+            row = " ".join(
+                f"{name}={percentile(samples[(name, mode, c)].latency, 50) * 1e3:.2f}ms"
+                for name in names
+                if samples[(name, mode, c)].latency
+            )
+            print(f"  {mode:6s} c={c:<4d} p50: {row}", file=sys.stderr, flush=True)
+    return samples
+
+
+def _results(samples: dict[tuple[str, str, int], Samples]) -> list[CellResult]:
+    out: list[CellResult] = []
+    for (name, mode, c), s in samples.items():
+        if not s.latency:
+            raise RuntimeError(f"{name} {mode} c={c}: no successful request ({s.errors} errors)")
+        base = samples.get(("direct", mode, c))
+        p50 = percentile(s.latency, 50) * 1e3
+        p99 = percentile(s.latency, 99) * 1e3
+        b50 = percentile(base.latency, 50) * 1e3 if base and base.latency else p50
+        b99 = percentile(base.latency, 99) * 1e3 if base and base.latency else p99
+        out.append(
+            CellResult(
+                router=name,
+                mode=mode,
+                concurrency=c,
+                p50_ms=p50,
+                p99_ms=p99,
+                added_p50_ms=p50 - b50,
+                added_p99_ms=p99 - b99,
+                requests=len(s.latency),
+                errors=s.errors,
+                throughput_rps=len(s.latency) / s.wall_s if s.wall_s else 0.0,
+                ttft_p50_ms=percentile(s.ttft, 50) * 1e3 if s.ttft else None,
+                ttft_p99_ms=percentile(s.ttft, 99) * 1e3 if s.ttft else None,
+                chunks_per_request=s.chunks / len(s.ttft) if s.ttft else None,
+            )
+        )
+    order = {n: i for i, n in enumerate(TARGETS)}
+    out.sort(key=lambda r: (r.mode != "short", r.concurrency, order.get(r.router, 9)))
+    return out
+
+
+async def _stats_policy(session: aiohttp.ClientSession, base: str) -> str | None:
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+        async with session.get(base + "/stats") as r:
+            data = await r.json(content_type=None)
+            if isinstance(data, dict):
+                policy = data.get("policy")
+                return str(policy) if policy is not None else None
+    return None
+
+
+async def _run(cfg: BenchConfig, procs: Processes, cprofile: Path | None) -> dict[str, Any]:
+    backend_port, pr_port, sg_port = _free_port(), _free_port(), _free_port()
+    backend = f"http://127.0.0.1:{backend_port}"
+    bases = {
+        "direct": backend,
+        "prefix-router": f"http://127.0.0.1:{pr_port}",
+        "sglang-router": f"http://127.0.0.1:{sg_port}",
+    }
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as probe:
+        b = _start_backend(procs, cfg, backend_port)
+        await _wait_ready(probe, b, backend + "/health")
+        pr = procs.spawn("prefix-router", [_python(), *_prefix_router_argv(cfg, backend, pr_port)])
+        sg = procs.spawn("sglang-router", _sglang_router_argv(cfg, backend, sg_port))
+        await _wait_ready(probe, pr, bases["prefix-router"] + "/readiness")
+        await _wait_ready(probe, sg, bases["sglang-router"] + "/health")
+        policy_seen = await _stats_policy(probe, bases["prefix-router"])
+    sessions = {
+        name: aiohttp.ClientSession(
+            timeout=timeout, connector=aiohttp.TCPConnector(limit=0, force_close=False)
+        )
+        for name in bases
+    }
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    try:
+        samples = await _measure(cfg, bases, sessions)
+    finally:
+        for s in sessions.values():
+            await s.close()
+    elapsed = time.perf_counter() - t0
+    load_after = os.getloadavg()
+    results = _results(samples)
+    profile_text = None
+    if cprofile is not None:
+        profile_text = await _profile_router(cfg, procs, backend, cprofile)
+    return {
+        "results": [r.as_json() for r in results],
+        "notes": {
+            "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
+            "python": platform.python_version(),
+            "shared_cpu": "generator, backend and routers share these CPUs (and other users)",
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in load_after],
+            "measure_s": round(elapsed, 1),
+            "backend": f"simulated SGLang ({cfg.profile}), speedup {cfg.speedup:g}, "
+            f"stream tick {cfg.stream_interval_s * 1e3:g} ms",
+            "prefix_router": f"prefix-router serve --policy {cfg.policy}"
+            + (f" (/stats policy: {policy_seen})" if policy_seen else ""),
+            "sglang_router": "sglang-router 0.3.2 --policy round_robin",
+            "log_level": cfg.log_level,
+            "rounds": cfg.rounds,
+            "warmup_requests": cfg.warmup,
+            "cprofile_top": profile_text,
+        },
+    }
+
+
+async def _profile_router(cfg: BenchConfig, procs: Processes, backend: str, out: Path) -> str:
+    """One short c=32 pass through a cProfile'd prefix-router; returns its top functions."""
+    port = _free_port()
+    argv = [_python(), "-m", "cProfile", "-o", str(out), *_prefix_router_argv(cfg, backend, port)]
+    proc = procs.spawn("prefix-router-cprofile", argv)
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        await _wait_ready(session, proc, base + "/readiness")
+        await _warm(session, base, "short", cfg.warmup)
+        await _closed_loop(
+            session, base + "/v1/chat/completions", "short", 32, cfg.short_requests, Samples()
+        )
+    os.killpg(proc.popen.pid, signal.SIGTERM)
+    proc.popen.wait(30)
+    buf = io.StringIO()
+    stats = pstats.Stats(str(out), stream=buf)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(40)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- sim worker
+
+
+def _sim_worker(args: argparse.Namespace) -> int:
+    """The backend process: one simulated SGLang server with a chosen streaming tick."""
+    from backends.sim.server import SimServerConfig, start_sim_servers
+
+    async def serve() -> None:
+        config = SimServerConfig(
+            model=MODEL, speedup=args.speedup, stream_interval_s=args.stream_interval
+        )
+        handles = await start_sim_servers(
+            1, host="127.0.0.1", base_port=args.port, profile=args.profile, config=config
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            for h in handles:
+                await h.close()
+
+    _install_uvloop()
+    asyncio.run(serve())
+    return 0
+
+
+def _install_uvloop() -> bool:
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--concurrency", type=_ints, default=(1, 32, 128), help="e.g. 1,32,128")
+    p.add_argument("--modes", default="short,stream", help="short,stream")
+    p.add_argument("--short-requests", type=int, default=900, help="per target and cell")
+    p.add_argument(
+        "--stream-requests",
+        type=_ints,
+        default=(150, 450, 768),
+        help="per target for each concurrency, in --concurrency order",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="rounds per cell (target order rotates)")
+    p.add_argument("--speedup", type=float, default=40.0, help="simulated backend speedup")
+    p.add_argument(
+        "--stream-interval", type=float, default=0.001, help="backend streaming tick (s)"
+    )
+    p.add_argument("--profile", default="llama3-8b-h100", help="backend performance profile")
+    p.add_argument("--policy", default="cost", help="prefix-router policy")
+    p.add_argument("--warmup", type=int, default=100, help="warm-up requests per target, mode")
+    p.add_argument("--log-level", default="warning", help="log level of both routers")
+    p.add_argument("--cprofile", type=Path, help="also profile prefix-router; pstats file here")
+    p.add_argument("--quick", action="store_true", help="a few requests per cell (smoke test)")
+    p.add_argument("--sim-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.sim_worker:
+        return _sim_worker(args)
+    concurrencies = tuple(args.concurrency)
+    stream = tuple(args.stream_requests)
+    if len(stream) != len(concurrencies):
+        stream = (stream + (stream[-1],) * len(concurrencies))[: len(concurrencies)]
+    cfg = BenchConfig(
+        concurrencies=concurrencies,
+        modes=tuple(m for m in args.modes.split(",") if m),
+        short_requests=30 if args.quick else args.short_requests,
+        stream_requests={
+            c: (max(c, 6) if args.quick else n) for c, n in zip(concurrencies, stream, strict=True)
+        },
+        rounds=args.rounds,
+        speedup=args.speedup,
+        stream_interval_s=args.stream_interval,
+        profile=args.profile,
+        policy=args.policy,
+        warmup=10 if args.quick else args.warmup,
+        log_level=args.log_level,
+    )
+    for m in cfg.modes:
+        if m not in ("short", "stream"):
+            raise SystemExit(f"unknown mode {m!r}")
+    _install_uvloop()
+    with tempfile.TemporaryDirectory(prefix="overhead-") as tmp, _sigterm_as_interrupt():
+        procs = Processes(Path(tmp))
+        try:
+            report = asyncio.run(_run(cfg, procs, args.cprofile))
+        finally:
+            procs.stop_all()
+    _print_table(report["results"])
+    if report["notes"].get("cprofile_top"):
+        print(report["notes"]["cprofile_top"][:6000])
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM to this script unwinds like Ctrl-C, so the children are stopped too."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _print_table(rows: Sequence[dict[str, Any]]) -> None:
+    print(
+        f"{'mode':6s} {'conc':>4s} {'router':14s} {'p50 ms':>8s} {'p99 ms':>8s} "
+        f"{'+p50 ms':>8s} {'+p99 ms':>8s} {'req/s':>7s} {'err':>4s}"
+    )
+    for r in rows:
+        print(
+            f"{r['mode']:6s} {r['concurrency']:4d} {r['router']:14s} {r['p50_ms']:8.2f} "
+            f"{r['p99_ms']:8.2f} {r['added_p50_ms']:8.2f} {r['added_p99_ms']:8.2f} "
+            f"{r['throughput_rps']:7.0f} {r['errors']:4d}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,9 +5,12 @@ For backend b and a request with n prompt tokens and an expected N output tokens
     cached_b  = tokens of the longest prefix b is believed to hold (PrefixIndex), < n
     queue_b   = prefill work routed to b that has not produced its first token yet, in seconds
                 of b's PP speed, minus the time b has been working through it since
-    ttft_b    = queue_b + prefill_b(n - cached_b, context n) + step_b
+    ttft_b    = queue_b + prefill_b(n - cached_b, context n) + (step_b if b is decoding)
     step_b    = b's decode step time with this request joined to its batch (TG)
     cost_b    = ttft_b + N * step_b + interference * decoding_b * prefill_b(...)
+
+(A prefill runs in a step that also advances b's running decodes, so when b is decoding the
+first token comes one decode step after the prefill work; an idle b answers in the prefill.)
 
 The last term is what the request does to the streams already decoding on b: while b prefills
 it, each of those streams waits (SGLang runs the prefill chunk in the same or a separate step).
@@ -113,8 +116,9 @@ class _Estimate:
 class _Routed:
     queue_s: float
     prefill_s: float
-    step_s: float
+    mixed_s: float  # the decode step sharing the prefill's step (0 if the backend was idle)
     kv_tokens: int
+    fed_back: bool = False  # the backend's cached_tokens has been learned from
 
 
 class _BackendModel:
@@ -190,13 +194,14 @@ class CostPolicy(BasePolicy):
         prefill_s = model.perf.prefill_time(n - cached, n)
         kv_tokens = state.decoding_kv_tokens + n + int(expected_output / 2)
         step_s = model.perf.decode_step_time(kv_tokens)
-        ttft = queue_s + prefill_s + step_s
+        mixed_s = model.perf.decode_step_time(state.decoding_kv_tokens) if state.decoding else 0.0
+        ttft = queue_s + prefill_s + mixed_s
         cost = (
             ttft + expected_output * step_s + self.config.interference * state.decoding * prefill_s
         )
         return (
             _Estimate(backend=state.id, cost=cost, ttft=ttft, cached=cached),
-            _Routed(queue_s=queue_s, prefill_s=prefill_s, step_s=step_s, kv_tokens=kv_tokens),
+            _Routed(queue_s=queue_s, prefill_s=prefill_s, mixed_s=mixed_s, kv_tokens=kv_tokens),
         )
 
     def choose(self, req: RouteRequest, backends: Sequence[BackendState], now: float) -> Choice:
@@ -239,8 +244,31 @@ class CostPolicy(BasePolicy):
         if model is None or routed is None:
             return
         model.backlog.done(rec.request.rid, now)
+        if rec.cached_tokens is not None:  # /generate streams report it with the first token
+            self._learn_from_cached(rec, routed, model, now)
+
+    def on_finished(self, rec: RequestRecord, now: float, output_tokens: int) -> None:
+        routed = self._routed.pop(rec.request.rid, None)
+        model = self._models.get(rec.backend)
+        self.outputs.observe(output_tokens)
+        if model is None or routed is None:
+            return
+        model.backlog.done(rec.request.rid, now)
+        if rec.cached_tokens is not None and not routed.fed_back:
+            # OpenAI streams and non-streaming responses report cached tokens only at the end.
+            self._learn_from_cached(rec, routed, model, now)
+        if self.config.calibrate and rec.first_token_at is not None and output_tokens > 1:
+            step = (now - rec.first_token_at) / (output_tokens - 1)
+            model.perf.observe_decode(routed.kv_tokens, step)
+
+    def _learn_from_cached(
+        self, rec: RequestRecord, routed: _Routed, model: _BackendModel, now: float
+    ) -> None:
+        """The backend said how much of the prompt it had: correct the index, learn PP."""
+        assert rec.cached_tokens is not None
+        routed.fed_back = True
         req = rec.request
-        if rec.cached_tokens is not None and self.config.feedback:
+        if self.config.feedback:
             self.index.observe_cached(
                 rec.backend,
                 req.blocks,
@@ -250,25 +278,19 @@ class CostPolicy(BasePolicy):
                 prompt_tokens=req.prompt_tokens,
                 predicted_tokens=rec.predicted_cached_tokens,
             )
-        if self.config.calibrate and rec.cached_tokens is not None and routed.queue_s == 0.0:
-            # Routed to an idle prefill queue: TTFT is prefill plus about one decode step.
-            ttft = now - rec.routed_at
-            computed = req.prompt_tokens - rec.cached_tokens
-            if computed > 0:
-                model.perf.observe_prefill(
-                    computed, req.prompt_tokens, max(ttft - routed.step_s, 1e-6)
-                )
-
-    def on_finished(self, rec: RequestRecord, now: float, output_tokens: int) -> None:
-        routed = self._routed.pop(rec.request.rid, None)
-        model = self._models.get(rec.backend)
-        self.outputs.observe(output_tokens)
-        if model is None or routed is None:
-            return
-        model.backlog.done(rec.request.rid, now)
-        if self.config.calibrate and rec.first_token_at is not None and output_tokens > 1:
-            step = (now - rec.first_token_at) / (output_tokens - 1)
-            model.perf.observe_decode(routed.kv_tokens, step)
+        computed = req.prompt_tokens - rec.cached_tokens
+        if (
+            self.config.calibrate
+            and rec.first_token_at is not None
+            and routed.queue_s == 0.0
+            and computed > 0
+        ):
+            # Routed to an empty prefill queue: TTFT is the prefill, plus the decode step that
+            # shared its step if the backend was decoding.
+            ttft = rec.first_token_at - rec.routed_at
+            model.perf.observe_prefill(
+                computed, req.prompt_tokens, max(ttft - routed.mixed_s, 1e-6)
+            )
 
     def on_failed(self, rec: RequestRecord, now: float) -> None:
         self._routed.pop(rec.request.rid, None)

@@ -61,9 +61,14 @@ def prior_from_profile(profile: Profile) -> PerfPrior:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SimConfig:
-    """One simulated pool. `profiles` has one name per backend (heterogeneous pools allowed)."""
+    """One simulated pool. `profiles` has one per backend (heterogeneous pools allowed).
 
-    profiles: tuple[str, ...]
+    `believed` optionally gives the profile the router is told each backend runs (its prior);
+    by default the router is told the truth. Calibration tests lie to it on purpose.
+    """
+
+    profiles: tuple[str | Profile, ...]
+    believed: tuple[str | Profile, ...] | None = None
     load: float = 1.0
     seed: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -74,6 +79,12 @@ class SimConfig:
             raise ValueError("a pool needs at least one backend")
         if not self.load > 0:
             raise ValueError("load must be positive")
+        if self.believed is not None and len(self.believed) != len(self.profiles):
+            raise ValueError("believed needs one profile per backend")
+
+
+def _profile(item: str | Profile) -> Profile:
+    return item if isinstance(item, Profile) else get_profile(item)
 
 
 class EngineProbe:
@@ -125,6 +136,7 @@ class PolicyRun:
     outcomes: list[RequestOutcome]
     summary: dict[str, Any]
     stats: dict[str, Any]
+    core: RoutingCore  # what the router ended up believing (learned speeds, index)
 
 
 def _backend_ids(count: int) -> list[str]:
@@ -141,14 +153,18 @@ def simulate_policy(
     """Run `trace` through fresh engines routed by `policy`; every request ends in an outcome."""
     started = time.perf_counter()
     ids = _backend_ids(len(config.profiles))
-    profiles = {bid: get_profile(name) for bid, name in zip(ids, config.profiles, strict=True)}
+    profiles = {bid: _profile(item) for bid, item in zip(ids, config.profiles, strict=True)}
+    believed = {
+        bid: _profile(item)
+        for bid, item in zip(ids, config.believed or config.profiles, strict=True)
+    }
     engines = {bid: Engine(profiles[bid], config.engine) for bid in ids}
     specs = [
         BackendSpec(
             id=bid,
             kv_capacity_tokens=profiles[bid].kv_capacity_tokens,
             host_cache_tokens=profiles[bid].host_capacity_tokens,
-            prior=prior_from_profile(profiles[bid]),
+            prior=prior_from_profile(believed[bid]),
             max_running_requests=config.engine.max_running_requests,
         )
         for bid in ids
@@ -231,7 +247,9 @@ def simulate_policy(
 
     outcomes.sort(key=lambda o: o.arrival)
     summary = summarize(outcomes, wall_s=time.perf_counter() - started)
-    return PolicyRun(policy=policy, outcomes=outcomes, summary=summary, stats=core.stats())
+    return PolicyRun(
+        policy=policy, outcomes=outcomes, summary=summary, stats=core.stats(), core=core
+    )
 
 
 def _failed(rid: str, item: _Live, error: str) -> RequestOutcome:

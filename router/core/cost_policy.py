@@ -29,6 +29,8 @@ bounds what any router could reach with this cost function.
 from __future__ import annotations
 
 import random
+from bisect import bisect_right
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -119,14 +121,89 @@ class _Routed:
     mixed_s: float  # the decode step sharing the prefill's step (0 if the backend was idle)
     kv_tokens: int
     fed_back: bool = False  # the backend's cached_tokens has been learned from
+    pp_learned: bool = False  # observed through the busy-period service groups
+
+
+class _PrefillLog:
+    """When each prefill finished on a backend and how long we think it took.
+
+    A stream's mean inter-token gap includes the prefills that ran in its decode window (mixed
+    steps); subtracting them leaves the decode step time that TG calibration wants.
+    """
+
+    __slots__ = ("cumulative", "times")
+
+    def __init__(self, keep: int = 4096) -> None:
+        self.times: deque[float] = deque(maxlen=keep)
+        self.cumulative: deque[float] = deque(maxlen=keep)
+
+    def add(self, now: float, prefill_s: float) -> None:
+        total = self.cumulative[-1] if self.cumulative else 0.0
+        self.times.append(now)
+        self.cumulative.append(total + prefill_s)
+
+    def between(self, start: float, end: float) -> float:
+        """Prefill seconds that finished in (start, end]."""
+        if not self.times or start < self.times[0]:
+            return 0.0 if not self.times else self._upto(end)
+        return self._upto(end) - self._upto(start)
+
+    def _upto(self, t: float) -> float:
+        i = bisect_right(self.times, t)
+        return self.cumulative[i - 1] if i else 0.0
+
+
+@dataclass(slots=True)
+class _ServiceGroup:
+    """Prefills whose first tokens came out in one step: one busy-period observation.
+
+    On a busy backend the time between two first tokens is the later prefill's service time;
+    on an idle one it is the time since the request arrived. Prefills batched into one step
+    finish together, so they are observed together: their tokens against the step's time.
+    """
+
+    time: float = -1.0
+    start: float = 0.0
+    mixed_s: float = 0.0
+    tokens: int = 0
+    token_ctx: int = 0
+    complete: bool = True  # every member's computed tokens are known
 
 
 class _BackendModel:
-    __slots__ = ("backlog", "perf")
+    __slots__ = ("backlog", "group", "perf", "prefills")
 
     def __init__(self, prior: PerfPrior) -> None:
         self.perf = PerfModel(prior)
         self.backlog = _Backlog(pending={})
+        self.prefills = _PrefillLog()
+        self.group = _ServiceGroup()
+
+    def observe_first_token(self, rec: RequestRecord, mixed_s: float, now: float) -> bool:
+        """Fold a first token into the service groups; True if PP learned from it."""
+        group = self.group
+        req = rec.request
+        computed = None if rec.cached_tokens is None else req.prompt_tokens - rec.cached_tokens
+        if now == group.time:
+            group.start = min(group.start, max(rec.routed_at, group.start))
+        else:
+            self._flush()
+            start = rec.routed_at if group.time < 0 else max(rec.routed_at, group.time)
+            self.group = group = _ServiceGroup(time=now, start=start, mixed_s=mixed_s)
+        if computed is None:
+            group.complete = False
+            return False
+        group.tokens += computed
+        group.token_ctx += computed * req.prompt_tokens
+        return True
+
+    def _flush(self) -> None:
+        group = self.group
+        if group.time < 0 or not group.complete or group.tokens <= 0:
+            return
+        seconds = group.time - group.start - group.mixed_s
+        if seconds > 0:
+            self.perf.observe_prefill(group.tokens, group.token_ctx // group.tokens, seconds)
 
 
 @register_policy
@@ -244,6 +321,9 @@ class CostPolicy(BasePolicy):
         if model is None or routed is None:
             return
         model.backlog.done(rec.request.rid, now)
+        model.prefills.add(now, routed.prefill_s)
+        if self.config.calibrate and model.observe_first_token(rec, routed.mixed_s, now):
+            routed.pp_learned = True
         if rec.cached_tokens is not None:  # /generate streams report it with the first token
             self._learn_from_cached(rec, routed, model, now)
 
@@ -258,8 +338,11 @@ class CostPolicy(BasePolicy):
             # OpenAI streams and non-streaming responses report cached tokens only at the end.
             self._learn_from_cached(rec, routed, model, now)
         if self.config.calibrate and rec.first_token_at is not None and output_tokens > 1:
-            step = (now - rec.first_token_at) / (output_tokens - 1)
-            model.perf.observe_decode(routed.kv_tokens, step)
+            decoding_s = now - rec.first_token_at
+            others = model.prefills.between(rec.first_token_at, now)
+            if others < 0.5 * decoding_s:  # a window mostly spent prefilling tells little
+                step = (decoding_s - others) / (output_tokens - 1)
+                model.perf.observe_decode(routed.kv_tokens, step)
 
     def _learn_from_cached(
         self, rec: RequestRecord, routed: _Routed, model: _BackendModel, now: float
@@ -282,6 +365,7 @@ class CostPolicy(BasePolicy):
         if (
             self.config.calibrate
             and rec.first_token_at is not None
+            and not routed.pp_learned
             and routed.queue_s == 0.0
             and computed > 0
         ):

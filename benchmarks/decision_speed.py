@@ -1,0 +1,157 @@
+"""How long one routing decision takes: request body in, backend out.
+
+A 20-message chat of about 8k tokens (cl100k_base) is routed by the `cost` policy over 8, 64 and
+256 backends whose prefix index already holds about 1M (block, backend) entries. Each timed
+decision is a fresh conversation turn: the 19 earlier messages are in the tokenization cache (as
+they are in a live router, which saw the previous turn) and the last user message is new. The
+timed path is what the live proxy runs per request:
+
+    parse_chat(body) -> BlockHasher.route_request -> RoutingCore.route (index match + cost)
+
+Run: python benchmarks/decision_speed.py --json benchmarks/results/decision_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from router.core.blocks import BlockHasher
+from router.core.model import BackendSpec
+from router.core.policies import make_policy
+from router.core.prompt import parse_chat
+from router.core.routing import RoutingCore
+from router.core.tokens import load_tokenizer
+
+WORDS = [
+    "prefill",
+    "decode",
+    "cache",
+    "radix",
+    "batch",
+    "token",
+    "latency",
+    "router",
+    "backend",
+    "prompt",
+    "stream",
+    "queue",
+    "throughput",
+    "bandwidth",
+    "compute",
+    "memory",
+    "scheduler",
+    "chunk",
+    "eviction",
+    "prefix",
+    "conversation",
+]
+
+
+def _text(rng: random.Random, tokens: int) -> str:
+    # ~1 token per word with cl100k for these common English words.
+    return " ".join(rng.choice(WORDS) for _ in range(tokens))
+
+
+def _conversation(rng: random.Random, turns: int, tokens_per_message: int) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": _text(rng, tokens_per_message)}]
+    for i in range(turns - 1):
+        role = "user" if i % 2 == 0 else "assistant"
+        messages.append({"role": role, "content": _text(rng, tokens_per_message)})
+    return messages
+
+
+def _fill_index(core: RoutingCore, blocks: int, backends: list[str], rng: random.Random) -> None:
+    """Route synthetic chains until the policy's index holds `blocks` (block, backend) entries."""
+    index = getattr(core.policy, "index", None)
+    if index is None:
+        return
+    chain_len = 128
+    made = 0
+    while made < blocks:
+        base = rng.getrandbits(62)
+        chain = [base + i for i in range(chain_len)]
+        backend = backends[made // chain_len % len(backends)]
+        index.insert(backend, chain, 0.0, 64, prompt_tokens=chain_len * 64)
+        made += chain_len
+
+
+def measure(backends: int, index_blocks: int, samples: int, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    ids = [f"http://10.0.{i // 256}.{i % 256}:30000" for i in range(backends)]
+    specs = [BackendSpec(id=b, kv_capacity_tokens=409_600 * 1024) for b in ids]
+    core = RoutingCore(make_policy("cost", rng=random.Random(seed)), specs)
+    _fill_index(core, index_blocks, ids, rng)
+    hasher = BlockHasher(load_tokenizer("cl100k_base"), block_tokens=64)
+    history = _conversation(rng, 19, 420)
+
+    def body(last: str) -> dict[str, Any]:
+        return {"model": "m", "messages": [*history, {"role": "user", "content": last}]}
+
+    # Warm: the previous turn (19 messages) has been seen, as in a live conversation.
+    warm = parse_chat({"model": "m", "messages": history})
+    hasher.route_request(warm, "warm")
+
+    times_us: list[float] = []
+    prompt_tokens = 0
+    for i in range(samples):
+        request_body = body(_text(rng, 420))
+        start = time.perf_counter()
+        prompt = parse_chat(request_body)
+        req = hasher.route_request(prompt, f"r{i}")
+        core.route(req, float(i))
+        elapsed = time.perf_counter() - start
+        core.on_finished(f"r{i}", float(i) + 0.5, 1, None)
+        times_us.append(elapsed * 1e6)
+        prompt_tokens = req.prompt_tokens
+    times_us.sort()
+    index = getattr(core.policy, "index", None)
+    return {
+        "backends": backends,
+        "median_us": statistics.median(times_us),
+        "p99_us": times_us[min(len(times_us) - 1, int(len(times_us) * 0.99))],
+        "index_blocks": index.entries() if index is not None else 0,
+        "index_bytes": index.approx_bytes() if index is not None else 0,
+        "prompt_tokens": prompt_tokens,
+        "messages": len(history) + 1,
+        "samples": samples,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--backends", default="8,64,256", help="pool sizes (comma list)")
+    parser.add_argument("--index-blocks", type=int, default=1_000_000)
+    parser.add_argument("--samples", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="write results JSON here")
+    args = parser.parse_args(argv)
+    results = []
+    for count in (int(x) for x in args.backends.split(",")):
+        row = measure(count, args.index_blocks, args.samples, args.seed)
+        results.append(row)
+        print(
+            f"{count:4d} backends: median {row['median_us']:8.1f} us  p99 {row['p99_us']:8.1f} us"
+            f"  index {row['index_blocks']:,} entries ~{row['index_bytes'] / 2**20:.0f} MiB"
+            f"  ({row['prompt_tokens']} prompt tokens, {row['messages']} messages)",
+            file=sys.stderr,
+        )
+    doc = {"results": results, "python": sys.version.split()[0]}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    else:
+        print(json.dumps(doc, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

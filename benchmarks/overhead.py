@@ -79,6 +79,7 @@ class Samples:
     chunks: int = 0
     errors: int = 0
     wall_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)  # process name -> CPU seconds used
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,6 +99,7 @@ class CellResult:
     ttft_p50_ms: float | None = None
     ttft_p99_ms: float | None = None
     chunks_per_request: float | None = None
+    cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -117,6 +119,10 @@ class CellResult:
             out["ttft_p99_ms"] = round(self.ttft_p99_ms, 3)
         if self.chunks_per_request is not None:
             out["chunks_per_request"] = round(self.chunks_per_request, 1)
+        if self.cpu_ms_per_request:
+            out["cpu_ms_per_request"] = {
+                k: round(v, 3) for k, v in sorted(self.cpu_ms_per_request.items())
+            }
         return out
 
 
@@ -179,6 +185,18 @@ class Processes:
                     os.killpg(p.popen.pid, signal.SIGKILL)
                 p.popen.wait()
         self.procs.clear()
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system, all threads) of a process; this process's when pid is None."""
+    if pid is None:
+        return time.process_time()
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _wait_ready(
@@ -350,8 +368,12 @@ def _requests_for(cfg: BenchConfig, mode: str, c: int) -> int:
 
 
 async def _measure(
-    cfg: BenchConfig, bases: dict[str, str], sessions: dict[str, aiohttp.ClientSession]
+    cfg: BenchConfig,
+    bases: dict[str, str],
+    sessions: dict[str, aiohttp.ClientSession],
+    pids: dict[str, int | None],
 ) -> dict[tuple[str, str, int], Samples]:
+    """All cells; `pids` names the processes whose CPU time is charged to each target."""
     samples: dict[tuple[str, str, int], Samples] = {}
     for mode in cfg.modes:
         for name in bases:
@@ -367,7 +389,11 @@ async def _measure(
                 for name in order:
                     s = samples.setdefault((name, mode, c), Samples())
                     url = bases[name] + "/v1/chat/completions"
+                    watched = {"generator", "backend", name} & pids.keys()
+                    before = {k: _cpu_seconds(pids[k]) for k in watched}
                     await _closed_loop(sessions[name], url, mode, c, per_round, s)
+                    for k in watched:
+                        s.cpu_s[k] = s.cpu_s.get(k, 0.0) + _cpu_seconds(pids[k]) - before[k]
             row = " ".join(
                 f"{name}={percentile(samples[(name, mode, c)].latency, 50) * 1e3:.2f}ms"
                 for name in names
@@ -402,6 +428,9 @@ def _results(samples: dict[tuple[str, str, int], Samples]) -> list[CellResult]:
                 ttft_p50_ms=percentile(s.ttft, 50) * 1e3 if s.ttft else None,
                 ttft_p99_ms=percentile(s.ttft, 99) * 1e3 if s.ttft else None,
                 chunks_per_request=s.chunks / len(s.ttft) if s.ttft else None,
+                cpu_ms_per_request={
+                    k: v * 1e3 / (len(s.latency) + s.errors) for k, v in s.cpu_s.items()
+                },
             )
         )
     order = {n: i for i, n in enumerate(TARGETS)}
@@ -445,7 +474,13 @@ async def _run(cfg: BenchConfig, procs: Processes, cprofile: Path | None) -> dic
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     try:
-        samples = await _measure(cfg, bases, sessions)
+        pids: dict[str, int | None] = {
+            "generator": None,
+            "backend": b.popen.pid,
+            "prefix-router": pr.popen.pid,
+            "sglang-router": sg.popen.pid,
+        }
+        samples = await _measure(cfg, bases, sessions, pids)
     finally:
         for s in sessions.values():
             await s.close()
@@ -478,24 +513,103 @@ async def _run(cfg: BenchConfig, procs: Processes, cprofile: Path | None) -> dic
 
 
 async def _profile_router(cfg: BenchConfig, procs: Processes, backend: str, out: Path) -> str:
-    """One short c=32 pass through a cProfile'd prefix-router; returns its top functions."""
+    """Profile prefix-router over one short c=32 pass (warm, startup excluded); top functions.
+
+    The router runs under `--profiled-router`: SIGUSR1 starts cProfile in its main thread (the
+    event loop's), SIGUSR2 stops it and writes `out`.
+    """
     port = _free_port()
-    argv = [_python(), "-m", "cProfile", "-o", str(out), *_prefix_router_argv(cfg, backend, port)]
+    argv = [
+        _python(),
+        str(Path(__file__).resolve()),
+        "--profiled-router",
+        str(out),
+        "--",
+        *_prefix_router_argv(cfg, backend, port)[2:],
+    ]
+    with contextlib.suppress(FileNotFoundError):
+        out.unlink()
     proc = procs.spawn("prefix-router-cprofile", argv)
     base = f"http://127.0.0.1:{port}"
+    n = cfg.short_requests
     async with aiohttp.ClientSession() as session:
         await _wait_ready(session, proc, base + "/readiness")
         await _warm(session, base, "short", cfg.warmup)
-        await _closed_loop(
-            session, base + "/v1/chat/completions", "short", 32, cfg.short_requests, Samples()
-        )
-    os.killpg(proc.popen.pid, signal.SIGTERM)
-    proc.popen.wait(30)
+        os.kill(proc.popen.pid, signal.SIGUSR1)
+        await asyncio.sleep(0.2)
+        s = Samples()
+        await _closed_loop(session, base + "/v1/chat/completions", "short", 32, n, s)
+        os.kill(proc.popen.pid, signal.SIGUSR2)
+    for _ in range(100):
+        if out.exists() and out.stat().st_size > 0:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # let the dump finish
     buf = io.StringIO()
     stats = pstats.Stats(str(out), stream=buf)
-    stats.sort_stats("tottime").print_stats(25)
-    stats.sort_stats("cumulative").print_stats(40)
+    print(
+        f"prefix-router under cProfile, short c=32, {len(s.latency)} requests, "
+        f"p50 {percentile(s.latency, 50) * 1e3:.1f} ms (profiler overhead included)\n",
+        file=buf,
+    )
+    print(_by_area(stats), file=buf)
+    stats.sort_stats("tottime").print_stats(30)
     return buf.getvalue()
+
+
+_AREAS = (
+    ("router/server/", "router.server"),
+    ("router/core/", "router.core"),
+    ("router/", "router (other)"),
+    ("aiohttp/", "aiohttp"),
+    ("multidict", "aiohttp"),
+    ("yarl", "aiohttp"),
+    ("tiktoken", "tiktoken"),
+    ("json/", "json"),
+    ("asyncio/", "asyncio"),
+    ("uvloop", "uvloop"),
+    ("logging/", "logging"),
+)
+
+
+def _by_area(stats: pstats.Stats) -> str:
+    """Own time (tottime) summed by package: where the router's CPU goes, coarsely."""
+    totals: dict[str, float] = {}
+    raw: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
+    for (filename, _line, func), (_cc, _nc, tt, _ct, _callers) in raw.items():
+        area = "builtins/C" if filename == "~" else "other"
+        for needle, name in _AREAS:
+            if needle in filename:
+                area = name
+                break
+        if filename == "~" and ("socket" in func or "send" in func or "recv" in func):
+            area = "socket I/O"
+        totals[area] = totals.get(area, 0.0) + tt
+    total = sum(totals.values()) or 1.0
+    lines = [f"own time by area (total {total:.2f} s):"]
+    for area, t in sorted(totals.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {area:16s} {t:7.3f} s  {100 * t / total:5.1f} %")
+    return "\n".join(lines)
+
+
+def _profiled_router(out: str, router_argv: Sequence[str]) -> int:
+    """Run `prefix-router <router_argv>` with cProfile switched by SIGUSR1/SIGUSR2."""
+    import cProfile
+
+    from router.cli import main as router_main
+
+    profiler = cProfile.Profile()
+
+    def start(signum: int, frame: object) -> None:
+        profiler.enable()
+
+    def stop(signum: int, frame: object) -> None:
+        profiler.disable()
+        profiler.dump_stats(out)
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+    return router_main(list(router_argv))
 
 
 # --------------------------------------------------------------------------- sim worker
@@ -548,11 +662,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--concurrency", type=_ints, default=(1, 32, 128), help="e.g. 1,32,128")
     p.add_argument("--modes", default="short,stream", help="short,stream")
-    p.add_argument("--short-requests", type=int, default=900, help="per target and cell")
+    p.add_argument("--short-requests", type=int, default=1500, help="per target and cell")
     p.add_argument(
         "--stream-requests",
         type=_ints,
-        default=(150, 450, 768),
+        default=(300, 600, 1024),
         help="per target for each concurrency, in --concurrency order",
     )
     p.add_argument("--rounds", type=int, default=3, help="rounds per cell (target order rotates)")
@@ -568,10 +682,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few requests per cell (smoke test)")
     p.add_argument("--sim-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--profiled-router", metavar="OUT", help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:  # --profiled-router OUT -- <prefix-router arguments>
+        cut = argv.index("--")
+        args = _parser().parse_args(argv[:cut])
+        if args.profiled_router:
+            return _profiled_router(args.profiled_router, argv[cut + 1 :])
     args = _parser().parse_args(argv)
     if args.sim_worker:
         return _sim_worker(args)
@@ -631,13 +752,15 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def _print_table(rows: Sequence[dict[str, Any]]) -> None:
     print(
         f"{'mode':6s} {'conc':>4s} {'router':14s} {'p50 ms':>8s} {'p99 ms':>8s} "
-        f"{'+p50 ms':>8s} {'+p99 ms':>8s} {'req/s':>7s} {'err':>4s}"
+        f"{'+p50 ms':>8s} {'+p99 ms':>8s} {'req/s':>7s} {'err':>4s} {'router CPU ms/req':>17s}"
     )
     for r in rows:
+        cpu = r.get("cpu_ms_per_request", {}).get(r["router"])
+        cpu_text = f"{cpu:17.3f}" if cpu is not None else f"{'-':>17s}"
         print(
             f"{r['mode']:6s} {r['concurrency']:4d} {r['router']:14s} {r['p50_ms']:8.2f} "
             f"{r['p99_ms']:8.2f} {r['added_p50_ms']:8.2f} {r['added_p99_ms']:8.2f} "
-            f"{r['throughput_rps']:7.0f} {r['errors']:4d}"
+            f"{r['throughput_rps']:7.0f} {r['errors']:4d} {cpu_text}"
         )
 
 

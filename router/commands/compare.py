@@ -1,0 +1,173 @@
+"""`prefix-router compare`: one trace window through our router and sglang-router, live.
+
+For each target: N fresh simulated backends, that router in front, the window replayed over
+HTTP, everything stopped (`router.replay.compare`). Prints one table; writes the DESIGN
+section 7 JSON with `results` keyed by target name and a TTFT CDF of all targets. Children
+are stopped on success, error, Ctrl-C and SIGTERM alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+__all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
+
+HELP = "compare routers live: ours and sglang-router, each in front of fresh simulated pools"
+DESCRIPTION = """\
+Starts N simulated SGLang backends and one router per target, replays the same trace window
+over HTTP through each, and prints one table (TTFT, TPOT, E2E, hit ratio, failures).
+
+Targets: our policies by name (cost, cache_aware, round_robin, ...) and sglang-router 0.3.2
+as sglang-router:cache_aware, sglang-router:round_robin, ...
+
+example (about 2 minutes per target):
+  prefix-router compare --trace conversation --backends 4 --profile llama3-8b-h100-hicache \\
+      --start 600 --duration 120 --load 1 \\
+      --targets cost,round_robin,sglang-router:cache_aware,sglang-router:round_robin \\
+      --json compare.json --plot compare.png
+
+--speedup F runs the simulated GPUs F times faster than the wall clock and scales times back
+(keep F <= 4: router overhead weighs F times more).
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--trace", required=True, help="trace path or bundled name")
+    a("--backends", type=int, default=4, help="simulated backends per target (default 4)")
+    a("--profile", default="llama3-8b-h100", help="performance profile of the backends")
+    a("--start", type=float, default=0.0, help="window start, seconds of trace")
+    a("--duration", type=float, default=120.0, help="window length, seconds (default 120)")
+    a("--load", type=float, default=1.0, help="arrival-rate multiplier (timestamps / load)")
+    a(
+        "--targets",
+        default="cost,round_robin,sglang-router:cache_aware,sglang-router:round_robin",
+        help="comma-separated targets (default: all four)",
+    )
+    a("--api", choices=["chat", "completions", "generate"], default="completions")
+    a("--speedup", type=float, default=1.0, help="simulated time runs this many times faster")
+    a("--log-dir", type=Path, default=None, help="keep child process logs here")
+    a("--json", type=Path, default=None, help="write results JSON here")
+    a("--plot", type=Path, default=None, help="write a TTFT CDF PNG here")
+    a("--quiet", action="store_true", help="no progress bars")
+
+
+def _fail(message: str) -> int:
+    print(f"prefix-router compare: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds through run_target's finally, which stops the children
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tqdm import tqdm
+
+    from backends.sim.perf import PROFILES
+    from router.commands.replay import load_window
+    from router.core.policies import POLICIES
+    from router.replay.client import run_summary
+    from router.replay.compare import CompareConfig, ProcessSet, Target, parse_targets, run_compare
+    from router.replay.metrics import RequestOutcome, json_safe
+    from router.replay.report import format_table, plot_ttft_cdf
+    from router.replay.traces import TraceError
+
+    if args.profile not in PROFILES:
+        return _fail(f"unknown profile {args.profile!r}; known: {', '.join(PROFILES)}")
+    if args.start < 0 or not args.duration > 0:
+        return _fail("--start must be >= 0 and --duration positive")
+    try:
+        targets = parse_targets(args.targets, sorted(POLICIES))
+        config = CompareConfig(
+            backends=args.backends,
+            profile=args.profile,
+            load=args.load,
+            speedup=args.speedup,
+            api=args.api,
+        )
+    except ValueError as exc:
+        return _fail(str(exc))
+    try:
+        trace = load_window(args.trace, args.start, args.duration)
+    except (OSError, KeyError, ValueError, TraceError) as exc:
+        return _fail(str(exc).strip("'\""))
+    if not trace.requests:
+        return _fail("the trace window holds no requests")
+    if args.api != "chat" and any(r.messages is not None for r in trace.requests):
+        return _fail(f"a chat-log trace replays only with --api chat, not --api {args.api}")
+
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="prefix-router-compare-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = ProcessSet(log_dir)
+    print(
+        f"comparing {len(targets)} targets on {len(trace.requests)} requests of {trace.name} "
+        f"({args.backends} x {args.profile}, load {args.load:g}, speedup {args.speedup:g}); "
+        f"logs in {log_dir}",
+        file=sys.stderr,
+    )
+    bars: list[Any] = []
+
+    def on_target(target: Target) -> Any:
+        bar = tqdm(total=len(trace.requests), unit="req", desc=target.name, disable=args.quiet)
+        bars.append(bar)
+
+        def done(_o: RequestOutcome) -> None:
+            bar.update()
+
+        return done
+
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    started = time.perf_counter()
+    try:
+        runs = asyncio.run(run_compare(trace, targets, config, procs, on_target=on_target))
+    except KeyboardInterrupt:
+        print("prefix-router compare: interrupted; children stopped", file=sys.stderr)
+        return 130
+    except Exception as exc:  # startup failures and the like: one clear line, children stopped
+        print(f"prefix-router compare: failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        procs.stop_all()
+        signal.signal(signal.SIGTERM, previous)
+        for bar in bars:
+            bar.close()
+    total_s = time.perf_counter() - started
+
+    results = {name: run_summary(r) for name, r in runs.items()}
+    title = (
+        f"{trace.name} [{args.start:g}s +{args.duration:g}s]: {args.backends} x {args.profile}, "
+        f"load {args.load:g}, live HTTP"
+        + (f", speedup {args.speedup:g}" if args.speedup != 1 else "")
+    )
+    print(format_table(results, title=title))
+    print(f"total wall time {total_s:.0f} s", file=sys.stderr)
+    if args.json is not None:
+        doc = {
+            "trace": trace.name,
+            "backends": args.backends,
+            "profile": args.profile,
+            "load": args.load,
+            "start": args.start,
+            "duration": args.duration,
+            "speedup": args.speedup,
+            "api": args.api,
+            "requests": len(trace.requests),
+            "total_wall_s": total_s,
+            "results": results,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
+    if args.plot is not None:
+        plot_ttft_cdf({n: r.outcomes for n, r in runs.items()}, args.plot, title=title)
+    return 0

@@ -1,0 +1,322 @@
+"""Side by side over real HTTP: one trace window through each router, each on a fresh pool.
+
+For every target, in order::
+
+    start N simulated SGLang servers     `prefix-router sim --count N --port P` (empty caches)
+    start the router in front of them    ours: `prefix-router serve --backend ... --policy X`
+                                         sglang-router: `python -m sglang_router.launch_router
+                                         --worker-urls ... --policy X` (its 0.3.2 defaults)
+    wait until both answer               sims: GET /health; router: GET /v1/models (and ours'
+                                         /readiness), i.e. until a request would be routed
+    replay the window                    `router.replay.client.replay`, open loop
+    stop everything                      SIGTERM to each process group, SIGKILL after a grace
+
+Every child runs in its own session (process group), so stopping it stops whatever it forked,
+and a Ctrl-C at the terminal reaches only this process, whose `finally` then stops the children
+(`ProcessSet.stop_all`). The command installs a SIGTERM handler that turns into the same path.
+
+Targets are named `<policy>` (ours) or `sglang-router:<policy>`. With `speedup` F the sims run
+F times faster than the wall clock and the replay sends F times faster and scales measured
+times back by F (see `client`); router overheads then weigh F times more, so keep F small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+import aiohttp
+
+from router.replay.client import Api, ReplayConfig, ReplayRun, replay
+from router.replay.metrics import RequestOutcome
+from router.replay.traces import Trace
+
+__all__ = [
+    "SGLANG_ROUTER_POLICIES",
+    "CompareConfig",
+    "ProcessSet",
+    "StartupError",
+    "Target",
+    "parse_targets",
+    "run_compare",
+    "run_target",
+]
+
+SGLANG_ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
+_SGLANG_PREFIX = "sglang-router:"
+
+
+class StartupError(RuntimeError):
+    """A backend or router did not become ready; the message holds the tail of its log."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    """One router under test: ours with `policy`, or sglang-router with `policy`."""
+
+    name: str
+    kind: Literal["ours", "sglang-router"]
+    policy: str
+
+
+def parse_targets(spec: str, our_policies: Sequence[str]) -> list[Target]:
+    """Parse "cost,round_robin,sglang-router:cache_aware"; ValueError names the bad item."""
+    targets: list[Target] = []
+    for raw in spec.split(","):
+        name = raw.strip()
+        if not name:
+            continue
+        if name.startswith(_SGLANG_PREFIX):
+            policy = name[len(_SGLANG_PREFIX) :]
+            if policy not in SGLANG_ROUTER_POLICIES:
+                raise ValueError(
+                    f"unknown sglang-router policy {policy!r}; known: "
+                    + ", ".join(SGLANG_ROUTER_POLICIES)
+                )
+            targets.append(Target(name=name, kind="sglang-router", policy=policy))
+        else:
+            if name not in our_policies or name == "oracle":
+                ours = ", ".join(p for p in our_policies if p != "oracle")
+                raise ValueError(
+                    f"unknown target {name!r}; ours: {ours}, or "
+                    f"sglang-router:<{'|'.join(SGLANG_ROUTER_POLICIES)}>"
+                )
+            targets.append(Target(name=name, kind="ours", policy=name))
+    if not targets:
+        raise ValueError("no targets given")
+    if len({t.name for t in targets}) != len(targets):
+        raise ValueError("a target is named twice")
+    return targets
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CompareConfig:
+    """The pool and replay settings shared by every target."""
+
+    backends: int
+    profile: str
+    load: float = 1.0
+    speedup: float = 1.0
+    api: Api = "completions"
+    startup_timeout_s: float = 90.0
+    log_dir: Path | None = None  # child logs go here (default: a temporary directory)
+    python: str = field(default_factory=lambda: sys.executable)
+
+    def __post_init__(self) -> None:
+        if self.backends < 1:
+            raise ValueError("backends must be at least 1")
+        if not self.load > 0:
+            raise ValueError("load must be positive")
+        if not self.speedup > 0:
+            raise ValueError("speedup must be positive")
+
+
+@dataclass(slots=True)
+class _Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    log: IO[bytes]
+
+
+class ProcessSet:
+    """Children started in their own process groups, all stopped by `stop_all` (idempotent)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.children: list[_Child] = []
+
+    def start(self, name: str, argv: Sequence[str]) -> _Child:
+        """Start `argv` in a new session, output to `<log_dir>/<name>.log`."""
+        log_path = self.log_dir / f"{name}.log"
+        log = log_path.open("wb")
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
+        child = _Child(name=name, proc=proc, log_path=log_path, log=log)
+        self.children.append(child)
+        return child
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self.children]
+
+    def stop_all(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every group, wait up to `grace_s`, SIGKILL what is left; close the logs."""
+        for child in self.children:
+            _signal_group(child.proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(max(deadline - time.monotonic(), 0.01))
+            # the group may hold grandchildren even when the leader is gone
+            _signal_group(child.proc, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(5.0)
+            child.log.close()
+        self.children.clear()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _tail(path: Path, chars: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def _free_port_block(count: int, attempts: int = 50) -> int:
+    """A first port P such that P..P+count-1 on 127.0.0.1 were all free a moment ago."""
+    for _ in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + count > 65535:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no block of {count} free ports found")
+
+
+async def _wait_ready(
+    session: aiohttp.ClientSession, url: str, child: _Child, deadline: float
+) -> None:
+    while True:
+        if child.proc.poll() is not None:
+            raise StartupError(
+                f"{child.name} exited with code {child.proc.returncode}:\n{_tail(child.log_path)}"
+            )
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                if resp.status == 200:
+                    return
+        if time.monotonic() > deadline:
+            raise StartupError(f"{child.name}: {url} not ready:\n{_tail(child.log_path)}")
+        await asyncio.sleep(0.2)
+
+
+def _router_argv(
+    target: Target, config: CompareConfig, port: int, urls: list[str], metrics_port: int
+) -> list[str]:
+    if target.kind == "ours":
+        argv = [config.python, "-m", "router", "serve", "--host", "127.0.0.1"]
+        argv += ["--port", str(port), "--policy", target.policy, "--log-level", "WARNING"]
+        for url in urls:
+            argv += ["--backend", url]
+        return argv
+    return [
+        config.python,
+        "-m",
+        "sglang_router.launch_router",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--policy",
+        target.policy,
+        "--worker-urls",
+        *urls,
+        "--log-level",
+        "warn",
+        # startup polling only (default 30 s) and a free metrics port (default 29000, which
+        # another router may hold); no routing knob is changed
+        "--worker-startup-check-interval",
+        "1",
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        str(metrics_port),
+    ]
+
+
+async def run_target(
+    trace: Trace,
+    target: Target,
+    config: CompareConfig,
+    procs: ProcessSet,
+    *,
+    on_done: Callable[[RequestOutcome], None] | None = None,
+) -> ReplayRun:
+    """Fresh pool + router for `target`, replay `trace`, then stop them (always)."""
+    slug = target.name.replace(":", "-")
+    try:
+        base = _free_port_block(config.backends + 2)
+        urls = [f"http://127.0.0.1:{base + i}" for i in range(config.backends)]
+        router_port = base + config.backends
+        sims = procs.start(
+            f"{slug}-sim",
+            [
+                config.python, "-m", "router", "sim", "--host", "127.0.0.1",
+                "--port", str(base), "--count", str(config.backends),
+                "--profile", config.profile, "--speedup", f"{config.speedup:g}",
+                "--log-level", "warning",
+            ],
+        )  # fmt: skip
+        deadline = time.monotonic() + config.startup_timeout_s
+        async with aiohttp.ClientSession() as session:
+            for url in urls:
+                await _wait_ready(session, url + "/health", sims, deadline)
+            router = procs.start(
+                slug, _router_argv(target, config, router_port, urls, router_port + 1)
+            )
+            router_url = f"http://127.0.0.1:{router_port}"
+            ready = "/readiness" if target.kind == "ours" else "/v1/models"
+            await _wait_ready(session, router_url + ready, router, deadline)
+            if target.kind == "sglang-router":
+                # readiness of sglang-router's own: it routes once its workers passed startup
+                await _wait_ready(session, router_url + "/health", router, deadline)
+        replay_config = ReplayConfig(
+            url=router_url, api=config.api, load=config.load, speedup=config.speedup
+        )
+        result = await replay(trace, replay_config, on_done=on_done)
+        result.extra["router_log_tail"] = _tail(router.log_path, 1000)
+        return result
+    finally:
+        procs.stop_all()
+
+
+async def run_compare(
+    trace: Trace,
+    targets: Sequence[Target],
+    config: CompareConfig,
+    procs: ProcessSet,
+    *,
+    on_target: Callable[[Target], Callable[[RequestOutcome], None] | None] | None = None,
+) -> dict[str, ReplayRun]:
+    """Each target in turn on its own fresh pool; results keyed by target name."""
+    runs: dict[str, ReplayRun] = {}
+    for target in targets:
+        on_done = on_target(target) if on_target is not None else None
+        runs[target.name] = await run_target(trace, target, config, procs, on_done=on_done)
+    return runs

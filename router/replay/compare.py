@@ -135,6 +135,7 @@ class ProcessSet:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.children: list[_Child] = []
+        self.started_pids: list[int] = []  # every child ever started (groups share the pid)
 
     def start(self, name: str, argv: Sequence[str]) -> _Child:
         """Start `argv` in a new session, output to `<log_dir>/<name>.log`."""
@@ -153,6 +154,7 @@ class ProcessSet:
         )
         child = _Child(name=name, proc=proc, log_path=log_path, log=log)
         self.children.append(child)
+        self.started_pids.append(proc.pid)
         return child
 
     def pids(self) -> list[int]:

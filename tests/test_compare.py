@@ -1,0 +1,101 @@
+"""`compare`: fresh pools and routers per target, one replay each, nothing left running."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO_ROOT
+
+from router.core.policies import POLICIES
+from router.replay.compare import CompareConfig, ProcessSet, parse_targets, run_compare
+from router.replay.gentrace import MultiTurnConfig, multi_turn
+from router.replay.traces import write_mooncake
+
+needs_sglang_router = pytest.mark.skipif(
+    importlib.util.find_spec("sglang_router") is None, reason="sglang-router not installed"
+)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)  # the whole group, grandchildren included
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_parse_targets() -> None:
+    targets = parse_targets("cost, sglang-router:cache_aware", sorted(POLICIES))
+    assert [(t.kind, t.policy) for t in targets] == [
+        ("ours", "cost"),
+        ("sglang-router", "cache_aware"),
+    ]
+    for bad in ("nope", "sglang-router:cost", "oracle", "cost,cost", ""):
+        with pytest.raises(ValueError):
+            parse_targets(bad, sorted(POLICIES))
+
+
+def _small_trace() -> Any:
+    cfg = MultiTurnConfig(seed=3, duration_s=24.0, session_rate=0.8, think_median_s=8.0,
+                          system_prompt_len=1024, user_len=200, output_len=40)  # fmt: skip
+    return multi_turn(cfg).window(0.0, 24.0)
+
+
+@pytest.mark.slow
+@needs_sglang_router
+async def test_compare_two_targets_and_no_process_left(tmp_path: Path) -> None:
+    trace = _small_trace()
+    assert 8 <= len(trace.requests) <= 80
+    procs = ProcessSet(tmp_path)
+    config = CompareConfig(backends=2, profile="llama3-8b-h100", speedup=4.0)
+    targets = parse_targets("cost,sglang-router:round_robin", sorted(POLICIES))
+    try:
+        runs = await run_compare(trace, targets, config, procs)
+    finally:
+        procs.stop_all()
+    assert set(runs) == {"cost", "sglang-router:round_robin"}
+    for run in runs.values():
+        assert len(run.outcomes) == len(trace.requests)
+        assert all(not o.failed for o in run.outcomes), [o.error for o in run.outcomes]
+        assert sum(o.cached_tokens for o in run.outcomes) > 0  # shared system prompt
+    logs = sorted(p.name for p in tmp_path.glob("*.log"))
+    assert logs == ["cost-sim.log", "cost.log", "sglang-router-round_robin-sim.log",
+                    "sglang-router-round_robin.log"]  # fmt: skip
+    pids = set(procs.started_pids)
+    assert len(pids) == 4 and all(_gone(pid) for pid in pids)
+
+
+def test_cli_compare_bad_arguments_exit_2(tmp_path: Path) -> None:
+    for extra in (["--targets", "nope"], ["--profile", "no-such-gpu"], ["--backends", "0"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "router", "compare", "--trace", "conversation", *extra],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("error") == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@needs_sglang_router
+def test_cli_compare_writes_results_keyed_by_target(tmp_path: Path) -> None:
+    path = tmp_path / "mt.jsonl"
+    write_mooncake(_small_trace(), path)
+    out = tmp_path / "c.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "router", "compare", "--trace", str(path), "--backends", "2",
+         "--duration", "12", "--speedup", "4", "--targets", "sglang-router:cache_aware",
+         "--json", str(out), "--log-dir", str(tmp_path / "logs"), "--quiet"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    res = doc["results"]["sglang-router:cache_aware"]
+    assert res["failed"] == 0 and res["requests"] > 0 and res["ttft_p90"] > 0
+    assert "sglang-router:cache_aware" in proc.stdout

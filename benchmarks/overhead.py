@@ -53,7 +53,7 @@ from typing import Any
 
 import aiohttp
 
-__all__ = ["CellResult", "Samples", "main", "percentile"]
+__all__ = ["CellResult", "Samples", "main", "markdown_table", "percentile"]
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 TARGETS = ("direct", "prefix-router", "sglang-router")
@@ -680,6 +680,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", help="log level of both routers")
     p.add_argument("--cprofile", type=Path, help="also profile prefix-router; pstats file here")
     p.add_argument("--quick", action="store_true", help="a few requests per cell (smoke test)")
+    p.add_argument("--render", type=Path, help="print a results JSON as a Markdown table")
     p.add_argument("--sim-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--profiled-router", metavar="OUT", help=argparse.SUPPRESS)
@@ -694,6 +695,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.profiled_router:
             return _profiled_router(args.profiled_router, argv[cut + 1 :])
     args = _parser().parse_args(argv)
+    if args.render:
+        print(markdown_table(json.loads(args.render.read_text())["results"]))
+        return 0
     if args.sim_worker:
         return _sim_worker(args)
     concurrencies = tuple(args.concurrency)
@@ -762,6 +766,23 @@ def _print_table(rows: Sequence[dict[str, Any]]) -> None:
             f"{r['p99_ms']:8.2f} {r['added_p50_ms']:8.2f} {r['added_p99_ms']:8.2f} "
             f"{r['throughput_rps']:7.0f} {r['errors']:4d} {cpu_text}"
         )
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The results as a Markdown table (what benchmarks/overhead.md shows)."""
+    lines = [
+        "| mode | conc | router | p50 ms | p99 ms | added p50 | added p99 | req/s "
+        "| router CPU ms/req |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cpu = r.get("cpu_ms_per_request", {}).get(r["router"])
+        lines.append(
+            f"| {r['mode']} | {r['concurrency']} | {r['router']} | {r['p50_ms']:.2f} "
+            f"| {r['p99_ms']:.2f} | {r['added_p50_ms']:+.2f} | {r['added_p99_ms']:+.2f} "
+            f"| {r['throughput_rps']:.0f} | {'-' if cpu is None else f'{cpu:.2f}'} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,109 @@
+"""The standard live comparison: our router vs sglang-router 0.3.2 over real HTTP.
+
+Two windows, each replayed through all four targets (cost, round_robin, sglang-router
+cache_aware, sglang-router round_robin), each target on N fresh simulated backends:
+
+  multi-turn     a 2-minute window of `multi_turn(MultiTurnConfig(seed=1))`, llama3-8b-h100
+  conversation   a 2-minute window of the Mooncake conversation trace, llama3-8b-h100-hicache
+
+The load of each window is round_robin's capacity (highest load with p90 TTFT <= the SLO),
+found in virtual time with `find_capacity` on that same window (what `prefix-router simulate
+--find-capacity` does). Results: benchmarks/results/live_<window>.json and .png, with the issue's
+checks (cost p90 <= 0.7 x sglang-router cache_aware and <= 0.5 x sglang-router round_robin, no
+failures, wall time under 12 minutes) recorded under "checks".
+
+Run:  python benchmarks/live_compare.py                          (about 10 minutes per window)
+      python benchmarks/live_compare.py --windows multi-turn --speedup 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from router.replay.gentrace import MultiTurnConfig, multi_turn
+from router.replay.metrics import json_safe
+from router.replay.simulate import SimConfig, find_capacity, simulate_policy
+from router.replay.traces import Trace, bundled, load_trace, write_mooncake
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = "cost,round_robin,sglang-router:cache_aware,sglang-router:round_robin"
+
+
+def _window(name: str, tmp: Path) -> tuple[Path, str, float]:
+    """(trace file, profile, window start) of a named window."""
+    if name == "multi-turn":
+        trace: Trace = multi_turn(MultiTurnConfig(seed=1))
+        path = tmp / "multi_turn_seed1.jsonl"
+        write_mooncake(trace, path)
+        return path, "llama3-8b-h100", 240.0
+    if name == "conversation":
+        return bundled("conversation"), "llama3-8b-h100-hicache", 600.0
+    raise SystemExit(f"unknown window {name!r}")
+
+
+def run_window(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    path, profile, start = _window(name, tmp)
+    window = load_trace(path).window(start, args.duration)
+    profiles = (profile,) * args.backends
+
+    def p90_at(load: float) -> float:
+        summary = simulate_policy(window, "round_robin", SimConfig(profiles=profiles, load=load))
+        return float("inf") if summary.summary["failed"] else float(summary.summary["ttft_p90"])
+
+    cap = find_capacity(p90_at, slo=args.slo, start=1.0, precision=0.1)
+    load = round(cap.max_load, 3)
+    print(f"{name}: round_robin capacity (p90 <= {args.slo:g} s) at load {load}", flush=True)
+    out_json = RESULTS / f"live_{name}.json"
+    cmd = [
+        sys.executable, "-m", "router", "compare", "--trace", str(path),
+        "--backends", str(args.backends), "--profile", profile, "--start", f"{start:g}",
+        "--duration", f"{args.duration:g}", "--load", f"{load:g}",
+        "--speedup", f"{args.speedup:g}", "--targets", TARGETS, "--json", str(out_json),
+        "--plot", str(RESULTS / f"live_{name}.png"), "--quiet",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    doc: dict[str, Any] = json.loads(out_json.read_text())
+    res = doc["results"]
+    cost = res["cost"]["ttft_p90"]
+    checks = {
+        "cost_p90_over_sglang_cache_aware": cost / res["sglang-router:cache_aware"]["ttft_p90"],
+        "cost_p90_over_sglang_round_robin": cost / res["sglang-router:round_robin"]["ttft_p90"],
+        "no_failures": all(r["failed"] == 0 for r in res.values()),
+        "wall_under_12_min": doc["total_wall_s"] < 720,
+    }
+    checks["pass"] = bool(
+        checks["cost_p90_over_sglang_cache_aware"] <= 0.7
+        and checks["cost_p90_over_sglang_round_robin"] <= 0.5
+        and checks["no_failures"]
+    )
+    doc["capacity_round_robin"] = {"slo_ttft_p90": args.slo, "max_load": cap.max_load,
+                                   "probes": [list(p) for p in cap.probes]}  # fmt: skip
+    doc["checks"] = checks
+    out_json.write_text(json.dumps(json_safe(doc), indent=2) + "\n")
+    print(json.dumps(checks, indent=2))
+    return doc
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--windows", default="multi-turn,conversation")
+    p.add_argument("--backends", type=int, default=4)
+    p.add_argument("--duration", type=float, default=120.0)
+    p.add_argument("--speedup", type=float, default=1.0)
+    p.add_argument("--slo", type=float, default=2.0, help="p90 TTFT SLO for the capacity search")
+    args = p.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.windows.split(","):
+            run_window(name.strip(), args, Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

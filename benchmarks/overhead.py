@@ -727,6 +727,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         procs = Processes(Path(tmp))
         try:
             report = asyncio.run(_run(cfg, procs, args.cprofile))
+        except KeyboardInterrupt:
+            print("interrupted: all child processes stopped", file=sys.stderr)
+            return 130
         finally:
             procs.stop_all()
     _print_table(report["results"])

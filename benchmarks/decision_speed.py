@@ -8,6 +8,10 @@ timed path is what the live proxy runs per request:
 
     parse_chat(body) -> BlockHasher.route_request -> RoutingCore.route (index match + cost)
 
+Each row also carries the median of each stage (`stage_median_us`: parse, hash, route) and of
+tokenizing the new message alone (`tokenize_new`, timed outside the decision), since that one
+tiktoken call is most of the decision at small pool sizes.
+
 Run: python benchmarks/decision_speed.py --json benchmarks/results/decision_speed.json
 """
 
@@ -99,16 +103,28 @@ def measure(backends: int, index_blocks: int, samples: int, seed: int) -> dict[s
     hasher.route_request(warm, "warm")
 
     times_us: list[float] = []
+    stages: dict[str, list[float]] = {"parse": [], "hash": [], "route": [], "tokenize_new": []}
+    tokenizer = hasher.tokenizer
     prompt_tokens = 0
     for i in range(samples):
-        request_body = body(_text(rng, 420))
+        last = _text(rng, 420)
+        request_body = body(last)
         start = time.perf_counter()
         prompt = parse_chat(request_body)
+        parsed = time.perf_counter()
         req = hasher.route_request(prompt, f"r{i}")
+        hashed = time.perf_counter()
         core.route(req, float(i))
-        elapsed = time.perf_counter() - start
+        end = time.perf_counter()
         core.on_finished(f"r{i}", float(i) + 0.5, 1, None)
-        times_us.append(elapsed * 1e6)
+        times_us.append((end - start) * 1e6)
+        stages["parse"].append((parsed - start) * 1e6)
+        stages["hash"].append((hashed - parsed) * 1e6)
+        stages["route"].append((end - hashed) * 1e6)
+        # Outside the timed decision: what tokenizing the one new message costs by itself.
+        t0 = time.perf_counter()
+        tokenizer.encode(prompt.segments[-1])
+        stages["tokenize_new"].append((time.perf_counter() - t0) * 1e6)
         prompt_tokens = req.prompt_tokens
     times_us.sort()
     index = getattr(core.policy, "index", None)
@@ -121,6 +137,9 @@ def measure(backends: int, index_blocks: int, samples: int, seed: int) -> dict[s
         "prompt_tokens": prompt_tokens,
         "messages": len(history) + 1,
         "samples": samples,
+        # medians of the decision's stages (hash includes tokenizing the new message), and of
+        # tokenizing that message alone, to show what dominates
+        "stage_median_us": {k: statistics.median(v) for k, v in stages.items()},
     }
 
 
@@ -141,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{count:4d} backends: median {row['median_us']:8.1f} us  p99 {row['p99_us']:8.1f} us"
             f"  index {row['index_blocks']:,} entries ~{row['index_bytes'] / 2**20:.0f} MiB"
-            f"  ({row['prompt_tokens']} prompt tokens, {row['messages']} messages)",
+            f"  ({row['prompt_tokens']} prompt tokens, {row['messages']} messages)"
+            f"  stages: {'  '.join(f'{k} {v:.0f}' for k, v in row['stage_median_us'].items())}",
             file=sys.stderr,
         )
     doc = {"results": results, "python": sys.version.split()[0]}

@@ -129,6 +129,24 @@ def test_block_hasher_matches_flat_hashing_and_resumes() -> None:
     assert again.blocks == previous
 
 
+def test_block_hasher_never_resumes_from_a_lookalike_prefix() -> None:
+    """States are found by message lengths and last message; a lookalike must not be used."""
+    tok = load_tokenizer()
+    hasher = BlockHasher(tok, block_tokens=8)
+    a = [{"role": "user", "content": "alpha beta"}, {"role": "assistant", "content": "same"}]
+    b = [{"role": "user", "content": "gamma zeta"}, {"role": "assistant", "content": "same"}]
+    assert [len(m["content"]) for m in a] == [len(m["content"]) for m in b]
+    hasher.route_request(parse_chat({"messages": a}), "a")
+    for msgs in (b, [*b, {"role": "user", "content": "next"}], a):
+        prompt = parse_chat({"messages": msgs})
+        req = hasher.route_request(prompt, "x")
+        flat = [t for seg in prompt.segments for t in tok.encode(seg)]
+        assert req.blocks == chain_hashes(flat, 8, hasher.text_seed(""))
+    # b was fresh (a's state had the same key but other text), b + 1 resumed from b, and b's
+    # state had replaced a's under the shared key, so a was hashed afresh again
+    assert (hasher.fresh, hasher.resumed) == (3, 1)
+
+
 def test_block_hasher_models_do_not_share_and_input_ids_hash_directly() -> None:
     hasher = BlockHasher(load_tokenizer(), block_tokens=4)
     msgs = [{"role": "user", "content": "the same words for both models"}]

@@ -34,6 +34,34 @@ def test_chat_one_segment_per_message_with_role() -> None:
     assert p.session_key == "alice"
 
 
+def test_chat_plain_messages_fast_path_gives_the_general_segments() -> None:
+    """{"role", "content": str} messages skip the general path; other shapes still take it."""
+
+    class Text(str):
+        pass
+
+    body = {
+        "messages": [
+            {"role": "user", "content": "plain"},
+            {"role": "user", "content": Text("subclass")},
+            {"role": Text("user"), "content": "role subclass"},
+            {"role": "user", "name": "bob", "content": "named"},
+            {"role": "assistant", "content": None, "tool_calls": []},
+        ]
+    }
+    assert parse_chat(body).segments == (
+        "user\nplain",
+        "user\nsubclass",
+        "user\nrole subclass",
+        "user:bob\nnamed",
+        "assistant\n\n[]",
+    )
+    with pytest.raises(PromptError, match=r"messages\[1\]\.role must be one of"):
+        parse_chat({"messages": [{"role": "user", "content": "x"}, {"role": "x", "content": "y"}]})
+    with pytest.raises(PromptError, match=r"messages\[0\]\.role must be a string"):
+        parse_chat({"messages": [{"role": ["user"], "content": "x"}]})
+
+
 def test_chat_prefix_is_stable_across_turns() -> None:
     turn1 = [{"role": "user", "content": "q1"}]
     turn2 = [*turn1, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]

@@ -20,7 +20,8 @@ sharing an index (redis) must run the same CPython minor line; a mismatch only c
 `BlockHasher` is the text path: segments are tokenized through a `SegmentTokenCache`, and the
 chain state (full-block hashes plus the partial tail's tokens) is remembered per message
 prefix, so turn N+1 of a conversation tokenizes and hashes only the messages added since
-turn N::
+turn N (states are keyed by the prefix's message lengths and last message, and verified
+against the stored messages, so finding one never hashes the whole conversation's text)::
 
     turn N    | sys | u1 | a1 | u2 |                     state cached at the end
     turn N+1  | sys | u1 | a1 | u2 | a2 | u3 |           resume from turn N's state
@@ -49,6 +50,12 @@ _MASK64 = (1 << 64) - 1
 # how many message-prefix lengths (from the full list down) to try when resuming a chain:
 # a conversation's next turn usually appends one to a few messages (assistant, tool, user).
 _RESUME_DEPTH = 8
+
+# A chain state's key: (seed, the prefix's segment lengths, its last segment). Hashing it reads
+# one message, not the whole conversation (hashing ~60 KB of fresh strings per request was ~20
+# us); a key match is confirmed by comparing the stored segments (memcmp, ~4x faster than
+# hashing). Two prefixes sharing a key just replace each other's state.
+_StateKey = tuple[int, tuple[int, ...], str]
 
 
 def salt_seed(salt: str) -> int:
@@ -96,6 +103,7 @@ def route_request_from_hash_ids(
 class _ChainState:
     """The chain after a message prefix: hashes of its full blocks and the partial tail."""
 
+    segments: tuple[str, ...]  # the message prefix itself: a key match is verified on it
     full_blocks: tuple[int, ...]
     tail: tuple[int, ...]  # tokens after the last full block (fewer than block_tokens)
     tokens: int
@@ -123,7 +131,7 @@ class BlockHasher:
         self.state_entries = state_entries
         self.state_blocks = state_blocks
         self._state_block_count = 0
-        self._states: OrderedDict[tuple[int, tuple[str, ...]], _ChainState] = OrderedDict()
+        self._states: OrderedDict[_StateKey, _ChainState] = OrderedDict()
         self._seeds: dict[str, int] = {}
         self.resumed = 0  # requests that continued a cached message-prefix chain
         self.fresh = 0  # requests hashed from their first message
@@ -160,14 +168,18 @@ class BlockHasher:
         segs = prompt.segments
         bt = self.block_tokens
         states = self._states
+        lengths = tuple(map(len, segs))
         start = 0
         state: _ChainState | None = None
         for i in range(len(segs), max(0, len(segs) - _RESUME_DEPTH), -1):
-            state = states.get((seed, segs[:i]))
+            probe = (seed, lengths[:i], segs[i - 1])
+            state = states.get(probe)
             if state is not None:
-                states.move_to_end((seed, segs[:i]))
-                start = i
-                break
+                if state.segments == segs[:i]:
+                    states.move_to_end(probe)
+                    start = i
+                    break
+                state = None  # another prefix with the same lengths and last message
         if state is None:
             self.fresh += 1
             full_blocks: tuple[int, ...] = ()
@@ -192,12 +204,14 @@ class BlockHasher:
         new = _chain(tokens, bt, parent)
         n = count + len(tokens)
         whole = len(tokens) // bt
-        key = (seed, segs)
+        key = (seed, lengths, segs[-1])
         old = states.pop(key, None)
         if old is not None:
             self._state_block_count -= len(old.full_blocks)
         kept = full_blocks + tuple(new[:whole])
-        states[key] = _ChainState(full_blocks=kept, tail=tuple(tokens[whole * bt :]), tokens=n)
+        states[key] = _ChainState(
+            segments=segs, full_blocks=kept, tail=tuple(tokens[whole * bt :]), tokens=n
+        )
         self._state_block_count += len(kept)
         while len(states) > self.state_entries or self._state_block_count > self.state_blocks:
             _, dropped = states.popitem(last=False)

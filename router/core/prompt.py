@@ -85,8 +85,16 @@ def parse_chat(body: Mapping[str, Any]) -> Prompt:
             raise PromptError("tools must be a list")
         if tools:
             segments.append("tools\n" + _canonical_json(tools, "tools"))
+    append = segments.append
     for i, message in enumerate(messages):
-        segments.append(_message_segment(message, f"messages[{i}]"))
+        # Fast path for the common {"role", "content": str} message; same segment as below.
+        if type(message) is dict and len(message) == 2:
+            role = message.get("role")
+            content = message.get("content")
+            if type(role) is str and type(content) is str and role in _ROLES:
+                append(f"{role}\n{content}")
+                continue
+        append(_message_segment(message, f"messages[{i}]"))
     max_tokens = _optional_count(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _optional_count(body, "max_tokens")

@@ -175,3 +175,14 @@ def test_a_mixed_pool_sends_more_work_to_the_faster_backends() -> None:
     learned = {b: 2048 / m.perf.prefill_time(2048, 2048) for b, m in policy._models.items()}
     # the router was told all four are H100s; it learned the A100s are slower
     assert max(learned["b2"], learned["b3"]) < min(learned["b0"], learned["b1"])
+
+
+def test_the_default_prior_is_the_llama3_8b_h100_profile() -> None:
+    from router.core.cost_policy import DEFAULT_PRIOR
+    from router.priors import prior_named
+
+    truth = prior_named("llama3-8b-h100")
+    for field in dataclasses.fields(PerfPrior):
+        assert getattr(DEFAULT_PRIOR, field.name) == pytest.approx(
+            getattr(truth, field.name), rel=0.01
+        ), field.name

@@ -2,7 +2,8 @@
 
 `PerfModel` holds two linear models, both starting from the backend's `PerfPrior`:
 
-    prefill_time(new, ctx) = a * new + b * new * ctx        (a = 1 / PP tokens per second)
+    prefill_time(new, ctx) = a * new + b * pairs(new, ctx)  (a = 1 / PP tokens per second;
+                                                             pairs: causal attention pairs)
     decode_step_time(kv)   = s0 + s1 * kv                   (TG: one step of the running batch)
 
 Each is refitted from a sliding window of observations (TTFT minus estimated queueing against
@@ -45,7 +46,7 @@ from collections import deque
 from dataclasses import dataclass
 from itertools import accumulate
 
-from router.core.model import PerfPrior
+from router.core.model import PerfPrior, attention_pairs
 
 __all__ = [
     "CostEstimate",
@@ -82,7 +83,8 @@ class _RobustLine:
     ) -> None:
         self.p1, self.p2 = p1, p2
         self.c1, self.c2 = p1, p2
-        self.window: deque[tuple[float, float, float]] = deque(maxlen=window)
+        # (x1, x2, y, weight): an aggregate of k observations counts k times
+        self.window: deque[tuple[float, float, float, float]] = deque(maxlen=window)
         self.prior_weight = prior_weight
         self.shape_weight = shape_weight
         self.count = 0
@@ -91,10 +93,10 @@ class _RobustLine:
     def predict(self, x1: float, x2: float) -> float:
         return self.c1 * x1 + self.c2 * x2
 
-    def observe(self, x1: float, x2: float, y: float) -> None:
-        if not (math.isfinite(y) and y > 0 and x1 > 0 and x2 >= 0):
+    def observe(self, x1: float, x2: float, y: float, weight: float = 1.0) -> None:
+        if not (math.isfinite(y) and y > 0 and x1 > 0 and x2 >= 0 and weight > 0):
             return  # a non-positive duration carries no information about speed
-        self.window.append((x1, x2, y))
+        self.window.append((x1, x2, y, weight))
         self.count += 1
         self._since += 1
         if self.count <= _EAGER_FITS or self._since >= _REFIT_EVERY:
@@ -116,15 +118,15 @@ class _RobustLine:
         rho = self.p2 / self.p1
         c1, c2 = self.c1, self.c2
         for _ in range(_ITERATIONS):
-            preds = [max(c1 * x1 + c2 * x2, 1e-12) for x1, x2, _ in obs]
-            rel = [(y - p) / p for (_, _, y), p in zip(obs, preds, strict=True)]
+            preds = [max(c1 * x1 + c2 * x2, 1e-12) for x1, x2, _, _ in obs]
+            rel = [(y - p) / p for (_, _, y, _), p in zip(obs, preds, strict=True)]
             sigma = max(1.4826 * _median([abs(r) for r in rel]), _MIN_SIGMA)
             s11 = s12 = s22 = t1 = t2 = 0.0
-            for (x1, x2, y), p, r in zip(obs, preds, rel, strict=True):
+            for (x1, x2, y, k), p, r in zip(obs, preds, rel, strict=True):
                 z = abs(r) / sigma
                 if z > _REJECT:
                     continue
-                w = (1.0 if z <= _HUBER else _HUBER / z) / (p * p)
+                w = k * (1.0 if z <= _HUBER else _HUBER / z) / (p * p)
                 s11 += w * x1 * x1
                 s12 += w * x1 * x2
                 s22 += w * x2 * x2
@@ -211,7 +213,7 @@ class PerfModel:
         """Seconds to prefill `new_tokens` uncached tokens of a `context_tokens` prompt."""
         if new_tokens <= 0:
             return 0.0
-        return self._prefill.predict(new_tokens, new_tokens * max(context_tokens, new_tokens))
+        return self._prefill.predict(new_tokens, attention_pairs(new_tokens, context_tokens))
 
     def prefill_work_time(self, tokens: int) -> float:
         """Seconds of queued prefill work at PP speed (its split into prompts is unknown)."""
@@ -224,7 +226,18 @@ class PerfModel:
     def observe_prefill(self, new_tokens: int, context_tokens: int, seconds: float) -> None:
         """A prefill of `new_tokens` (of `context_tokens`) took `seconds` (queueing removed)."""
         if new_tokens > 0:
-            self._prefill.observe(new_tokens, new_tokens * max(context_tokens, new_tokens), seconds)
+            self._prefill.observe(new_tokens, attention_pairs(new_tokens, context_tokens), seconds)
+
+    def observe_prefill_total(
+        self, new_tokens: int, pairs: int, seconds: float, *, count: int = 1
+    ) -> None:
+        """`count` prefills took `seconds` together: sums of new tokens and attention pairs.
+
+        The model is linear in (new, pairs), so sums over requests are one valid
+        observation; it weighs as much as the `count` it stands for.
+        """
+        if new_tokens > 0:
+            self._prefill.observe(new_tokens, max(pairs, new_tokens), seconds, max(count, 1))
 
     def observe_decode(self, batch_kv_tokens: int, step_seconds: float) -> None:
         """A decode step with `batch_kv_tokens` KV tokens in the batch took `step_seconds`."""

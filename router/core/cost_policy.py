@@ -45,17 +45,19 @@ from router.core.model import (
     PerfPrior,
     RequestRecord,
     RouteRequest,
+    attention_pairs,
 )
 from router.core.policies import register_policy
 
 __all__ = ["CostConfig", "CostPolicy", "OraclePolicy", "OracleProbe"]
 
-# A backend we know nothing about: an 8B model on one H100 (profile llama3-8b-h100).
+# A backend we know nothing about: Llama-3.1-8B on one H100 (`router.priors.prior_named(
+# "llama3-8b-h100")`, rounded; the core may not import the profiles). Calibration corrects it.
 DEFAULT_PRIOR = PerfPrior(
-    prefill_tokens_per_s=30_000.0,
-    prefill_s_per_token_ctx=1.0e-9,
-    decode_step_s=0.0065,
-    decode_s_per_kv_token=4.0e-8,
+    prefill_tokens_per_s=30_800.0,
+    prefill_s_per_token_ctx=1.06e-9,
+    decode_step_s=0.00664,
+    decode_s_per_kv_token=4.6e-8,
 )
 
 
@@ -121,89 +123,131 @@ class _Routed:
     mixed_s: float  # the decode step sharing the prefill's step (0 if the backend was idle)
     kv_tokens: int
     fed_back: bool = False  # the backend's cached_tokens has been learned from
-    pp_learned: bool = False  # observed through the busy-period service groups
 
 
 class _PrefillLog:
-    """When each prefill finished on a backend and how long we think it took.
+    """When each prefill finished on a backend, and its size.
 
     A stream's mean inter-token gap includes the prefills that ran in its decode window (mixed
-    steps); subtracting them leaves the decode step time that TG calibration wants.
+    steps); subtracting them leaves the decode step time that TG calibration wants. Sizes are
+    kept, not seconds, so the subtraction uses the PP learned by then, not a stale guess.
     """
 
-    __slots__ = ("cumulative", "times")
+    __slots__ = ("new", "new_ctx", "times")
 
     def __init__(self, keep: int = 4096) -> None:
         self.times: deque[float] = deque(maxlen=keep)
-        self.cumulative: deque[float] = deque(maxlen=keep)
+        self.new: deque[int] = deque(maxlen=keep)  # cumulative new tokens
+        self.new_ctx: deque[int] = deque(maxlen=keep)  # cumulative attention pairs
 
-    def add(self, now: float, prefill_s: float) -> None:
-        total = self.cumulative[-1] if self.cumulative else 0.0
+    def add(self, now: float, new_tokens: int, context_tokens: int) -> None:
         self.times.append(now)
-        self.cumulative.append(total + prefill_s)
+        self.new.append((self.new[-1] if self.new else 0) + new_tokens)
+        pairs = attention_pairs(new_tokens, context_tokens)
+        self.new_ctx.append((self.new_ctx[-1] if self.new_ctx else 0) + pairs)
 
-    def between(self, start: float, end: float) -> float:
-        """Prefill seconds that finished in (start, end]."""
-        if not self.times or start < self.times[0]:
-            return 0.0 if not self.times else self._upto(end)
-        return self._upto(end) - self._upto(start)
+    def seconds_between(self, start: float, end: float, speeds: PerfPrior) -> float:
+        """Prefill seconds (at `speeds`) of the prefills that finished in (start, end]."""
+        new_end, ctx_end = self._upto(end)
+        new_start, ctx_start = self._upto(start)
+        return (new_end - new_start) / speeds.prefill_tokens_per_s + (
+            ctx_end - ctx_start
+        ) * speeds.prefill_s_per_token_ctx
 
-    def _upto(self, t: float) -> float:
+    def _upto(self, t: float) -> tuple[int, int]:
         i = bisect_right(self.times, t)
-        return self.cumulative[i - 1] if i else 0.0
+        return (self.new[i - 1], self.new_ctx[i - 1]) if i else (0, 0)
 
 
 @dataclass(slots=True)
-class _ServiceGroup:
-    """Prefills whose first tokens came out in one step: one busy-period observation.
+class _BusyPeriod:
+    """Prefill work a backend did while its prefill queue was never empty: one PP observation.
 
-    On a busy backend the time between two first tokens is the later prefill's service time;
-    on an idle one it is the time since the request arrived. Prefills batched into one step
-    finish together, so they are observed together: their tokens against the step's time.
+    From the moment a request reaches an empty queue until the queue empties again, the
+    backend was prefilling all the time (apart from the decode part of mixed steps), so the
+    tokens it computed against that span measure its PP. Per-request TTFTs would not: chunked
+    prefill interleaves requests, so who paid for which step is unknowable from outside.
+    A saturated backend never empties its queue, so periods are also cut every `MAX_GROUPS`
+    first-token steps (the next one starts at the cut).
+
+    The decode half of mixed steps is not subtracted: PP is learned as the prefill throughput
+    the backend actually gives under its decode load. Subtracting it would make PP depend on
+    TG, and TG calibration subtracts prefill time: errors in one would feed the other.
     """
 
-    time: float = -1.0
-    start: float = 0.0
-    mixed_s: float = 0.0
+    MAX_GROUPS: ClassVar[int] = 16
+
+    start: float = -1.0  # -1: no period open
+    last_time: float = -1.0
+    groups: int = 0
     tokens: int = 0
     token_ctx: int = 0
-    complete: bool = True  # every member's computed tokens are known
+    complete: bool = True  # every member's computed tokens are known and nothing failed
+
+    def open(self, now: float) -> None:
+        if self.start < 0:
+            self.start, self.last_time = now, now
+
+    def add(self, computed: int | None, context: int, now: float) -> None:
+        if self.start < 0:
+            return
+        if now != self.last_time:  # a new step finished
+            self.groups += 1
+            self.last_time = now
+        if computed is None:
+            self.complete = False
+        else:
+            self.tokens += computed
+            self.token_ctx += attention_pairs(computed, context)
+
+    def close(self, now: float, perf: PerfModel) -> None:
+        seconds = now - self.start
+        if self.complete and self.tokens > 0 and seconds > 0:
+            perf.observe_prefill_total(self.tokens, self.token_ctx, seconds, count=self.groups)
+        self.start = self.last_time = -1.0
+        self.groups = self.tokens = self.token_ctx = 0
+        self.complete = True
 
 
 class _BackendModel:
-    __slots__ = ("backlog", "group", "perf", "prefills")
+    __slots__ = ("backlog", "busy", "perf", "prefills")
 
     def __init__(self, prior: PerfPrior) -> None:
         self.perf = PerfModel(prior)
         self.backlog = _Backlog(pending={})
         self.prefills = _PrefillLog()
-        self.group = _ServiceGroup()
+        self.busy = _BusyPeriod()
 
-    def observe_first_token(self, rec: RequestRecord, mixed_s: float, now: float) -> bool:
-        """Fold a first token into the service groups; True if PP learned from it."""
-        group = self.group
+    def routed(self, rid: str, prefill_s: float, now: float) -> None:
+        if not self.backlog.pending:
+            self.busy.open(now)
+        self.backlog.add(rid, prefill_s, now)
+
+    def first_token(self, rec: RequestRecord, now: float, learn: bool) -> None:
+        """The prefill of `rec` is done: update the backlog, the prefill log, the busy period."""
+        self.backlog.done(rec.request.rid, now)
         req = rec.request
-        computed = None if rec.cached_tokens is None else req.prompt_tokens - rec.cached_tokens
-        if now == group.time:
-            group.start = min(group.start, max(rec.routed_at, group.start))
-        else:
-            self._flush()
-            start = rec.routed_at if group.time < 0 else max(rec.routed_at, group.time)
-            self.group = group = _ServiceGroup(time=now, start=start, mixed_s=mixed_s)
-        if computed is None:
-            group.complete = False
-            return False
-        group.tokens += computed
-        group.token_ctx += computed * req.prompt_tokens
-        return True
-
-    def _flush(self) -> None:
-        group = self.group
-        if group.time < 0 or not group.complete or group.tokens <= 0:
+        cached = rec.predicted_cached_tokens if rec.cached_tokens is None else rec.cached_tokens
+        self.prefills.add(now, max(req.prompt_tokens - cached, 0), req.prompt_tokens)
+        if not learn:
             return
-        seconds = group.time - group.start - group.mixed_s
-        if seconds > 0:
-            self.perf.observe_prefill(group.tokens, group.token_ctx // group.tokens, seconds)
+        computed = None if rec.cached_tokens is None else req.prompt_tokens - rec.cached_tokens
+        busy = self.busy
+        if busy.groups >= _BusyPeriod.MAX_GROUPS and now != busy.last_time:
+            # Cut between two steps, so prefills that finished together stay together.
+            cut = busy.last_time
+            busy.close(cut, self.perf)
+            busy.open(cut)
+        busy.add(computed, req.prompt_tokens, now)
+        if not self.backlog.pending:
+            busy.close(now, self.perf)
+
+    def failed(self, rid: str, now: float) -> None:
+        if rid in self.backlog.pending:
+            self.busy.complete = False
+        self.backlog.done(rid, now)
+        if not self.backlog.pending and self.busy.start >= 0:
+            self.busy.close(now, self.perf)
 
 
 @register_policy
@@ -278,7 +322,12 @@ class CostPolicy(BasePolicy):
         )
         return (
             _Estimate(backend=state.id, cost=cost, ttft=ttft, cached=cached),
-            _Routed(queue_s=queue_s, prefill_s=prefill_s, mixed_s=mixed_s, kv_tokens=kv_tokens),
+            _Routed(
+                queue_s=queue_s,
+                prefill_s=prefill_s,
+                mixed_s=mixed_s,
+                kv_tokens=kv_tokens,
+            ),
         )
 
     def choose(self, req: RouteRequest, backends: Sequence[BackendState], now: float) -> Choice:
@@ -309,7 +358,7 @@ class CostPolicy(BasePolicy):
         model = self._models.get(rec.backend)
         if routed is None or model is None:
             return
-        model.backlog.add(rec.request.rid, routed.prefill_s, now)
+        model.routed(rec.request.rid, routed.prefill_s, now)
         req = rec.request
         self.index.insert(
             rec.backend, req.blocks, now, req.block_tokens, prompt_tokens=req.prompt_tokens
@@ -320,12 +369,9 @@ class CostPolicy(BasePolicy):
         routed = self._routed.get(rec.request.rid)
         if model is None or routed is None:
             return
-        model.backlog.done(rec.request.rid, now)
-        model.prefills.add(now, routed.prefill_s)
-        if self.config.calibrate and model.observe_first_token(rec, routed.mixed_s, now):
-            routed.pp_learned = True
+        model.first_token(rec, now, self.config.calibrate)
         if rec.cached_tokens is not None:  # /generate streams report it with the first token
-            self._learn_from_cached(rec, routed, model, now)
+            self._learn_from_cached(rec, routed, model, now, late=False)
 
     def on_finished(self, rec: RequestRecord, now: float, output_tokens: int) -> None:
         routed = self._routed.pop(rec.request.rid, None)
@@ -336,18 +382,22 @@ class CostPolicy(BasePolicy):
         model.backlog.done(rec.request.rid, now)
         if rec.cached_tokens is not None and not routed.fed_back:
             # OpenAI streams and non-streaming responses report cached tokens only at the end.
-            self._learn_from_cached(rec, routed, model, now)
+            self._learn_from_cached(rec, routed, model, now, late=True)
         if self.config.calibrate and rec.first_token_at is not None and output_tokens > 1:
             decoding_s = now - rec.first_token_at
-            others = model.prefills.between(rec.first_token_at, now)
+            others = model.prefills.seconds_between(rec.first_token_at, now, model.perf.learned())
             if others < 0.5 * decoding_s:  # a window mostly spent prefilling tells little
                 step = (decoding_s - others) / (output_tokens - 1)
                 model.perf.observe_decode(routed.kv_tokens, step)
 
     def _learn_from_cached(
-        self, rec: RequestRecord, routed: _Routed, model: _BackendModel, now: float
+        self, rec: RequestRecord, routed: _Routed, model: _BackendModel, now: float, *, late: bool
     ) -> None:
-        """The backend said how much of the prompt it had: correct the index, learn PP."""
+        """The backend said how much of the prompt it had: correct the index.
+
+        When it said so only at the end (`late`), the busy period could not count this
+        request's tokens, so PP learns from its TTFT instead, if it met an empty queue.
+        """
         assert rec.cached_tokens is not None
         routed.fed_back = True
         req = rec.request
@@ -364,8 +414,8 @@ class CostPolicy(BasePolicy):
         computed = req.prompt_tokens - rec.cached_tokens
         if (
             self.config.calibrate
+            and late
             and rec.first_token_at is not None
-            and not routed.pp_learned
             and routed.queue_s == 0.0
             and computed > 0
         ):
@@ -380,7 +430,7 @@ class CostPolicy(BasePolicy):
         self._routed.pop(rec.request.rid, None)
         model = self._models.get(rec.backend)
         if model is not None:
-            model.backlog.done(rec.request.rid, now)
+            model.failed(rec.request.rid, now)
 
 
 class OracleProbe(Protocol):

@@ -33,15 +33,33 @@ __all__ = [
     "Policy",
     "RequestRecord",
     "RouteRequest",
+    "attention_pairs",
 ]
+
+
+def attention_pairs(new_tokens: int, context_tokens: int) -> int:
+    """Causal attention pairs of `new_tokens` appended at the end of a `context_tokens` prompt.
+
+    Each new token attends to the cached prefix and to the new tokens before it::
+
+        new * (ctx - new)  +  new * (new + 1) / 2
+
+    so a fresh prompt costs about n^2 / 2 and a short suffix on a long prefix about new * ctx.
+    """
+    new = max(new_tokens, 0)
+    ctx = max(context_tokens, new)
+    return new * (ctx - new) + new * (new + 1) // 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PerfPrior:
     """What we believe about a backend's two speeds before we have measured it.
 
-    prefill time(new, ctx) = new / prefill_tokens_per_s + new * ctx * prefill_s_per_token_ctx
+    prefill time(new, ctx) = new / prefill_tokens_per_s + pairs(new, ctx) * prefill_s_per_token_ctx
     decode step time       = decode_step_s + decode_s_per_kv_token * (KV tokens in the batch)
+
+    pairs(new, ctx) counts the (query, key) pairs causal attention computes when `new` tokens
+    are appended to a prompt whose context ends at `ctx` (see `attention_pairs`).
     """
 
     prefill_tokens_per_s: float
@@ -60,7 +78,7 @@ class PerfPrior:
     def prefill_time(self, new_tokens: int, context_tokens: int) -> float:
         return (
             new_tokens / self.prefill_tokens_per_s
-            + new_tokens * context_tokens * self.prefill_s_per_token_ctx
+            + attention_pairs(new_tokens, context_tokens) * self.prefill_s_per_token_ctx
         )
 
     def decode_step_time(self, batch_kv_tokens: int) -> float:

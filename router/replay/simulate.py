@@ -25,9 +25,10 @@ from typing import Any
 from backends.sim.api import Aborted, Finished, FirstToken, SimRequest
 from backends.sim.engine import Engine, EngineConfig
 from backends.sim.perf import Profile, get_profile
-from router.core.model import BackendSpec, PerfPrior, RouteRequest
+from router.core.model import BackendSpec, RouteRequest
 from router.core.policies import make_policy
 from router.core.routing import RoutingCore
+from router.priors import prior_from_profile
 from router.replay.metrics import RequestOutcome, summarize
 from router.replay.traces import Trace
 
@@ -37,26 +38,8 @@ __all__ = [
     "PolicyRun",
     "SimConfig",
     "find_capacity",
-    "prior_from_profile",
     "simulate_policy",
 ]
-
-
-def prior_from_profile(profile: Profile) -> PerfPrior:
-    """The router's prior for a backend whose profile the operator named.
-
-    Read off the profile's own time functions, so the router's starting belief matches the
-    roofline; calibration (router.core.cost) corrects it from what backends actually do.
-    """
-    per_token = profile.prefill_time(1, 1)
-    per_token_ctx = (profile.prefill_time(1, 100_001) - per_token) / 100_000
-    step_s, per_kv_token = profile.decode_coefficients()
-    return PerfPrior(
-        prefill_tokens_per_s=1.0 / per_token,
-        prefill_s_per_token_ctx=max(per_token_ctx, 0.0),
-        decode_step_s=step_s,
-        decode_s_per_kv_token=per_kv_token,
-    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

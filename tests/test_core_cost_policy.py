@@ -186,3 +186,18 @@ def test_the_default_prior_is_the_llama3_8b_h100_profile() -> None:
         assert getattr(DEFAULT_PRIOR, field.name) == pytest.approx(
             getattr(truth, field.name), rel=0.01
         ), field.name
+
+
+def test_another_replicas_routing_is_seen_as_cache_and_queue() -> None:
+    here, there = _core(), _core()
+    decision = there.route(_req("r1", (1, 2, 3, 4), 4000), 0.0)
+    remote = _req("replica2/r1", (1, 2, 3, 4), 4000)
+    here.policy.on_remote_routed(decision.backend, remote, 0.0)
+    # Same prefix, a moment later: "a" is believed to hold it but is busy for 0.4 s with
+    # the other replica's request, so the repeat goes to "b" (as on one replica).
+    assert here.route(_req("r2", (1, 2, 3, 4), 4000), 0.0).backend == "b"
+    here.policy.on_remote_first_token(decision.backend, remote.rid, 0.4)
+    here.policy.on_remote_ended(decision.backend, remote.rid, 0.5)
+    follow_up = here.route(_req("r3", (1, 2, 3, 4, 5), 5000), 1.0)
+    assert follow_up.backend in {"a", "b"}  # both hold the prefix now
+    assert follow_up.predicted_cached_tokens == 4000

@@ -432,6 +432,28 @@ class CostPolicy(BasePolicy):
         if model is not None:
             model.failed(rec.request.rid, now)
 
+    # -- other replicas (router.state) ------------------------------------------------------
+    def on_remote_routed(self, backend: str, req: RouteRequest, now: float) -> None:
+        """Another replica sent `req` to `backend`: it will hold the prefix and is busier."""
+        model = self._models.get(backend)
+        if model is None:
+            return
+        held = self.index.match(req.blocks).get(backend, 0)
+        cached = min(req.tokens_in_blocks(held), max(req.prompt_tokens - 1, 0))
+        prefill_s = model.perf.prefill_time(req.prompt_tokens - cached, req.prompt_tokens)
+        model.backlog.add(req.rid, prefill_s, now)
+        self.index.insert(
+            backend, req.blocks, now, req.block_tokens, prompt_tokens=req.prompt_tokens
+        )
+
+    def on_remote_first_token(self, backend: str, rid: str, now: float) -> None:
+        model = self._models.get(backend)
+        if model is not None:
+            model.backlog.done(rid, now)
+
+    def on_remote_ended(self, backend: str, rid: str, now: float) -> None:
+        self.on_remote_first_token(backend, rid, now)
+
 
 class OracleProbe(Protocol):
     """What the simulator lets the oracle see (router.replay.simulate.EngineProbe)."""

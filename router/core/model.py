@@ -220,6 +220,12 @@ class Policy(Protocol):
 
     def on_backend_removed(self, backend_id: str) -> None: ...
 
+    def on_remote_routed(self, backend: str, req: RouteRequest, now: float) -> None: ...
+
+    def on_remote_first_token(self, backend: str, rid: str, now: float) -> None: ...
+
+    def on_remote_ended(self, backend: str, rid: str, now: float) -> None: ...
+
 
 class BasePolicy:
     """No-op hooks, so a policy overrides only what it uses (sglang-router's habit)."""
@@ -249,4 +255,16 @@ class BasePolicy:
         return None
 
     def on_backend_removed(self, backend_id: str) -> None:
+        return None
+
+    # Another router replica's traffic (router.state): what it routed where, and when that
+    # request's prefill finished and it ended, so shared beliefs and queues stay in step.
+    # `rid` is unique across replicas (the state layer prefixes the replica's id).
+    def on_remote_routed(self, backend: str, req: RouteRequest, now: float) -> None:
+        return None
+
+    def on_remote_first_token(self, backend: str, rid: str, now: float) -> None:
+        return None
+
+    def on_remote_ended(self, backend: str, rid: str, now: float) -> None:
         return None

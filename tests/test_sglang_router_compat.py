@@ -60,6 +60,11 @@ def test_sglang_router_routes_to_sim_servers(sim_process: Any, tmp_path: Path) -
                 *sp.urls,
                 "--log-level",
                 "warn",
+                # its default metrics port 29000 clashes when two routers run at once
+                "--prometheus-host",
+                "127.0.0.1",
+                "--prometheus-port",
+                str(free_port()),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

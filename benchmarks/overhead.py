@@ -7,11 +7,10 @@ How it works. Three kinds of process, all on loopback:
         |--> prefix-router: `prefix-router serve --backend B --policy cost` --> the same backend
         '--> sglang-router: `python -m sglang_router.launch_router --worker-urls B` --> same
 
-The backend is one subprocess running the simulated SGLang server (`backends.sim.server`, the
-code behind `prefix-router sim`) at `--speedup` X, so its own time per request is small and
-steady; it is started through `--sim-worker` of this script only to set the streaming tick
-(`stream_interval_s`, which the `sim` command does not expose): SGLang streams a chunk per
-token, and a 20 ms tick would give a 256-token stream two chunks to relay instead of dozens.
+The backend is one subprocess, `prefix-router sim` (the simulated SGLang server), at
+`--speedup` X, so its own time per request is small and steady, with a 1 ms streaming tick
+(`--stream-interval`): SGLang streams a chunk per token, and sim's default 20 ms tick would
+give a 256-token stream two chunks to relay instead of dozens.
 
 Cells are (mode, concurrency): "short" is a non-streaming chat completion with a one-line
 prompt and `max_tokens` 1-8; "stream" is a streaming chat completion of 256 tokens. Each cell
@@ -306,16 +305,21 @@ def _python() -> str:
 def _start_backend(procs: Processes, cfg: BenchConfig, port: int) -> _Proc:
     argv = [
         _python(),
-        str(Path(__file__).resolve()),
-        "--sim-worker",
+        "-m",
+        "router.cli",
+        "sim",
         "--port",
         str(port),
+        "--model",
+        MODEL,
         "--speedup",
         str(cfg.speedup),
         "--stream-interval",
         str(cfg.stream_interval_s),
         "--profile",
         cfg.profile,
+        "--log-level",
+        "warning",
     ]
     return procs.spawn("backend", argv)
 
@@ -612,35 +616,6 @@ def _profiled_router(out: str, router_argv: Sequence[str]) -> int:
     return router_main(list(router_argv))
 
 
-# --------------------------------------------------------------------------- sim worker
-
-
-def _sim_worker(args: argparse.Namespace) -> int:
-    """The backend process: one simulated SGLang server with a chosen streaming tick."""
-    from backends.sim.server import SimServerConfig, start_sim_servers
-
-    async def serve() -> None:
-        config = SimServerConfig(
-            model=MODEL, speedup=args.speedup, stream_interval_s=args.stream_interval
-        )
-        handles = await start_sim_servers(
-            1, host="127.0.0.1", base_port=args.port, profile=args.profile, config=config
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            for h in handles:
-                await h.close()
-
-    _install_uvloop()
-    asyncio.run(serve())
-    return 0
-
-
 def _install_uvloop() -> bool:
     try:
         import uvloop
@@ -681,8 +656,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cprofile", type=Path, help="also profile prefix-router; pstats file here")
     p.add_argument("--quick", action="store_true", help="a few requests per cell (smoke test)")
     p.add_argument("--render", type=Path, help="print a results JSON as a Markdown table")
-    p.add_argument("--sim-worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--profiled-router", metavar="OUT", help=argparse.SUPPRESS)
     return p
 
@@ -698,8 +671,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.render:
         print(markdown_table(json.loads(args.render.read_text())["results"]))
         return 0
-    if args.sim_worker:
-        return _sim_worker(args)
     concurrencies = tuple(args.concurrency)
     stream = tuple(args.stream_requests)
     if len(stream) != len(concurrencies):

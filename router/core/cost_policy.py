@@ -210,13 +210,33 @@ class _BusyPeriod:
 
 
 class _BackendModel:
-    __slots__ = ("backlog", "busy", "perf", "prefills")
+    __slots__ = ("_speeds", "_speeds_at", "backlog", "busy", "perf", "prefills")
 
     def __init__(self, prior: PerfPrior) -> None:
         self.perf = PerfModel(prior)
         self.backlog = _Backlog(pending={})
         self.prefills = _PrefillLog()
         self.busy = _BusyPeriod()
+        self._speeds_at = (-1, -1)
+        self._speeds = (0.0, 0.0, 0.0, 0.0)
+
+    def speeds(self) -> tuple[float, float, float, float]:
+        """(s per new token, s per attention pair, s per step, s per KV token in the step).
+
+        The same numbers as `perf.prefill_time` / `perf.decode_step_time`, cached until the
+        model learns something, so the per-backend loop of `choose` is plain arithmetic.
+        """
+        at = (self.perf.prefill_observations, self.perf.decode_observations)
+        if at != self._speeds_at:
+            learned = self.perf.learned()
+            self._speeds = (
+                1.0 / learned.prefill_tokens_per_s,
+                learned.prefill_s_per_token_ctx,
+                learned.decode_step_s,
+                learned.decode_s_per_kv_token,
+            )
+            self._speeds_at = at
+        return self._speeds
 
     def routed(self, rid: str, prefill_s: float, now: float) -> None:
         if not self.backlog.pending:
@@ -256,6 +276,8 @@ class CostPolicy(BasePolicy):
 
     name: ClassVar[str] = "cost"
     needs_blocks: ClassVar[bool] = True
+    # True where _cached_tokens/_queue_s are overridden (the oracle): no inlined shortcut.
+    _exact: ClassVar[bool] = False
 
     def __init__(self, rng: random.Random | None = None, **options: Any) -> None:
         super().__init__(rng)
@@ -311,6 +333,8 @@ class CostPolicy(BasePolicy):
         queue_s: float,
         expected_output: float,
     ) -> tuple[_Estimate, _Routed]:
+        """The winner's parts, for the decision and for learning later (same formula as
+        the loop in `choose`)."""
         n = req.prompt_tokens
         prefill_s = model.perf.prefill_time(n - cached, n)
         kv_tokens = state.decoding_kv_tokens + n + int(expected_output / 2)
@@ -333,17 +357,47 @@ class CostPolicy(BasePolicy):
     def choose(self, req: RouteRequest, backends: Sequence[BackendState], now: float) -> Choice:
         matches = self.index.match(req.blocks)
         expected_output = self.outputs.expect(req.max_tokens)
-        best: tuple[_Estimate, _Routed] | None = None
+        n = req.prompt_tokens
+        interference = self.config.interference
+        half_output = int(expected_output / 2)
+        # The hot loop: plain floats per backend, objects only for the winner.
+        best_cost = float("inf")
+        best: tuple[BackendState, _BackendModel, int, float] | None = None
+        block_tokens = req.block_tokens
+        cap = max(n - 1, 0)
+        models = self._models
+        exact = self._exact
         for state in backends:
-            model = self._model(state)
-            cached = self._cached_tokens(req, state.id, matches)
-            candidate = self._estimate(
-                req, state, model, cached, self._queue_s(state, model, now), expected_output
+            backend = state.id
+            model = models.get(backend) or self._model(state)
+            per_token, per_pair, step0, per_kv = model.speeds()
+            if exact:
+                cached = self._cached_tokens(req, backend, matches)
+                queue_s = self._queue_s(state, model, now)
+            else:  # the same as _cached_tokens and _queue_s, inlined: this loop is the hot path
+                cached = min(matches.get(backend, 0) * block_tokens, cap)
+                backlog = model.backlog
+                queue_s = backlog.work_s - (now - backlog.since)
+                if queue_s < 0.0:
+                    queue_s = 0.0
+            new = n - cached  # >= 1: a hit is capped at n - 1 tokens
+            pairs = new * (n - new) + new * (new + 1) // 2  # attention_pairs(new, n)
+            prefill_s = new * per_token + pairs * per_pair
+            kv = state.decoding_kv_tokens
+            step_s = step0 + per_kv * (kv + n + half_output)
+            mixed_s = step0 + per_kv * kv if state.decoding else 0.0
+            cost = (
+                queue_s
+                + prefill_s
+                + mixed_s
+                + expected_output * step_s
+                + interference * state.decoding * prefill_s
             )
-            if best is None or candidate[0].cost < best[0].cost:
-                best = candidate
+            if cost < best_cost or best is None:
+                best_cost, best = cost, (state, model, cached, queue_s)
         assert best is not None  # choose() is never called with no backends
-        estimate, routed = best
+        state, model, cached, queue_s = best
+        estimate, routed = self._estimate(req, state, model, cached, queue_s, expected_output)
         self._routed[req.rid] = routed
         return Choice(
             backend=estimate.backend,
@@ -469,6 +523,7 @@ class OraclePolicy(CostPolicy):
 
     name: ClassVar[str] = "oracle"
     needs_blocks: ClassVar[bool] = True
+    _exact: ClassVar[bool] = True
 
     def __init__(self, rng: random.Random | None = None, **options: Any) -> None:
         options.setdefault("calibrate", False)

@@ -1,7 +1,8 @@
 """Shared fixtures: free ports, simulated SGLang servers in-process or as a subprocess.
 
-- `free_port()` (plain function; `from conftest import free_port`) and the `unused_port`
-  fixture: a TCP port on 127.0.0.1 that was free a moment ago.
+- `free_port()` and `free_port_block(count)` (plain functions from `router.replay.ports`,
+  re-exported: `from conftest import free_port`) and the `unused_port` fixture: a TCP port on
+  127.0.0.1 that was free a moment ago.
 - `sim_servers` (async): a factory `await sim_servers(count=1, speedup=10.0, **kwargs)`
   starting simulated servers in this test's event loop via
   `backends.sim.server.start_sim_servers` (kwargs are passed on: profile, model, page_size,
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,37 +35,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from router.replay.ports import free_port, free_port_block
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEST_SPEEDUP = 10.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that the OS just reported free."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def free_port_block(count: int, attempts: int = 50) -> int:
-    """A first port P such that P..P+count-1 were all free a moment ago."""
-    for _ in range(attempts):
-        base = free_port()
-        if base + count > 65535:
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for p in range(base, base + count):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no block of {count} free ports found")
 
 
 def wait_http_ok(url: str, timeout: float = 15.0) -> None:

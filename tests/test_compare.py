@@ -14,9 +14,16 @@ import pytest
 from conftest import REPO_ROOT
 
 from router.core.policies import POLICIES
-from router.replay.compare import CompareConfig, ProcessSet, parse_targets, run_compare
+from router.replay.compare import (
+    CompareConfig,
+    ProcessSet,
+    parse_targets,
+    run_compare,
+    sglang_router_argv,
+)
 from router.replay.gentrace import MultiTurnConfig, multi_turn
-from router.replay.traces import write_mooncake
+from router.replay.ports import free_port_block
+from router.replay.traces import TraceError, load_window, write_mooncake
 
 needs_sglang_router = pytest.mark.skipif(
     importlib.util.find_spec("sglang_router") is None, reason="sglang-router not installed"
@@ -40,6 +47,40 @@ def test_parse_targets() -> None:
     for bad in ("nope", "sglang-router:cost", "oracle", "cost,cost", ""):
         with pytest.raises(ValueError):
             parse_targets(bad, sorted(POLICIES))
+
+
+def test_load_window_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "mt.jsonl"
+    write_mooncake(_small_trace(), path)
+    assert len(load_window(str(path), 0.0, 12.0).requests) < len(load_window(str(path)).requests)
+    cases = {
+        str(tmp_path / "missing.jsonl"): "trace file not found",
+        "no-such-bundled-name": "unknown bundled trace 'no-such-bundled-name'; known:",
+    }
+    for spec, message in cases.items():
+        with pytest.raises(TraceError, match=message):
+            load_window(spec)
+    with pytest.raises(TraceError, match=r"holds no requests \(the trace spans 0-"):
+        load_window(str(path), 10_000.0, 5.0)
+    with pytest.raises(TraceError, match="duration must be positive"):
+        load_window(str(path), 0.0, -1.0)
+
+
+def test_free_port_block_and_sglang_router_argv() -> None:
+    import socket
+
+    base = free_port_block(3)
+    for port in range(base, base + 3):  # each was free: binding it now succeeds
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    argv = sglang_router_argv(
+        "py", port=base, policy="cache_aware", worker_urls=["http://a", "http://b"],
+        metrics_port=base + 1,
+    )  # fmt: skip
+    assert argv[:3] == ["py", "-m", "sglang_router.launch_router"]
+    i = argv.index("--worker-urls")
+    assert argv[i + 1 : i + 3] == ["http://a", "http://b"]
+    assert argv[argv.index("--prometheus-port") + 1] == str(base + 1)
 
 
 def _small_trace() -> Any:

@@ -75,13 +75,12 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from backends.sim.perf import PROFILES
-    from router.commands.replay import load_window
     from router.core.policies import POLICIES
     from router.replay.client import run_summary
     from router.replay.compare import CompareConfig, ProcessSet, Target, parse_targets, run_compare
     from router.replay.metrics import RequestOutcome, json_safe
     from router.replay.report import format_table, plot_ttft_cdf
-    from router.replay.traces import TraceError
+    from router.replay.traces import TraceError, load_window
 
     if args.profile not in PROFILES:
         return _fail(f"unknown profile {args.profile!r}; known: {', '.join(PROFILES)}")
@@ -100,10 +99,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     try:
         trace = load_window(args.trace, args.start, args.duration)
-    except (OSError, KeyError, ValueError, TraceError) as exc:
-        return _fail(str(exc).strip("'\""))
-    if not trace.requests:
-        return _fail("the trace window holds no requests")
+    except TraceError as exc:
+        return _fail(str(exc))
     if args.api != "chat" and any(r.messages is not None for r in trace.requests):
         return _fail(f"a chat-log trace replays only with --api chat, not --api {args.api}")
 

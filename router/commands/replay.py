@@ -13,9 +13,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-__all__ = ["DESCRIPTION", "HELP", "add_arguments", "load_window", "run"]
+__all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
 HELP = "replay a trace over HTTP against an endpoint (our router, sglang-router, SGLang)"
 DESCRIPTION = """\
@@ -57,17 +56,6 @@ def _fail(message: str) -> int:
     return 2
 
 
-def load_window(spec: str, start: float, duration: float | None) -> Any:
-    """Load a trace by path or bundled name and cut its window (raises ValueError/OSError)."""
-    from router.replay.traces import bundled, load_trace
-
-    path = Path(spec)
-    trace = load_trace(path if path.exists() else bundled(spec))
-    if start or duration is not None:
-        trace = trace.window(start, duration)
-    return trace
-
-
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -76,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from router.replay.client import ReplayConfig, replay, run_summary
     from router.replay.metrics import json_safe
     from router.replay.report import format_table, plot_ttft_cdf
-    from router.replay.traces import TraceError
+    from router.replay.traces import TraceError, load_window
 
     if args.start < 0:
         return _fail("--start must be non-negative")
@@ -97,10 +85,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     try:
         trace = load_window(args.trace, args.start, args.duration)
-    except (OSError, KeyError, ValueError, TraceError) as exc:
-        return _fail(str(exc).strip("'\""))
-    if not trace.requests:
-        return _fail("the trace window holds no requests")
+    except TraceError as exc:
+        return _fail(str(exc))
     if args.api != "chat" and any(r.messages is not None for r in trace.requests):
         return _fail(f"a chat-log trace replays only with --api chat, not --api {args.api}")
 

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from router.replay.metrics import json_safe
     from router.replay.report import format_table, plot_ttft_cdf
     from router.replay.simulate import SimConfig, find_capacity, simulate_policy
-    from router.replay.traces import TraceError, bundled, load_trace
+    from router.replay.traces import TraceError, load_window
 
     if args.backends < 1:
         return _fail("--backends must be at least 1")
@@ -99,21 +99,10 @@ def run(args: argparse.Namespace) -> int:
     if not policies or bad:
         shown = f"unknown policy {', '.join(bad)}" if bad else "--policies names no policy"
         return _fail(f"{shown}; known: {', '.join(sorted(POLICIES))}")
-    path = Path(args.trace)
-    looks_like_path = path.suffix != "" or len(path.parts) > 1
-    if not path.exists() and looks_like_path:
-        return _fail(f"trace file not found: {path}")
     try:
-        trace = load_trace(path if path.exists() else bundled(args.trace))
-    except KeyError as exc:  # unknown bundled name: its message is the first argument
-        return _fail(str(exc.args[0]) if exc.args else str(exc))
-    except (OSError, TraceError) as exc:
+        trace = load_window(args.trace, args.start, args.duration)
+    except TraceError as exc:
         return _fail(str(exc))
-    span = trace.duration()
-    if args.start or args.duration is not None:
-        trace = trace.window(args.start, args.duration)
-    if not trace.requests:
-        return _fail(f"the trace window holds no requests (the trace spans 0-{span:.0f} s)")
 
     profiles = tuple(names[i % len(names)] for i in range(args.backends))
     engine_cfg = EngineConfig(schedule_policy=args.schedule_policy)

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ import aiohttp
 
 from router.replay.client import Api, ReplayConfig, ReplayRun, replay
 from router.replay.metrics import RequestOutcome
+from router.replay.ports import free_port_block
 from router.replay.traces import Trace
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "parse_targets",
     "run_compare",
     "run_target",
+    "sglang_router_argv",
 ]
 
 SGLANG_ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
@@ -188,29 +189,6 @@ def _tail(path: Path, chars: int = 2000) -> str:
         return ""
 
 
-def _free_port_block(count: int, attempts: int = 50) -> int:
-    """A first port P such that P..P+count-1 on 127.0.0.1 were all free a moment ago."""
-    for _ in range(attempts):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + count > 65535:
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no block of {count} free ports found")
-
-
 async def _wait_ready(
     session: aiohttp.ClientSession, url: str, child: _Child, deadline: float
 ) -> None:
@@ -228,38 +206,42 @@ async def _wait_ready(
         await asyncio.sleep(0.2)
 
 
+def sglang_router_argv(
+    python: str,
+    *,
+    port: int,
+    policy: str,
+    worker_urls: Sequence[str],
+    metrics_port: int,
+    log_level: str = "warn",
+) -> list[str]:
+    """The command that starts sglang-router 0.3.2 on 127.0.0.1:`port` with its own defaults.
+
+    Only startup polling (1 s instead of 30 s) and the Prometheus port (default 29000, which
+    another router may hold) are set; no routing knob is changed.
+    """
+    return [
+        python, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+        "--port", str(port), "--policy", policy, "--worker-urls", *worker_urls,
+        "--log-level", log_level, "--worker-startup-check-interval", "1",
+        "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port),
+    ]  # fmt: skip
+
+
 def _router_argv(
     target: Target, config: CompareConfig, port: int, urls: list[str], metrics_port: int
 ) -> list[str]:
-    if target.kind == "ours":
-        argv = [config.python, "-m", "router", "serve", "--host", "127.0.0.1"]
-        argv += ["--port", str(port), "--policy", target.policy, "--log-level", "WARNING"]
-        for url in urls:
-            argv += ["--backend", url]
-        return argv
-    return [
-        config.python,
-        "-m",
-        "sglang_router.launch_router",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--policy",
-        target.policy,
-        "--worker-urls",
-        *urls,
-        "--log-level",
-        "warn",
-        # startup polling only (default 30 s) and a free metrics port (default 29000, which
-        # another router may hold); no routing knob is changed
-        "--worker-startup-check-interval",
-        "1",
-        "--prometheus-host",
-        "127.0.0.1",
-        "--prometheus-port",
-        str(metrics_port),
-    ]
+    if target.kind == "sglang-router":
+        return sglang_router_argv(
+            config.python, port=port, policy=target.policy, worker_urls=urls,
+            metrics_port=metrics_port,
+        )  # fmt: skip
+    # --profile: the router's prior for every backend is the pool's profile, as in `simulate`
+    argv = [config.python, "-m", "router", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--policy", target.policy, "--profile", config.profile, "--log-level", "WARNING"]
+    for url in urls:
+        argv += ["--backend", url]
+    return argv
 
 
 async def run_target(
@@ -273,7 +255,7 @@ async def run_target(
     """Fresh pool + router for `target`, replay `trace`, then stop them (always)."""
     slug = target.name.replace(":", "-")
     try:
-        base = _free_port_block(config.backends + 2)
+        base = free_port_block(config.backends + 2)
         urls = [f"http://127.0.0.1:{base + i}" for i in range(config.backends)]
         router_port = base + config.backends
         sims = procs.start(

@@ -45,6 +45,7 @@ __all__ = [
     "bundled",
     "data_dir",
     "load_trace",
+    "load_window",
     "write_mooncake",
 ]
 
@@ -173,6 +174,36 @@ def load_trace(
         raise ValueError(f"unknown trace format {fmt!r}")
     reqs.sort(key=lambda r: r.timestamp)
     return Trace(name=p.stem, block_size=bs, requests=tuple(reqs))
+
+
+def load_window(spec: str, start: float = 0.0, duration: float | None = None) -> Trace:
+    """The requests of a trace (a path or a bundled name) from `start` for `duration` seconds.
+
+    Every command that takes `--trace --start --duration` loads through here, so each gives
+    the same one-line `TraceError` for a missing file, an unknown bundled name, an unreadable
+    file, a bad window, and a window that holds no request.
+    """
+    path = Path(spec)
+    looks_like_path = path.suffix != "" or len(path.parts) > 1
+    if not path.exists() and looks_like_path:
+        raise TraceError(f"trace file not found: {spec}")
+    try:
+        trace = load_trace(path if path.exists() else bundled(spec))
+    except KeyError as exc:  # unknown bundled name: its message is the first argument
+        raise TraceError(str(exc.args[0]) if exc.args else str(exc)) from None
+    except TraceError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise TraceError(f"cannot read trace {spec}: {exc}") from None
+    span = trace.duration()
+    if start or duration is not None:
+        try:
+            trace = trace.window(start, duration)
+        except ValueError as exc:
+            raise TraceError(str(exc)) from None
+    if not trace.requests:
+        raise TraceError(f"the trace window holds no requests (the trace spans 0-{span:.0f} s)")
+    return trace
 
 
 def write_mooncake(trace: Trace, path: str | Path) -> None:

@@ -3,10 +3,10 @@
 Two halves, both free of the router's server code:
 
 - small async helpers taking the caller's `aiohttp.ClientSession` (one per app, as aiohttp
-  recommends): `fetch_server_info` (model, KV capacity, page size, scheduler limits; tries
-  `/get_server_info` then `/server_info`, and `/get_model_info`, `/model_info` or `/v1/models`
-  for the model name), `fetch_load` (`/v1/loads`, falling back to `/get_load`),
-  `check_health`, `abort_request`;
+  recommends): `fetch_server_info` (model, KV capacity, page size, scheduler limits, HiCache
+  host pool; tries `/get_server_info` then `/server_info`, and `/get_model_info`,
+  `/model_info` or `/v1/models` for the model name), `fetch_load` (`/v1/loads`, falling back
+  to `/get_load`), `check_health`, `abort_request`;
 - pure parsers for what the live proxy relays: `cached_tokens_from_openai` (OpenAI
   `usage.prompt_tokens_details.cached_tokens`), `cached_tokens_from_meta` (SGLang
   `meta_info.cached_tokens`) and `usage_from_sse_chunk`, which reads token counts from one
@@ -62,12 +62,38 @@ class ServerInfo:
     max_running_requests: int | None = None
     context_length: int | None = None
     version: str | None = None
+    # SGLang's hierarchical cache (HiCache) server args; None where the server did not say
+    hierarchical_cache: bool | None = None  # enable_hierarchical_cache
+    hicache_ratio: float | None = None  # host pool = ratio x device pool (tokens)
+    hicache_size_gb: float | None = None  # host pool in GB per rank; > 0 overrides the ratio
+    tp_size: int | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model must be non-empty")
         if self.page_size <= 0:
             raise ValueError("page_size must be positive")
+
+    def host_cache_tokens(self, kv_bytes_per_token: float | None = None) -> int | None:
+        """Tokens in the HiCache host pool, sized as SGLang sizes it; None if not reported.
+
+        SGLang's host pool holds `hicache_size` GB per tensor-parallel rank when that is set
+        (tokens = bytes / per-rank KV bytes per token, which only a model profile can tell:
+        `kv_bytes_per_token` is the whole model's), else `hicache_ratio` x the device pool.
+        0 when hierarchical cache is off.
+        """
+        if self.hierarchical_cache is None:
+            return None
+        if not self.hierarchical_cache:
+            return 0
+        size = self.hicache_size_gb or 0.0
+        if size > 0 and kv_bytes_per_token and kv_bytes_per_token > 0:
+            per_rank = kv_bytes_per_token / max(self.tp_size or 1, 1)
+            return int(size * 1e9 // per_rank)
+        ratio = self.hicache_ratio if self.hicache_ratio is not None else 2.0
+        if self.max_total_num_tokens is None or ratio <= 0:
+            return None
+        return int(self.max_total_num_tokens * ratio)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,6 +127,12 @@ def _int(value: Any) -> int | None:
     return None
 
 
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
 def _base(url: str) -> str:
     return url.rstrip("/")
 
@@ -131,6 +163,7 @@ def parse_server_info(info: Mapping[str, Any], model_name: str | None = None) ->
         raise BackendError("server info names no model")
     page = _int(info.get("page_size"))
     version = info.get("version")
+    hicache = info.get("enable_hierarchical_cache")
     return ServerInfo(
         model=name,
         model_path=model_path if isinstance(model_path, str) else None,
@@ -141,6 +174,10 @@ def parse_server_info(info: Mapping[str, Any], model_name: str | None = None) ->
         max_running_requests=_int(info.get("max_running_requests")),
         context_length=_int(info.get("context_length")),
         version=version if isinstance(version, str) else None,
+        hierarchical_cache=hicache if isinstance(hicache, bool) else None,
+        hicache_ratio=_float(info.get("hicache_ratio")),
+        hicache_size_gb=_float(info.get("hicache_size")),
+        tp_size=_int(info.get("tp_size")),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 __all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
@@ -11,11 +12,19 @@ DESCRIPTION = """Run the prompt-cache-aware router.
 
 Backends come from --backend URL (repeatable), --backends URL,URL, the config file, or
 PREFIX_ROUTER_BACKENDS; --embedded K starts K simulated SGLang backends in this process.
+
+--profile NAME (see `prefix-router profiles`; default llama3-8b-h100) says what hardware and
+model every backend is: the simulated backends run it, and the router's cost model of each
+backend (prefill and decode speed) starts from it before calibrating online. A backend on
+other hardware gets its own with --backend-profile URL=NAME (repeatable). KV capacity and a
+HiCache host pool come from each backend's /get_server_info.
 Every option can also be set in a YAML file (--config) or as PREFIX_ROUTER_<NAME>.
 
 examples:
   prefix-router serve --embedded 4
   prefix-router serve --backend http://gpu1:30000 --backend http://gpu2:30000 --policy cost
+  prefix-router serve --backends gpu1:30000,gpu2:30000 --profile llama3-8b-a100 \
+      --backend-profile gpu2:30000=llama3-8b-h100
 """
 
 
@@ -25,7 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--backend", action="append", metavar="URL", help="a backend URL (repeatable)")
     a("--backends", metavar="URL,URL", help="backend URLs, comma-separated")
     a("--embedded", type=int, metavar="K", help="start K simulated backends in-process")
-    a("--profile", help="performance profile of the simulated backends")
+    a("--profile", help="performance profile of every backend (default llama3-8b-h100)")
+    a(
+        "--backend-profile",
+        action="append",
+        dest="backend_profiles",
+        metavar="URL=NAME",
+        help="performance profile of one backend (repeatable)",
+    )
     a("--speedup", type=float, help="simulated backends run this many times faster")
     a("--policy", help='routing policy (default: "cost" if available, else "cache_aware")')
     a("--host", help="listen address (default 127.0.0.1)")
@@ -43,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from router.server.config import load_config
     from router.server.embedded import serve
 
@@ -51,26 +69,31 @@ def run(args: argparse.Namespace) -> int:
         backends = list(args.backend or [])
         if args.backends:
             backends += [u.strip() for u in args.backends.split(",") if u.strip()]
-    config = load_config(
-        args.config,
-        backends=backends,
-        embedded=args.embedded,
-        profile=args.profile,
-        speedup=args.speedup,
-        policy=args.policy,
-        host=args.host,
-        port=args.port,
-        api_keys=args.api_keys,
-        admin_key=args.admin_key,
-        max_body_bytes=args.max_body_bytes,
-        block_tokens=args.block_tokens,
-        tokenizer=args.tokenizer,
-        health_interval_s=args.health_interval_s,
-        max_attempts=args.max_attempts,
-        seed=args.seed,
-        log_prompts=args.log_prompts,
-        log_level=args.log_level,
-    )
+    try:
+        config = load_config(
+            args.config,
+            backends=backends,
+            embedded=args.embedded,
+            profile=args.profile,
+            backend_profiles=args.backend_profiles,
+            speedup=args.speedup,
+            policy=args.policy,
+            host=args.host,
+            port=args.port,
+            api_keys=args.api_keys,
+            admin_key=args.admin_key,
+            max_body_bytes=args.max_body_bytes,
+            block_tokens=args.block_tokens,
+            tokenizer=args.tokenizer,
+            health_interval_s=args.health_interval_s,
+            max_attempts=args.max_attempts,
+            seed=args.seed,
+            log_prompts=args.log_prompts,
+            log_level=args.log_level,
+        )
+    except (ValidationError, FileNotFoundError) as exc:
+        print(f"bad configuration: {exc}", file=sys.stderr)
+        return 2
     if not config.backends and not config.embedded:
         print("no backends: pass --backend URL, --backends URL,URL or --embedded K")
         return 2

@@ -4,11 +4,12 @@ Every call needs `Authorization: Bearer <admin key>` (see `auth.check_admin`: 40
 403 with a client key). Bodies and answers are JSON::
 
     GET    /admin/backends                          -> {"backends": [<backend>, ...]}
-    POST   /admin/backends         {"url": URL}     -> 201 {"backend": <backend>}
+    POST   /admin/backends         {"url": URL, "profile": NAME?} -> 201 {"backend": <backend>}
     DELETE /admin/backends         {"url": URL}     -> 200 {"removed": URL}      (404 if unknown)
     POST   /admin/backends/drain   {"url": URL, "drain": true|false} -> {"backend": <backend>}
 
 An added backend is discovered and health-checked at once; it takes traffic once healthy.
+`profile` names the backend's performance profile (its routing prior; default: `--profile`).
 A removed backend's in-flight requests run to their end; a drained one gets nothing new.
 """
 
@@ -40,7 +41,9 @@ def describe_entry(entry: PoolEntry) -> dict[str, Any]:
         "last_error": entry.last_error,
         "models": list(info.models) if info else [],
         "kv_capacity_tokens": info.kv_capacity_tokens if info else None,
+        "host_cache_tokens": info.host_cache_tokens if info else None,
         "page_size": info.page_size if info else None,
+        "profile": info.profile if info else entry.profile,
     }
 
 
@@ -75,8 +78,14 @@ class AdminApi:
 
     async def add(self, request: web.Request) -> web.StreamResponse:
         self._guard(request)
-        url, _ = await self._url(request)
-        entry = self.pool.add(url)
+        url, body = await self._url(request)
+        profile = body.get("profile")
+        if profile is not None and not isinstance(profile, str):
+            raise ApiError(400, "profile must be a string", param="profile")
+        try:
+            entry = self.pool.add(url, profile=profile)
+        except KeyError as exc:
+            raise ApiError(400, str(exc.args[0]), param="profile", code="unknown_profile") from None
         await self.pool.check(entry, asyncio.get_running_loop().time())
         return web.json_response({"backend": describe_entry(entry)}, status=201)
 

@@ -94,6 +94,7 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
         health_timeout_s=config.health_timeout_s,
         breaker_failures=config.breaker_failures,
         breaker_cooldown_s=config.breaker_cooldown_s,
+        profile_for=config.profile_for,
     )
     proxy = Proxy(
         config=config,

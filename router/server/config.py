@@ -4,7 +4,8 @@
 
 1. keyword arguments (what `prefix-router serve` got on its command line),
 2. environment variables `PREFIX_ROUTER_<FIELD>` (lists as JSON or comma-separated:
-   `PREFIX_ROUTER_BACKENDS=http://a:30000,http://b:30000`),
+   `PREFIX_ROUTER_BACKENDS=http://a:30000,http://b:30000`; maps as JSON or `K=V,K=V`:
+   `PREFIX_ROUTER_BACKEND_PROFILES=http://a:30000=llama3-70b-h100-tp4`),
 3. a YAML file (`--config FILE`, or `PREFIX_ROUTER_CONFIG`), whose keys are the field names,
 4. the defaults below.
 
@@ -26,9 +27,12 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-__all__ = ["ServerConfig", "load_config"]
+__all__ = ["DEFAULT_PROFILE", "ServerConfig", "load_config", "normalise_url"]
+
+DEFAULT_PROFILE = "llama3-8b-h100"
 
 CommaList = Annotated[list[str], NoDecode]
+AssignmentMap = Annotated[dict[str, str], NoDecode]
 
 
 class ServerConfig(BaseSettings):
@@ -42,7 +46,11 @@ class ServerConfig(BaseSettings):
     port: int = Field(default=30000, ge=0, le=65535)
     backends: CommaList = Field(default_factory=list)
     embedded: int = Field(default=0, ge=0, description="simulated backends to start in-process")
+    # Performance profile (`prefix-router profiles`) of every backend: the simulated ones run
+    # it, and each backend's routing prior comes from it; None: DEFAULT_PROFILE.
     profile: str | None = None
+    # Per-backend profile overrides, URL -> profile name (`--backend-profile URL=NAME`).
+    backend_profiles: AssignmentMap = Field(default_factory=dict)
     speedup: float = Field(default=1.0, gt=0)
     policy: str | None = None  # None: "cost" if registered, else "cache_aware"
     policy_options: dict[str, Any] = Field(default_factory=dict)
@@ -87,12 +95,44 @@ class ServerConfig(BaseSettings):
     def _normalise_urls(cls, value: list[str]) -> list[str]:
         out: list[str] = []
         for url in value:
-            if not url.startswith(("http://", "https://")):
-                url = "http://" + url
-            url = url.rstrip("/")
+            url = normalise_url(url)
             if url not in out:
                 out.append(url)
         return out
+
+    @field_validator("backend_profiles", mode="before")
+    @classmethod
+    def _parse_backend_profiles(cls, value: Any) -> Any:
+        """Accept `URL=NAME,URL=NAME` (env) or a JSON object string, as well as a mapping."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                import json
+
+                return json.loads(text)
+            value = [part for part in text.split(",") if part.strip()]
+        if isinstance(value, list):
+            return dict(_split_assignment(item) for item in value)
+        return value
+
+    @field_validator("backend_profiles")
+    @classmethod
+    def _check_backend_profiles(cls, value: dict[str, str]) -> dict[str, str]:
+        out = {normalise_url(url): name for url, name in value.items()}
+        for name in out.values():
+            _check_profile(name)
+        return out
+
+    @field_validator("profile")
+    @classmethod
+    def _check_default_profile(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_profile(value)
+        return value
+
+    def profile_for(self, url: str) -> str:
+        """The profile of backend `url`: its override, else --profile, else DEFAULT_PROFILE."""
+        return self.backend_profiles.get(normalise_url(url)) or self.profile or DEFAULT_PROFILE
 
     @classmethod
     def settings_customise_sources(
@@ -104,6 +144,32 @@ class ServerConfig(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+
+def normalise_url(url: str) -> str:
+    """`host:port` -> `http://host:port`, no trailing slash: one spelling per backend."""
+    url = url.strip()
+    if not url.startswith(("http://", "https://")):
+        url = "http://" + url
+    return url.rstrip("/")
+
+
+def _split_assignment(item: Any) -> tuple[str, str]:
+    """`URL=NAME` -> (URL, NAME); the last `=` splits, so a URL may hold one."""
+    if not isinstance(item, str) or "=" not in item:
+        raise ValueError(f"expected URL=PROFILE, got {item!r}")
+    url, _, name = item.strip().rpartition("=")
+    if not url.strip() or not name.strip():
+        raise ValueError(f"expected URL=PROFILE, got {item!r}")
+    return url.strip(), name.strip()
+
+
+def _check_profile(name: str) -> None:
+    """Unknown profile names fail at startup, listing the known ones."""
+    from backends.sim.perf import PROFILES
+
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; known profiles: {', '.join(sorted(PROFILES))}")
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ServerConfig:

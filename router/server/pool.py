@@ -9,9 +9,15 @@ Each backend URL becomes a `PoolEntry`. Its life::
     HALF_OPEN --probe ok--> CLOSED          --probe fails--> OPEN (cooldown restarts)
 
 Discovery (`backends.sglang.fetch_server_info`) reads `/get_server_info` (or `/server_info`)
-for the KV capacity (`max_total_num_tokens`), page size and served model name; a backend
-that cannot be reached yet stays out of the routing core and is retried every health
-interval. Failures come from two places: the health loop (`GET /health`) and the proxy
+for the KV capacity (`max_total_num_tokens`), page size, served model name and HiCache host
+pool; a backend that cannot be reached yet stays out of the routing core and is retried every
+health interval. Its `BackendSpec` also carries the routing prior of its performance profile
+(`router.priors`; the profile comes from `profile_for(url)`, i.e. `--profile` or a per-backend
+override): so a policy that models speed starts from what the operator said the hardware is.
+The host pool is what the server reports (`enable_hierarchical_cache`, `hicache_ratio`,
+`hicache_size`); a server that says nothing about it gets the profile's.
+
+Failures come from two places: the health loop (`GET /health`) and the proxy
 (`report_failure` on a refused connection or a 5xx before the first byte). Each healthy round
 also reads the backend's own load (`/v1/loads` or `/get_load`) into the core. The breaker itself
 is sans-clock: the caller passes `now` (the event loop's clock).
@@ -25,16 +31,26 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
 
-from backends.sglang import BackendError, check_health, fetch_load, fetch_server_info
+from backends.sglang import BackendError, ServerInfo, check_health, fetch_load, fetch_server_info
+from backends.sim.perf import get_profile
 from router.core.model import BackendSpec
 from router.core.routing import RoutingCore
+from router.priors import prior_from_profile
+from router.server.config import DEFAULT_PROFILE
 
-__all__ = ["BackendInfo", "BackendPool", "BreakerState", "CircuitBreaker", "PoolEntry"]
+__all__ = [
+    "BackendInfo",
+    "BackendPool",
+    "BreakerState",
+    "CircuitBreaker",
+    "PoolEntry",
+    "host_cache_tokens",
+]
 
 log = logging.getLogger("router.server.pool")
 
@@ -89,12 +105,22 @@ class BackendInfo:
     kv_capacity_tokens: int | None
     page_size: int
     max_running_requests: int | None = None
+    profile: str = ""  # the performance profile its routing prior came from
+    host_cache_tokens: int = 0  # HiCache host pool
+
+
+def host_cache_tokens(server: ServerInfo, profile_name: str) -> int:
+    """The host pool the server reports, else (server silent on HiCache) the profile's."""
+    profile = get_profile(profile_name)
+    reported = server.host_cache_tokens(profile.kv_bytes_per_token())
+    return profile.host_capacity_tokens if reported is None else reported
 
 
 @dataclass(slots=True, kw_only=True)
 class PoolEntry:
     url: str
     breaker: CircuitBreaker
+    profile: str | None = None  # set when added with its own profile (admin API)
     info: BackendInfo | None = None
     draining: bool = False
     healthy: bool = False  # last verdict pushed into the routing core
@@ -122,8 +148,10 @@ class BackendPool:
         health_timeout_s: float,
         breaker_failures: int,
         breaker_cooldown_s: float,
+        profile_for: Callable[[str], str] | None = None,
     ) -> None:
         self.core = core
+        self.profile_for = profile_for
         self.session = session
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
@@ -135,13 +163,20 @@ class BackendPool:
 
     # ----- membership -------------------------------------------------------------------
 
-    def add(self, url: str) -> PoolEntry:
-        """Add a backend (idempotent); it becomes routable after discovery and a health check."""
+    def add(self, url: str, *, profile: str | None = None) -> PoolEntry:
+        """Add a backend (idempotent); it becomes routable after discovery and a health check.
+
+        `profile` names its performance profile (KeyError if unknown); None: `profile_for`'s.
+        """
         url = url.rstrip("/")
         if url in self.entries:
             return self.entries[url]
+        if profile is not None:
+            get_profile(profile)
         entry = PoolEntry(
-            url=url, breaker=CircuitBreaker(self.breaker_failures, self.breaker_cooldown_s)
+            url=url,
+            breaker=CircuitBreaker(self.breaker_failures, self.breaker_cooldown_s),
+            profile=profile,
         )
         self.entries[url] = entry
         self._wake.set()
@@ -219,17 +254,22 @@ class BackendPool:
         models = [server.model]
         if server.model_path and server.model_path != server.model:
             models.append(server.model_path)
+        profile = self._profile_of(entry)
         info = BackendInfo(
             models=tuple(models),
             kv_capacity_tokens=server.max_total_num_tokens or None,
             page_size=server.page_size,
             max_running_requests=server.max_running_requests or None,
+            profile=profile,
+            host_cache_tokens=host_cache_tokens(server, profile),
         )
         entry.info = info
         spec = BackendSpec(
             id=entry.id,
             kv_capacity_tokens=info.kv_capacity_tokens,
+            host_cache_tokens=info.host_cache_tokens,
             page_size=info.page_size,
+            prior=prior_from_profile(get_profile(profile)),
             max_running_requests=info.max_running_requests,
         )
         self.core.add_backend(spec)
@@ -237,13 +277,22 @@ class BackendPool:
         if entry.draining:
             self.core.set_draining(entry.id, True)
         log.info(
-            "backend %s discovered: models=%s kv=%s page=%s",
+            "backend %s discovered: models=%s kv=%s host=%s page=%s profile=%s",
             entry.url,
             list(info.models),
             info.kv_capacity_tokens,
+            info.host_cache_tokens,
             info.page_size,
+            profile,
         )
         return True
+
+    def _profile_of(self, entry: PoolEntry) -> str:
+        if entry.profile is not None:
+            return entry.profile
+        if self.profile_for is not None:
+            return self.profile_for(entry.url)
+        return DEFAULT_PROFILE
 
     async def check(self, entry: PoolEntry, now: float) -> None:
         """One health round for one backend: discover if needed, then GET /health."""

@@ -106,6 +106,11 @@ async def test_compare_two_targets_and_no_process_left(tmp_path: Path) -> None:
         assert len(run.outcomes) == len(trace.requests)
         assert all(not o.failed for o in run.outcomes), [o.error for o in run.outcomes]
         assert sum(o.cached_tokens for o in run.outcomes) > 0  # shared system prompt
+    # ours names the backend of every request and leaves what it learned; sglang-router neither
+    ours, theirs = runs["cost"], runs["sglang-router:round_robin"]
+    urls = {row["url"] for row in ours.extra["router_stats"]["backends"]}
+    assert len(urls) == 2 and {o.backend for o in ours.outcomes} <= urls
+    assert all(o.backend is None for o in theirs.outcomes) and "router_stats" not in theirs.extra
     logs = sorted(p.name for p in tmp_path.glob("*.log"))
     assert logs == ["cost-sim.log", "cost.log", "sglang-router-round_robin-sim.log",
                     "sglang-router-round_robin.log"]  # fmt: skip

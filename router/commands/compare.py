@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -23,7 +24,8 @@ __all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 HELP = "compare routers live: ours and sglang-router, each in front of fresh simulated pools"
 DESCRIPTION = """\
 Starts N simulated SGLang backends and one router per target, replays the same trace window
-over HTTP through each, and prints one table (TTFT, TPOT, E2E, hit ratio, failures).
+over HTTP through each, and prints one table (TTFT, TPOT, E2E, hit ratio, failures). The JSON
+also keeps what our router learned (its /stats per target); --outcomes keeps every request.
 
 Targets: our policies by name (cost, cache_aware, round_robin, ...) and sglang-router 0.3.2
 as sglang-router:cache_aware, sglang-router:round_robin, ...
@@ -57,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--log-dir", type=Path, default=None, help="keep child process logs here")
     a("--json", type=Path, default=None, help="write results JSON here")
     a("--plot", type=Path, default=None, help="write a TTFT CDF PNG here")
+    a(
+        "--outcomes",
+        type=Path,
+        default=None,
+        help="write every request's outcome per target here (JSON; rid, TTFT, backend, ...)",
+    )
     a("--quiet", action="store_true", help="no progress bars")
 
 
@@ -162,9 +170,16 @@ def run(args: argparse.Namespace) -> int:
             "requests": len(trace.requests),
             "total_wall_s": total_s,
             "results": results,
+            "router_stats": {
+                n: r.extra["router_stats"] for n, r in runs.items() if "router_stats" in r.extra
+            },
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
+    if args.outcomes is not None:
+        per_request = {n: [asdict(o) for o in r.outcomes] for n, r in runs.items()}
+        args.outcomes.parent.mkdir(parents=True, exist_ok=True)
+        args.outcomes.write_text(json.dumps(json_safe(per_request), allow_nan=False) + "\n")
     if args.plot is not None:
         plot_ttft_cdf({n: r.outcomes for n, r in runs.items()}, args.plot, title=title)
     return 0

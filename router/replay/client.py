@@ -18,7 +18,8 @@ chat logs, else `BlockTextGenerator` text per `hash_ids` block (shared ids -> sh
 Measured per request (from just before the POST): TTFT = first chunk carrying output text;
 TPOT = (last token chunk - first token chunk) / (output tokens - 1); E2E = end of stream.
 Prompt, output and cached tokens come from `usage` (OpenAI, `prompt_tokens_details.
-cached_tokens`) or `meta_info` (SGLang). With `speedup` F (simulated servers running F times
+cached_tokens`) or `meta_info` (SGLang); the backend from our router's `X-Prefix-Router-Backend`
+header (None behind other routers). With `speedup` F (simulated servers running F times
 faster than the wall clock) sending is F times faster and every measured time is multiplied by
 F, so results read in the trace's own seconds.
 
@@ -45,6 +46,7 @@ from router.replay.traces import Trace, TraceRequest
 
 __all__ = [
     "API_PATHS",
+    "BACKEND_HEADER",
     "Api",
     "ReplayConfig",
     "ReplayRun",
@@ -63,6 +65,7 @@ API_PATHS: Mapping[str, str] = {
     "generate": "/generate",
 }
 
+BACKEND_HEADER = "X-Prefix-Router-Backend"  # our router names the backend it chose
 _LOOKAHEAD_S = 0.5  # bodies are built this long before they are due
 _STATUS = re.compile(r"^HTTP (\d{3})\b")
 
@@ -190,6 +193,7 @@ class _Stream:
     output_tokens: int | None = None
     cached_tokens: int | None = None
     error: str | None = None
+    backend: str | None = None  # where our router sent it (its X-Prefix-Router-Backend header)
 
 
 def _int(value: Any) -> int | None:
@@ -266,6 +270,7 @@ async def _one(
     sent = loop.time()
     try:
         async with session.post(config.url + path, json=body, headers=headers) as resp:
+            st.backend = resp.headers.get(BACKEND_HEADER)
             if resp.status != 200:
                 raw = await resp.text(errors="replace")
                 st.error = f"HTTP {resp.status}: {_error_message(raw)}"
@@ -400,6 +405,7 @@ def _outcome(
             ttft=None,
             tpot=None,
             e2e=None,
+            backend=st.backend,
             error=error,
         )
     assert st.first is not None and st.last is not None
@@ -414,6 +420,7 @@ def _outcome(
         ttft=(st.first - sent) * scale,
         tpot=tpot,
         e2e=(ended - sent) * scale,
+        backend=st.backend,
     )
 
 

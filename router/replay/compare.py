@@ -9,6 +9,7 @@ For every target, in order::
     wait until both answer               sims: GET /health; router: GET /v1/models (and ours'
                                          /readiness), i.e. until a request would be routed
     replay the window                    `router.replay.client.replay`, open loop
+    ours: keep its /stats                in the run's `extra["router_stats"]` (learned speeds)
     stop everything                      SIGTERM to each process group, SIGKILL after a grace
 
 Every child runs in its own session (process group), so stopping it stops whatever it forked,
@@ -206,6 +207,15 @@ async def _wait_ready(
         await asyncio.sleep(0.2)
 
 
+async def _get_json(session: aiohttp.ClientSession, url: str) -> object:
+    """The JSON body at `url`, or None if it cannot be had (a report extra, never fatal)."""
+    with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, ValueError):
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            if resp.status == 200:
+                return await resp.json()
+    return None
+
+
 def sglang_router_argv(
     python: str,
     *,
@@ -285,6 +295,9 @@ async def run_target(
         )
         result = await replay(trace, replay_config, on_done=on_done)
         result.extra["router_log_tail"] = _tail(router.log_path, 1000)
+        if target.kind == "ours":  # what our router learned, before it is stopped
+            async with aiohttp.ClientSession() as session:
+                result.extra["router_stats"] = await _get_json(session, router_url + "/stats")
         return result
     finally:
         procs.stop_all()

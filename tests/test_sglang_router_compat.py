@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from conftest import free_port
 
+from router.replay.compare import sglang_router_argv
+
 pytestmark = [
     pytest.mark.skipif(
         importlib.util.find_spec("sglang_router") is None, reason="sglang-router not installed"
@@ -46,26 +48,15 @@ def test_sglang_router_routes_to_sim_servers(sim_process: Any, tmp_path: Path) -
     router_log = tmp_path / "sglang-router.log"
     with router_log.open("wb") as log:
         router = subprocess.Popen(
-            [
+            # the command `prefix-router compare` uses; its own metrics port on a free loopback
+            # port, since the default 29000 clashes when two routers run at once
+            sglang_router_argv(
                 sys.executable,
-                "-m",
-                "sglang_router.launch_router",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--policy",
-                "cache_aware",
-                "--worker-urls",
-                *sp.urls,
-                "--log-level",
-                "warn",
-                # its default metrics port 29000 clashes when two routers run at once
-                "--prometheus-host",
-                "127.0.0.1",
-                "--prometheus-port",
-                str(free_port()),
-            ],
+                port=port,
+                policy="cache_aware",
+                worker_urls=sp.urls,
+                metrics_port=free_port(),
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
         )

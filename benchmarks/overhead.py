@@ -517,7 +517,7 @@ async def _run(cfg: BenchConfig, procs: Processes, cprofile: Path | None) -> dic
 
 
 async def _profile_router(cfg: BenchConfig, procs: Processes, backend: str, out: Path) -> str:
-    """Profile prefix-router over one short c=32 pass (warm, startup excluded); top functions.
+    """Profile prefix-router over one c=32 pass of the first mode (warm, startup excluded).
 
     The router runs under `--profiled-router`: SIGUSR1 starts cProfile in its main thread (the
     event loop's), SIGUSR2 stops it and writes `out`.
@@ -535,14 +535,15 @@ async def _profile_router(cfg: BenchConfig, procs: Processes, backend: str, out:
         out.unlink()
     proc = procs.spawn("prefix-router-cprofile", argv)
     base = f"http://127.0.0.1:{port}"
-    n = cfg.short_requests
+    mode = cfg.modes[0]
+    n = cfg.short_requests if mode == "short" else max(cfg.stream_requests.values())
     async with aiohttp.ClientSession() as session:
         await _wait_ready(session, proc, base + "/readiness")
-        await _warm(session, base, "short", cfg.warmup)
+        await _warm(session, base, mode, cfg.warmup)
         os.kill(proc.popen.pid, signal.SIGUSR1)
         await asyncio.sleep(0.2)
         s = Samples()
-        await _closed_loop(session, base + "/v1/chat/completions", "short", 32, n, s)
+        await _closed_loop(session, base + "/v1/chat/completions", mode, 32, n, s)
         os.kill(proc.popen.pid, signal.SIGUSR2)
     for _ in range(100):
         if out.exists() and out.stat().st_size > 0:
@@ -552,7 +553,7 @@ async def _profile_router(cfg: BenchConfig, procs: Processes, backend: str, out:
     buf = io.StringIO()
     stats = pstats.Stats(str(out), stream=buf)
     print(
-        f"prefix-router under cProfile, short c=32, {len(s.latency)} requests, "
+        f"prefix-router under cProfile, {mode} c=32, {len(s.latency)} requests, "
         f"p50 {percentile(s.latency, 50) * 1e3:.1f} ms (profiler overhead included)\n",
         file=buf,
     )

@@ -10,6 +10,7 @@ loop), so no locks.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -69,8 +70,11 @@ class Counter(_Metric):
         self.values: dict[LabelValues, float] = {}
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
-        key = self._key(labels)
-        self.values[key] = self.values.get(key, 0.0) + amount
+        # hot path (several calls per request): the label tuple is the key as given
+        if len(labels) != len(self.label_names):
+            raise ValueError(f"{self.name} takes labels {self.label_names}, got {labels}")
+        values = self.values
+        values[labels] = values.get(labels, 0.0) + amount
 
     def get(self, *labels: str) -> float:
         return self.values.get(self._key(labels), 0.0)
@@ -104,14 +108,13 @@ class Histogram(_Metric):
         self.series: dict[LabelValues, tuple[list[int], list[float]]] = {}
 
     def observe(self, *labels: str, value: float) -> None:
-        key = self._key(labels)
-        counts, totals = self.series.setdefault(key, ([0] * (len(self.buckets) + 1), [0.0, 0.0]))
-        idx = len(self.buckets)
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                idx = i
-                break
-        counts[idx] += 1
+        if len(labels) != len(self.label_names):
+            raise ValueError(f"{self.name} takes labels {self.label_names}, got {labels}")
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = ([0] * (len(self.buckets) + 1), [0.0, 0.0])
+        counts, totals = series
+        counts[bisect_left(self.buckets, value)] += 1  # first bucket with value <= bound
         totals[0] += value
         totals[1] += 1
 

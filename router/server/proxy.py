@@ -162,7 +162,7 @@ class Proxy:
             rid = f"{rid}-{uuid.uuid4().hex[:8]}"
         return rid
 
-    async def _read_json(self, request: web.Request) -> dict[str, Any]:
+    async def _read_json(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
         raw = await request.read()  # 413 from aiohttp past client_max_size
         try:
             body = json.loads(raw)
@@ -172,7 +172,7 @@ class Proxy:
             ) from None
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-        return body
+        return raw, body
 
     async def _route_request(self, prompt: Prompt, rid: str, body_chars: int) -> RouteRequest:
         """Blocks only when the policy reads them; big prompts tokenize off the event loop."""
@@ -211,7 +211,6 @@ class Proxy:
     async def forward(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         flight = _Flight(rid="-", endpoint=endpoint.path, started=loop.time())
-        request[REQUEST_ID_KEY] = self._new_rid(request, None)
         self.metrics.in_flight.inc(amount=1)
         try:
             response = await self._forward(request, endpoint, flight)
@@ -229,31 +228,38 @@ class Proxy:
         except Exception:
             flight.status = 500
             self.metrics.errors.inc("internal")
+            if REQUEST_ID_KEY not in request:  # failed before the body named one
+                request[REQUEST_ID_KEY] = self._new_rid(request, None)
             raise
         finally:
             self.metrics.in_flight.inc(amount=-1)
             self.metrics.requests.inc(endpoint.path, str(flight.status))
             self._end(flight, ok=False)  # no-op when the request already ended
             self.live.discard(flight.rid)
-            ttft = f"{flight.ttft_s * 1000:.1f}ms" if flight.ttft_s is not None else "-"
-            cached = flight.usage.cached_tokens if flight.usage else None
-            log.info(
-                "rid=%s endpoint=%s backend=%s status=%s ttft=%s cached=%s attempts=%d e2e=%.1fms",
-                flight.rid,
-                endpoint.path,
-                flight.backend or "-",
-                flight.status,
-                ttft,
-                cached if cached is not None else "-",
-                flight.attempts,
-                (loop.time() - flight.started) * 1000,
-            )
+            if log.isEnabledFor(logging.INFO):
+                self._log_flight(flight, endpoint, loop.time())
+
+    def _log_flight(self, flight: _Flight, endpoint: Endpoint, now: float) -> None:
+        """The request's one access-log line (built only when INFO is on: it costs)."""
+        ttft = f"{flight.ttft_s * 1000:.1f}ms" if flight.ttft_s is not None else "-"
+        cached = flight.usage.cached_tokens if flight.usage else None
+        log.info(
+            "rid=%s endpoint=%s backend=%s status=%s ttft=%s cached=%s attempts=%d e2e=%.1fms",
+            flight.rid,
+            endpoint.path,
+            flight.backend or "-",
+            flight.status,
+            ttft,
+            cached if cached is not None else "-",
+            flight.attempts,
+            (now - flight.started) * 1000,
+        )
 
     async def _forward(
         self, request: web.Request, endpoint: Endpoint, flight: _Flight
     ) -> web.StreamResponse:
         check_client(request, self.config.api_keys)
-        body = await self._read_json(request)
+        raw, body = await self._read_json(request)
         rid = self._new_rid(request, body)
         request[REQUEST_ID_KEY] = rid
         flight.rid = rid
@@ -272,9 +278,8 @@ class Proxy:
         if self.config.log_prompts:
             log.info("rid=%s prompt=%s", rid, json.dumps(body)[:4096])
         route_req = await self._route_request(prompt, rid, request.content_length or 0)
-        upstream_body, strip_usage = self._upstream_body(body, endpoint, rid, stream)
+        payload, strip_usage = self._upstream_payload(raw, body, endpoint, rid, stream)
         self.live.add(rid)
-        payload = json.dumps(upstream_body).encode()
         last: _UpstreamFailed | None = None
         for attempt in range(self.config.max_attempts):
             flight.attempts = attempt + 1
@@ -314,21 +319,28 @@ class Proxy:
             503, "no healthy backend available", code="no_healthy_backend", headers=headers
         )
 
-    def _upstream_body(
-        self, body: dict[str, Any], endpoint: Endpoint, rid: str, stream: bool
-    ) -> tuple[dict[str, Any], bool]:
-        """Our rid in the body (so /abort_request can target it); usage asked for on streams."""
-        out = dict(body)
+    def _upstream_payload(
+        self, raw: bytes, body: dict[str, Any], endpoint: Endpoint, rid: str, stream: bool
+    ) -> tuple[bytes, bool]:
+        """Our rid in the body (so /abort_request can target it); usage asked for on streams.
+
+        The client's bytes go upstream as they came, with the new keys spliced in before the
+        closing brace: re-serialising a long prompt would cost more than routing it. A key
+        the client already sent is replaced by re-serialising (JSON keys must stay unique).
+        """
+        extra: dict[str, Any] = {}
         batch = endpoint.kind == "generate" and isinstance(body.get("text"), list)
         if not batch:
-            out["rid"] = rid
+            extra["rid"] = rid
         strip_usage = False
         if stream and endpoint.kind != "generate":
             options = body.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage") is True):
-                out["stream_options"] = {**(options or {}), "include_usage": True}
+                extra["stream_options"] = {**(options or {}), "include_usage": True}
                 strip_usage = True
-        return out, strip_usage
+        if not extra:
+            return raw, strip_usage
+        return _splice(raw, body, extra), strip_usage
 
     def _end(self, flight: _Flight, *, ok: bool) -> None:
         """The request's one ending in the core (finished or failed); later calls do nothing."""
@@ -359,17 +371,6 @@ class Proxy:
         flight.ttft_s = now - flight.started
         self.core.on_first_token(flight.rid, now, cached)
         self.metrics.ttft.observe(flight.backend, value=flight.ttft_s)
-
-    @staticmethod
-    def _early_cached(endpoint: Endpoint, data: bytes) -> int | None:
-        """Cached tokens known at the first chunk: SGLang's /generate chunks carry meta_info."""
-        if endpoint.kind != "generate":
-            return None  # OpenAI streams report usage only in their last chunk
-        try:
-            usage = usage_from_sse_chunk(json.loads(data))
-        except ValueError:
-            return None
-        return usage.cached_tokens if usage is not None else None
 
     def _abort_upstream(self, backend_url: str, rid: str) -> None:
         """Tell the backend to stop working on `rid` (fire and forget, kept referenced)."""
@@ -416,10 +417,7 @@ class Proxy:
                 if not stream or upstream.status != 200 or "event-stream" not in content_type:
                     raw = await upstream.read()
                     if upstream.status == 200:
-                        try:
-                            flight.usage = usage_from_sse_chunk(json.loads(raw))
-                        except ValueError:
-                            flight.usage = None
+                        flight.usage = _body_usage(raw, endpoint.kind)
                         # no first-token event: a whole response's latency is not a TTFT
                         self._end(flight, ok=True)
                     else:
@@ -458,35 +456,46 @@ class Proxy:
         endpoint: Endpoint,
         strip_usage: bool,
     ) -> web.StreamResponse:
-        """Copy SSE events one by one as each completes; parse only what feedback needs."""
+        """Copy each upstream read's complete SSE events in one write; parse only for feedback.
+
+        The first data event is the first token (and, on /generate, says cached tokens); an
+        OpenAI event with a `usage` object is parsed (and dropped when the client did not ask
+        for usage); a /generate stream's last data event is parsed once, at its end.
+        """
         assert flight.backend is not None
-        buffer = b""
-        last_data: bytes | None = None
+        generate = endpoint.kind == "generate"
+        pending = b""  # bytes after the last complete event
+        last_data = b""  # generate: the latest run of events that held data
         done = False
         broken: str | None = None
         try:
             async for chunk in upstream.content.iter_any():
-                buffer += chunk
-                while (cut := buffer.find(b"\n\n")) >= 0:
-                    event, buffer = buffer[: cut + 2], buffer[cut + 2 :]
-                    data = event.strip()
-                    if data.startswith(b"data:"):
-                        data = data[5:].strip()
-                        if data == b"[DONE]":
-                            done = True
-                        else:
-                            if flight.ttft_s is None:
-                                self._first_token(flight, self._early_cached(endpoint, data))
-                            event = self._feedback(flight, endpoint, data, event, strip_usage)
-                            last_data = data
-                    if event:
-                        if not response.prepared:
-                            await response.prepare(request)
-                        await response.write(event)
-            if buffer.strip():
+                data = pending + chunk if pending else chunk
+                cut = data.rfind(b"\n\n")
+                if cut < 0:
+                    pending = data
+                    continue
+                events, pending = data[: cut + 2], data[cut + 2 :]
+                if flight.ttft_s is None:
+                    first = _first_data(events)
+                    if first is not None:
+                        self._first_token(flight, _early_cached(generate, first))
+                if generate:
+                    if b"data:" in events:
+                        last_data = events
+                elif _has_usage(events):
+                    events = self._feedback(flight, events, strip_usage)
+                if not done and b"[DONE]" in events:
+                    done = _has_done(events)
+                if events:
+                    if not response.prepared:
+                        await response.prepare(request)
+                    await response.write(events)
+            if pending.strip():
+                done = done or _has_done(pending)
                 if not response.prepared:
                     await response.prepare(request)
-                await response.write(buffer)
+                await response.write(pending)
             if not done:
                 broken = "stream ended without [DONE]"
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
@@ -512,9 +521,11 @@ class Proxy:
                 await response.write(sse_error_event("the backend failed mid-stream"))
                 await response.write_eof()
             return response
-        if endpoint.kind == "generate" and last_data is not None and flight.usage is None:
-            with contextlib.suppress(ValueError):
-                flight.usage = usage_from_sse_chunk(json.loads(last_data))
+        if generate and last_data and flight.usage is None:
+            payload = _last_data(last_data)
+            if payload is not None:
+                with contextlib.suppress(ValueError):
+                    flight.usage = usage_from_sse_chunk(json.loads(payload))
         if not response.prepared:
             await response.prepare(request)
         self._end(flight, ok=True)
@@ -522,22 +533,138 @@ class Proxy:
             await response.write_eof()
         return response
 
-    def _feedback(
-        self, flight: _Flight, endpoint: Endpoint, data: bytes, event: bytes, strip_usage: bool
-    ) -> bytes:
-        """Read usage from an OpenAI chunk that carries it; drop it if the client did not ask."""
-        if endpoint.kind == "generate" or b'"usage"' not in data:
-            return event
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            return event
-        if not isinstance(chunk, dict) or not isinstance(chunk.get("usage"), dict):
-            return event
-        flight.usage = usage_from_sse_chunk(chunk)
-        if not strip_usage:
-            return event
-        if not chunk.get("choices"):
-            return b""
-        chunk.pop("usage", None)
-        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    def _feedback(self, flight: _Flight, events: bytes, strip_usage: bool) -> bytes:
+        """Read usage from the OpenAI events that carry it; drop it if the client did not ask."""
+        out: list[bytes] = []
+        for event in _split_events(events):
+            data = _data_of(event)
+            if data is None or not _has_usage(data):
+                out.append(event)
+                continue
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                out.append(event)
+                continue
+            if not isinstance(chunk, dict) or not isinstance(chunk.get("usage"), dict):
+                out.append(event)
+                continue
+            flight.usage = usage_from_sse_chunk(chunk)
+            if not strip_usage:
+                out.append(event)
+            elif chunk.get("choices"):
+                chunk.pop("usage", None)
+                out.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        return b"".join(out)
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _has_usage(data: bytes) -> bool:
+    """An OpenAI chunk with a usage object (SGLang sends `"usage": null` on the others).
+
+    Two substring tests (pydantic's compact JSON, json.dumps' spaced) cost far less than a
+    regular expression over every read; other spellings are missed (no feedback, no harm).
+    """
+    return b'"usage": {' in data or b'"usage":{' in data
+
+
+def _split_events(events: bytes) -> list[bytes]:
+    """Complete SSE events (each ending in a blank line) one by one."""
+    parts = events.split(b"\n\n")
+    return [part + b"\n\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
+def _data_of(event: bytes) -> bytes | None:
+    """The payload of a `data:` event, None for comments and other fields."""
+    text = event.strip()
+    if not text.startswith(b"data:"):
+        return None
+    return text[5:].strip()
+
+
+def _first_data(events: bytes) -> bytes | None:
+    """The first data payload other than [DONE] (the first token), if any."""
+    if b"data:" not in events:
+        return None
+    for event in _split_events(events):
+        data = _data_of(event)
+        if data is not None and data != b"[DONE]":
+            return data
+    return None
+
+
+def _last_data(events: bytes) -> bytes | None:
+    """The last data payload other than [DONE] (a /generate stream's final counts)."""
+    for event in reversed(_split_events(events)):
+        data = _data_of(event)
+        if data is not None and data != b"[DONE]":
+            return data
+    return None
+
+
+def _has_done(events: bytes) -> bool:
+    """Whether a line of `events` is `data: [DONE]` (JSON strings cannot hold a raw newline,
+    so a `[DONE]` inside generated text never sits on a line of its own)."""
+    at = events.find(b"[DONE]")
+    while at >= 0:
+        start = events.rfind(b"\n", 0, at) + 1
+        end = events.find(b"\n", at)
+        line = events[start : end if end >= 0 else len(events)].strip()
+        if line.startswith(b"data:") and line[5:].strip() == b"[DONE]":
+            return True
+        at = events.find(b"[DONE]", at + 6)
+    return False
+
+
+def _early_cached(generate: bool, data: bytes) -> int | None:
+    """Cached tokens known at the first chunk: SGLang's /generate chunks carry meta_info."""
+    if not generate:
+        return None  # OpenAI streams report usage only in their last chunk
+    try:
+        usage = usage_from_sse_chunk(json.loads(data))
+    except ValueError:
+        return None
+    return usage.cached_tokens if usage is not None else None
+
+
+def _body_usage(raw: bytes, kind: EndpointKind) -> TokenUsage | None:
+    """Token counts of a whole response, parsing only its `usage` / `meta_info` object.
+
+    Both sit at the end of SGLang's answers, so the last occurrence of the key is found and
+    only its value decoded; anything unexpected falls back to parsing the whole body.
+    """
+    key = b'"meta_info"' if kind == "generate" else b'"usage"'
+    at = raw.rfind(key)
+    head = raw.lstrip()[:1]
+    if head == b"[":
+        return None  # a batch answer: no one request's counts
+    if at > 0 and raw[at - 1 : at] != b"\\":
+        colon = raw.find(b":", at + len(key))
+        if colon > 0 and not raw[at + len(key) : colon].strip():
+            try:
+                text = raw[colon + 1 :].decode().lstrip()
+                value, _ = _DECODER.raw_decode(text)
+            except ValueError:
+                value = None
+            if isinstance(value, dict):
+                return usage_from_sse_chunk({key[1:-1].decode(): value})
+    try:
+        return usage_from_sse_chunk(json.loads(raw))
+    except ValueError:
+        return None
+
+
+def _splice(raw: bytes, body: Mapping[str, Any], extra: Mapping[str, Any]) -> bytes:
+    """`raw` (the JSON object `body`) with `extra`'s keys added, without re-serialising it."""
+    text = raw.strip()
+    if (
+        any(key in body for key in extra)
+        or not text.startswith(b"{")
+        or not text.endswith(b"}")
+        or b"\x00" in text[:4]  # UTF-16/32: not ours to splice
+    ):
+        return json.dumps({**body, **extra}).encode()
+    tail = json.dumps(extra)[1:].encode()  # '"rid": "...", ...}'
+    return text[:-1] + (b", " if body else b"") + tail

@@ -86,7 +86,13 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
     metrics = RouterMetrics()
     hasher = _make_hasher(config, policy)
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    # no cookies, no compression, none of the client's default headers: a relay's session
+    session = aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+    )
     pool = BackendPool(
         core,
         session,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import uuid
@@ -41,6 +42,7 @@ from typing import Any, Literal
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from backends.sglang import TokenUsage, abort_request, usage_from_sse_chunk
 from router.core.blocks import BlockHasher
@@ -127,6 +129,10 @@ class Proxy:
         self.metrics = metrics
         self.hasher = hasher
         self.live: set[str] = set()
+        # request ids: a random per-process prefix and a serial (a uuid4 each costs more)
+        self._rid_prefix = uuid.uuid4().hex[:16]
+        self._rid_serial = itertools.count(1)
+        self._urls: dict[tuple[str, str], URL] = {}
         self.background: set[asyncio.Task[None]] = set()
         self.timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
@@ -157,7 +163,7 @@ class Proxy:
         given = request.headers.get("X-Request-Id", "").strip()
         if body is not None and isinstance(body.get("rid"), str):
             given = given or str(body["rid"])
-        rid = given[:128] if given else uuid.uuid4().hex
+        rid = given[:128] if given else f"{self._rid_prefix}{next(self._rid_serial):x}"
         if rid in self.live:
             rid = f"{rid}-{uuid.uuid4().hex[:8]}"
         return rid
@@ -395,7 +401,9 @@ class Proxy:
         strip_usage: bool,
     ) -> web.StreamResponse:
         assert flight.backend is not None
-        url = flight.backend + endpoint.path
+        url = self._urls.get((flight.backend, endpoint.path))
+        if url is None:  # parsed once per backend and path, not per request
+            url = self._urls[(flight.backend, endpoint.path)] = URL(flight.backend + endpoint.path)
         headers = {"Content-Type": "application/json", "X-Request-Id": flight.rid}
         try:
             try:
@@ -666,5 +674,5 @@ def _splice(raw: bytes, body: Mapping[str, Any], extra: Mapping[str, Any]) -> by
         or b"\x00" in text[:4]  # UTF-16/32: not ours to splice
     ):
         return json.dumps({**body, **extra}).encode()
-    tail = json.dumps(extra)[1:].encode()  # '"rid": "...", ...}'
-    return text[:-1] + (b", " if body else b"") + tail
+    parts = [f"{json.dumps(key)}: {json.dumps(value)}" for key, value in extra.items()]
+    return text[:-1] + (b", " if body else b"") + ", ".join(parts).encode() + b"}"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 
-from router.server.proxy import _body_usage, _first_data, _has_done, _last_data, _splice
+import pytest
+
+from router.server.proxy import _body_usage, _first_data, _has_done, _last_data, _loads, _splice
 
 
 def test_splice_adds_keys_without_reserialising() -> None:
@@ -56,3 +58,14 @@ def test_sse_helpers_respect_event_boundaries() -> None:
     assert _has_done(b"data:[DONE]")
     assert _first_data(b"data: [DONE]\n\n") is None
     assert _first_data(b": comment\n\n") is None
+
+
+def test_loads_accepts_what_json_accepts() -> None:
+    assert _loads(b'{"t": NaN}')["t"] != 0  # NaN, as json reads it
+    assert _loads('{"a": "é"}'.encode("utf-16")) == {"a": "é"}
+    with pytest.raises(json.JSONDecodeError):
+        _loads(b"{nope")
+    # a re-serialised body keeps a client's big integers exact
+    raw = b'{"rid": "r", "seed": 123456789012345678901234567890}'
+    out = _splice(raw, _loads(raw), {"rid": "ours"})
+    assert json.loads(out) == {"rid": "ours", "seed": 123456789012345678901234567890}

@@ -5,8 +5,9 @@ For each workload (8 backends each):
   conv-hicache   the same trace on llama3-8b-h100-hicache (host tier 4x the GPU pool)
   multi-turn     a generated multi-turn chat trace on llama3-8b-h100
   shared-prefix  a generated shared-prefix trace on llama3-8b-h100
-it sweeps loads (arrival-rate multipliers), finds each policy's capacity (highest load with
-p90 TTFT <= the SLO, 5% precision), and measures every policy at round_robin's capacity.
+it finds each policy's capacity (highest load with p90 TTFT <= the SLO, 5% precision), sweeps
+loads from a quarter of the best capacity to past it, and measures every policy at
+round_robin's capacity.
 Results: benchmarks/results/sim_<workload>.json and .png (p90 TTFT against load).
 
 Run:  python benchmarks/sim_compare.py            (about 15-25 minutes on 2 cores)
@@ -42,11 +43,13 @@ class Workload:
 
 
 WORKLOADS = {
-    "conv-h100": Workload("conv-h100", "llama3-8b-h100", (0.25, 0.5, 0.75, 1.0, 1.5)),
-    "conv-hicache": Workload("conv-hicache", "llama3-8b-h100-hicache", (0.25, 0.5, 0.75, 1.0, 1.5)),
-    "multi-turn": Workload("multi-turn", "llama3-8b-h100", (0.5, 1.0, 1.5, 2.0, 3.0)),
-    "shared-prefix": Workload("shared-prefix", "llama3-8b-h100", (0.5, 1.0, 1.5, 2.0, 3.0)),
+    "conv-h100": Workload("conv-h100", "llama3-8b-h100", (0.5, 1.0)),
+    "conv-hicache": Workload("conv-hicache", "llama3-8b-h100-hicache", (0.5, 1.0)),
+    "multi-turn": Workload("multi-turn", "llama3-8b-h100", (0.5, 1.0)),
+    "shared-prefix": Workload("shared-prefix", "llama3-8b-h100", (0.5, 1.0)),
 }
+# Sweep points as fractions of the best capacity found (plus each workload's own loads).
+SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.25)
 
 
 def load_workload_trace(name: str) -> Trace:
@@ -89,6 +92,9 @@ def plot(workload: str, doc: dict[str, Any], path: Path) -> None:
         loads = [r["load"] for r in rows]
         ax.plot(loads, [r["ttft_p90"] for r in rows], marker="o", label=policy)
     ax.axhline(doc["slo_ttft_p90"], color="grey", linestyle=":", linewidth=1)
+    for policy, cap in doc["capacity"].items():
+        ax.axvline(cap["max_load"], color="grey", linewidth=0.4, alpha=0.6)
+        ax.annotate(policy, (cap["max_load"], doc["slo_ttft_p90"]), fontsize=6, rotation=90)
     ax.set_yscale("log")
     ax.set_xlabel("load (x the trace's arrival rate)")
     ax.set_ylabel("p90 TTFT (s, log)")
@@ -114,18 +120,21 @@ def run_workload(
     prof = get_profile(spec.profile)
     pool_tokens = backends * (prof.kv_capacity_tokens + prof.host_capacity_tokens)
     started = time.perf_counter()
-    sweep_jobs = [(name, p, load, backends) for p in policies for load in spec.loads]
     cap_jobs = [(name, p, backends, slo) for p in policies]
-    sweep_futs = [pool.submit(_run, job) for job in sweep_jobs]
     cap_futs = [pool.submit(_capacity, job) for job in cap_jobs]
+    capacity = {job[1]: fut.result() for job, fut in zip(cap_jobs, cap_futs, strict=True)}
+    # Sweep from light load to past the best policy's capacity, so every curve saturates.
+    top = max((c["max_load"] for c in capacity.values()), default=1.0) or 1.0
+    loads = sorted({round(top * f, 3) for f in SWEEP_FRACTIONS} | set(spec.loads))
+    sweep_jobs = [(name, p, load, backends) for p in policies for load in loads]
+    sweep_futs = [pool.submit(_run, job) for job in sweep_jobs]
+    rr_cap = capacity.get("round_robin", {}).get("max_load", 1.0) or 1.0
+    at_rr_futs = {p: pool.submit(_run, (name, p, rr_cap, backends)) for p in policies}
     sweep: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
     for job, fut in zip(sweep_jobs, sweep_futs, strict=True):
         row = dict(fut.result())
         row["load"] = job[2]
         sweep[job[1]].append(row)
-    capacity = {job[1]: fut.result() for job, fut in zip(cap_jobs, cap_futs, strict=True)}
-    rr_cap = capacity.get("round_robin", {}).get("max_load", 1.0) or 1.0
-    at_rr_futs = {p: pool.submit(_run, (name, p, rr_cap, backends)) for p in policies}
     at_rr = {p: f.result() for p, f in at_rr_futs.items()}
     doc = {
         "trace": trace.name,

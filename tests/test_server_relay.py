@@ -41,6 +41,10 @@ def test_body_usage_reads_only_the_tail_object() -> None:
     usage = _body_usage(json.dumps(gen).encode(), "generate")
     assert usage is not None and usage.cached_tokens == 3
     assert _body_usage(json.dumps([gen, gen]).encode(), "generate") is None  # a batch
+    # the object is not the body's last value: decoded from where it starts
+    not_last = json.dumps({"usage": {"prompt_tokens": 3}, "id": "x"}).encode() + b"\n"
+    usage = _body_usage(not_last, "chat")
+    assert usage is not None and usage.prompt_tokens == 3
     assert _body_usage(b'{"choices": []}', "chat") is None
     assert _body_usage(b"not json", "chat") is None
 

@@ -666,22 +666,34 @@ def _body_usage(raw: bytes, kind: EndpointKind) -> TokenUsage | None:
     only its value decoded; anything unexpected falls back to parsing the whole body.
     """
     key = b'"meta_info"' if kind == "generate" else b'"usage"'
-    at = raw.rfind(key)
-    head = raw.lstrip()[:1]
-    if head == b"[":
+    first = raw[:1]
+    if first.isspace():
+        first = raw.lstrip()[:1]
+    if first == b"[":
         return None  # a batch answer: no one request's counts
+    at = raw.rfind(key)
     if at > 0 and raw[at - 1 : at] != b"\\":
         colon = raw.find(b":", at + len(key))
         if colon > 0 and not raw[at + len(key) : colon].strip():
-            try:
-                text = raw[colon + 1 :].decode().lstrip()
-                value, _ = _DECODER.raw_decode(text)
-            except ValueError:
-                value = None
+            value = _tail_object(raw, colon + 1)
             if isinstance(value, dict):
                 return usage_from_sse_chunk({key[1:-1].decode(): value})
     try:
         return usage_from_sse_chunk(_loads(raw))
+    except ValueError:
+        return None
+
+
+def _tail_object(raw: bytes, start: int) -> Any:
+    """The JSON value at `raw[start:]`: at once when it is the body's last (`{...}}`)."""
+    tail = raw[start:].rstrip()
+    if tail.endswith(b"}"):
+        try:
+            return orjson.loads(tail[:-1])
+        except orjson.JSONDecodeError:
+            pass
+    try:
+        return _DECODER.raw_decode(raw[start:].decode().lstrip())[0]
     except ValueError:
         return None
 
@@ -697,5 +709,5 @@ def _splice(raw: bytes, body: Mapping[str, Any], extra: Mapping[str, Any]) -> by
     ):
         exact = json.loads(raw)  # not `body`: orjson turns ints past 64 bits into floats
         return json.dumps({**exact, **extra}).encode()
-    parts = [f"{json.dumps(key)}: {json.dumps(value)}" for key, value in extra.items()]
-    return text[:-1] + (b", " if body else b"") + ", ".join(parts).encode() + b"}"
+    parts = [orjson.dumps(key) + b": " + orjson.dumps(value) for key, value in extra.items()]
+    return text[:-1] + (b", " if body else b"") + b", ".join(parts) + b"}"

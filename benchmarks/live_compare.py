@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -67,8 +68,10 @@ def run_window(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
         "--speedup", f"{args.speedup:g}", "--targets", TARGETS, "--json", str(out_json),
         "--plot", str(RESULTS / f"live_{name}.png"), "--quiet",
     ]  # fmt: skip
+    load_before = os.getloadavg()
     subprocess.run(cmd, check=True)
     doc: dict[str, Any] = json.loads(out_json.read_text())
+    doc["loadavg_before"], doc["loadavg_after"] = load_before, os.getloadavg()
     res = doc["results"]
     cost = res["cost"]["ttft_p90"]
     checks = {

@@ -18,6 +18,11 @@ model every backend is: the simulated backends run it, and the router's cost mod
 backend (prefill and decode speed) starts from it before calibrating online. A backend on
 other hardware gets its own with --backend-profile URL=NAME (repeatable). KV capacity and a
 HiCache host pool come from each backend's /get_server_info.
+
+Several router replicas behind one load balancer share their routing state (which prefix went
+where, each backend's queued prefill) through Redis: give every replica the same
+--state redis://HOST:6379/0 and --cluster NAME (docs/replicas.md). The default, --state memory,
+shares nothing. If Redis goes away, each replica routes on its own state until it returns.
 Every option can also be set in a YAML file (--config) or as PREFIX_ROUTER_<NAME>.
 
 examples:
@@ -25,6 +30,8 @@ examples:
   prefix-router serve --backend http://gpu1:30000 --backend http://gpu2:30000 --policy cost
   prefix-router serve --backends gpu1:30000,gpu2:30000 --profile llama3-8b-a100 \
       --backend-profile gpu2:30000=llama3-8b-h100
+  prefix-router serve --backends gpu1:30000,gpu2:30000 --state redis://redis:6379/0 \
+      --cluster prod    # run the same on each replica
 """
 
 
@@ -56,6 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=int, help="random seed of the policy")
     a("--log-prompts", action="store_true", default=None, help="log prompt text (off by default)")
     a("--log-level", help="DEBUG, INFO, WARNING...")
+    a(
+        "--state",
+        metavar="URL",
+        help="shared routing state: memory (default, one replica) or "
+        "redis://host:port/db, rediss://... (TLS), unix:///path (replicas share it)",
+    )
+    a("--cluster", metavar="NAME", help="fleet name within the shared state (default: default)")
+    a("--replica-id", metavar="ID", help="this replica's id in the cluster (default: random)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             log_prompts=args.log_prompts,
             log_level=args.log_level,
+            state=args.state,
+            cluster=args.cluster,
+            replica_id=args.replica_id,
         )
     except (ValidationError, FileNotFoundError) as exc:
         print(f"bad configuration: {exc}", file=sys.stderr)

@@ -7,6 +7,11 @@ for all upstream traffic, the `BackendPool` (first health round before the app t
 requests, so a pool of live backends is ready at once) and the handlers. On shutdown it stops
 health checks, waits briefly for pending upstream aborts and closes the session.
 
+Shared state (`--state`, docs/replicas.md): a `StateSync` over `open_state(config.state)` links
+this replica's core to the other replicas'. With the default "memory" state it starts nothing
+and its calls return at once; with Redis it starts its publish/consume/heartbeat tasks after
+the first health round and is stopped (brief flush, heartbeat key deleted) after the pool.
+
 `start_server(config)` runs the app on a TCP site with handler cancellation on: a client that
 disconnects cancels its handler at once, which is how the proxy learns to abort upstream
 without waiting for the next chunk.
@@ -35,6 +40,7 @@ from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
 from router.server.proxy import Proxy
 from router.server.status import StatusApi
+from router.state import StateSync, open_state
 
 __all__ = [
     "STATE",
@@ -62,6 +68,7 @@ class RouterState:
     status: StatusApi
     admin: AdminApi
     metrics: RouterMetrics
+    sync: StateSync
 
 
 STATE = web.AppKey("prefix_router_state", RouterState)
@@ -83,6 +90,8 @@ def _make_hasher(config: ServerConfig, policy: Policy) -> BlockHasher | None:
 async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterator[None]:
     policy_name, policy = build_policy(config)
     core = RoutingCore(policy, [])
+    shared = open_state(config.state, cluster=config.cluster, replica=config.replica_id)
+    sync = StateSync(core, shared)
     metrics = RouterMetrics()
     hasher = _make_hasher(config, policy)
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
@@ -110,6 +119,7 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
         session=session,
         metrics=metrics,
         hasher=hasher,
+        sync=sync,
     )
     state = RouterState(
         config=config,
@@ -119,19 +129,33 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
         session=session,
         pool=pool,
         proxy=proxy,
-        status=StatusApi(core, policy, pool, metrics, policy_name),
+        status=StatusApi(core, policy, pool, metrics, policy_name, sync=sync),
         admin=AdminApi(config, pool),
         metrics=metrics,
+        sync=sync,
     )
     app[STATE] = state
     for url in config.backends:
         pool.add(url)
-    await pool.start()
-    log.info("router ready: policy=%s backends=%d", policy_name, len(pool.entries))
+    try:
+        await pool.start()
+        await sync.start()
+    except BaseException:
+        await pool.stop()
+        await sync.stop()  # closes the store's connections
+        await session.close()
+        raise
+    log.info(
+        "router ready: policy=%s backends=%d state=%s",
+        policy_name,
+        len(pool.entries),
+        "memory" if not sync.enabled else f"shared (replica {sync.replica})",
+    )
     try:
         yield
     finally:
         await pool.stop()
+        await sync.stop()
         if proxy.background:
             await asyncio.wait(set(proxy.background), timeout=config.abort_timeout_s)
         await session.close()

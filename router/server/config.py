@@ -76,6 +76,23 @@ class ServerConfig(BaseSettings):
     retry_after_s: int = Field(default=1, ge=0)
     log_prompts: bool = False
     log_level: str = "INFO"
+    # Shared routing state between router replicas (docs/replicas.md): "memory" (one replica,
+    # nothing shared) or a redis://, rediss:// or unix:// URL; every replica of a fleet the same.
+    state: str = "memory"
+    # several independent fleets may share one Redis: each is a cluster name
+    cluster: str = "default"
+    replica_id: str | None = None  # None: random per process
+
+    @field_validator("state")
+    @classmethod
+    def _check_state(cls, value: str) -> str:
+        """Fail at startup on a state URL open_state would refuse."""
+        value = value.strip()
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"state must be 'memory' or a redis://, rediss:// or unix:// URL, got {value!r}"
+            )
+        return value
 
     @field_validator("backends", "api_keys", mode="before")
     @classmethod
@@ -89,6 +106,14 @@ class ServerConfig(BaseSettings):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+    @field_validator("cluster", "replica_id")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        """Names go into Redis keys and request ids: 1-64 of [A-Za-z0-9_.:-]."""
+        from router.state.events import valid_name
+
+        return None if value is None else valid_name(value, "cluster / replica id")
 
     @field_validator("backends")
     @classmethod

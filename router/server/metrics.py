@@ -79,6 +79,10 @@ class Counter(_Metric):
     def get(self, *labels: str) -> float:
         return self.values.get(self._key(labels), 0.0)
 
+    def set_total(self, *labels: str, value: float) -> None:
+        """Mirror a total another component counts itself (read by a collector at scrape)."""
+        self.values[self._key(labels)] = value
+
     def samples(self) -> list[str]:
         return [
             f"{self.name}{_labels(self.label_names, k)} {_num(v)}"
@@ -257,6 +261,19 @@ class RouterMetrics:
                 "prefix_router_learned_decode_step_seconds",
                 "Learned decode step time per backend (when the policy learns one).",
                 ("backend",),
+            )
+        )
+        self.replicas = r.register(
+            Gauge(
+                "prefix_router_replicas",
+                "Router replicas alive in this replica's cluster, itself included "
+                "(1 with --state memory).",
+            )
+        )
+        self.remote_events = r.register(
+            Counter(
+                "prefix_router_remote_events_applied_total",
+                "Other replicas' routing events applied to this replica's policy.",
             )
         )
         r.collectors.append(self._ratios)

@@ -16,6 +16,11 @@ One request's path through `Proxy.forward`::
 
 Every request ends in exactly one of on_finished / on_failed, recorded in a `finally`.
 
+Other router replicas hear of each of these moments through `StateSync` (docs/replicas.md):
+`sync.routed` right after `core.route`, `sync.first_token` beside `core.on_first_token` and
+`sync.ended` beside the ending, each with the core's record (taken before the ending forgets
+it). The sync only appends to an outbox, and with the default memory state returns at once.
+
 Feedback timing: a stream's first data event is its first token (TTFT = that moment minus
 routing). `/generate` chunks carry `meta_info.cached_tokens` from the first one on, so the core
 hears cached tokens at first token; OpenAI streams report usage only at the end, so their
@@ -63,6 +68,7 @@ from router.server.config import ServerConfig
 from router.server.errors import REQUEST_ID_KEY, ApiError, sse_error_event
 from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
+from router.state import StateSync
 
 __all__ = ["Endpoint", "Proxy"]
 
@@ -129,8 +135,12 @@ class Proxy:
         session: aiohttp.ClientSession,
         metrics: RouterMetrics,
         hasher: BlockHasher | None,
+        sync: StateSync,
     ) -> None:
         self.config = config
+        self.sync = sync
+        # fixed per transport; read once so a lone router's hot path pays one attribute test
+        self._sharing = sync.enabled
         self.core = core
         self.policy = policy
         self.pool = pool
@@ -304,6 +314,10 @@ class Proxy:
                 )
             except NoBackendError:
                 break
+            if self._sharing:
+                rec = self.core.record(rid)
+                if rec is not None:
+                    self.sync.routed(rec)
             flight.backend = decision.backend
             flight.predicted_cached = decision.predicted_cached_tokens
             flight.ended = False
@@ -363,6 +377,10 @@ class Proxy:
             return
         flight.ended = True
         now = asyncio.get_running_loop().time()
+        if self._sharing:  # the record, before the ending forgets it
+            rec = self.core.record(flight.rid)
+            if rec is not None:
+                self.sync.ended(rec)
         usage = flight.usage
         if ok and usage is not None:
             cached = usage.cached_tokens or 0
@@ -384,6 +402,10 @@ class Proxy:
         if flight.ttft_s is not None or flight.backend is None:
             return
         flight.ttft_s = now - flight.started
+        if self._sharing:
+            rec = self.core.record(flight.rid)
+            if rec is not None:
+                self.sync.first_token(rec)
         self.core.on_first_token(flight.rid, now, cached)
         self.metrics.ttft.observe(flight.backend, value=flight.ttft_s)
 

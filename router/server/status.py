@@ -5,9 +5,12 @@
   balancer in front of several routers only sends traffic to one that can serve it.
 - `/stats` is the per-backend picture: URL, health, circuit, load as the router counts it and
   as the backend reports it, requests routed, predicted vs reported cached tokens, and the
-  learned prefill/decode speeds when the policy exposes them (`policy.learned`, optional).
-- `/metrics` refreshes the live gauges (health, in-flight, learned speeds) and renders the
-  registry. None of these need a key: they carry no prompt text.
+  learned prefill/decode speeds when the policy exposes them (`policy.learned`, optional),
+  and under "replicas" the shared-state link (`StateSync.stats()`: this replica's id, the
+  replicas alive, connected or not, events published / applied / dropped).
+- `/metrics` refreshes the live gauges (health, in-flight, learned speeds, replicas seen,
+  remote events applied) and renders the registry. None of these need a key: they carry no
+  prompt text.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from router.core.routing import RoutingCore
 from router.server.admin import describe_entry
 from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
+from router.state import StateSync
 
 __all__ = ["StatusApi", "learned_all"]
 
@@ -64,7 +68,10 @@ class StatusApi:
         pool: BackendPool,
         metrics: RouterMetrics,
         policy_name: str,
+        *,
+        sync: StateSync,
     ) -> None:
+        self.sync = sync
         self.core = core
         self.policy = policy
         self.pool = pool
@@ -82,6 +89,9 @@ class StatusApi:
         m.backend_in_flight.clear()
         m.learned_pp.clear()
         m.learned_tg.clear()
+        replicas = self.sync.stats()["replicas"]
+        m.replicas.set(value=float(max(1, len(replicas))))
+        m.remote_events.set_total(value=float(self.sync.applied))
         learned_by_backend = learned_all(self.policy)
         for entry in self.pool.entries.values():
             m.backend_healthy.set(entry.id, value=1.0 if entry.healthy else 0.0)
@@ -134,6 +144,7 @@ class StatusApi:
             "in_flight": int(m.in_flight.get()),
             "backends": backends,
             "core": core_stats,
+            "replicas": self.sync.stats(),
         }
 
     async def stats(self, request: web.Request) -> web.StreamResponse:

@@ -8,7 +8,11 @@ checked against the registries). SGLang flags are checked against the list vette
 SGLang's server_args (docs/advanced_features/server_arguments.md), since sglang itself is not
 installed here. Finally the CPU stack's own command lines run as real processes on loopback
 (host and ports rewritten) until the router's health check passes and a chat request goes
-through. `docker compose config` runs too where the compose plugin exists.
+through. The routers' shared state is checked too: every router points `--state` at the
+stack's redis service, the GPU stack's two replicas share one cluster under distinct replica
+ids, and the CPU router runs against a real local redis-server (when installed; else an
+unreachable one, which it must survive). `docker compose config` runs too where the compose
+plugin exists.
 """
 
 from __future__ import annotations
@@ -30,14 +34,16 @@ from typing import Any
 
 import pytest
 import yaml
+from test_state_redis import REDIS, RedisServer
 
 from router.cli import build_parser
 from router.core.policies import POLICIES
+from router.server.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
 
-GPU_STACK = {"sglang-0", "sglang-1", "router", "redis"}
+GPU_STACK = {"sglang-0", "sglang-1", "router", "router-2", "redis"}
 CPU_STACK = {"sim-0", "sim-1", "router-cpu", "redis"}
 
 # Flags of `python -m sglang.launch_server` we use, as SGLang's server_args defines them.
@@ -103,7 +109,8 @@ def test_stacks_and_profiles(services: dict[str, dict[str, Any]]) -> None:
     cpu = {n for n, s in services.items() if "cpu" in s.get("profiles", [])}
     assert default == GPU_STACK
     assert cpu == CPU_STACK - {"redis"}
-    assert _closure(services, "router") == GPU_STACK
+    assert _closure(services, "router") == GPU_STACK - {"router-2"}
+    assert _closure(services, "router-2") == GPU_STACK - {"router"}
     # `docker compose --profile cpu up router-cpu` starts no GPU service.
     assert _closure(services, "router-cpu") == CPU_STACK
     for name in CPU_STACK:
@@ -114,7 +121,7 @@ def test_images_and_build(services: dict[str, dict[str, Any]]) -> None:
     assert services["redis"]["image"] == "redis:7"
     for name in ("sglang-0", "sglang-1"):
         assert services[name]["image"].startswith("lmsysorg/sglang")
-    for name in ("router", "router-cpu", "sim-0", "sim-1"):
+    for name in ("router", "router-2", "router-cpu", "sim-0", "sim-1"):
         assert services[name]["build"]["context"] == "."
         assert services[name]["image"] == "prefix-router:latest"
 
@@ -184,7 +191,35 @@ def test_router_backends_are_services_of_its_stack(services: dict[str, dict[str,
 
 def test_ports(services: dict[str, dict[str, Any]]) -> None:
     published = {n: s["ports"] for n, s in services.items() if "ports" in s}
-    assert published == {"router": ["30000:30000"], "router-cpu": ["30001:30000"]}
+    assert published == {
+        "router": ["30000:30000"],
+        "router-2": ["30002:30000"],
+        "router-cpu": ["30001:30000"],
+    }
+
+
+def test_routers_share_state_through_the_stacks_redis(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    parser = build_parser()
+    fleets: dict[str, list[str]] = {}
+    for name in _router_services(services):
+        args = parser.parse_args(_command(services[name]))
+        m = re.fullmatch(r"redis://([a-z0-9-]+):(\d+)/0", args.state or "")
+        assert m, f"{name}: --state {args.state!r}"
+        assert m.group(1) in _closure(services, name), f"{name}: redis outside its stack"
+        assert m.group(2) in services[m.group(1)]["expose"]
+        assert services[name]["depends_on"][m.group(1)] == {"condition": "service_healthy"}
+        assert args.cluster, name
+        fleets.setdefault(args.cluster, []).append(name)
+        replica = services[name].get("environment", {}).get("PREFIX_ROUTER_REPLICA_ID")
+        cfg = load_config(None, state=args.state, cluster=args.cluster, replica_id=replica)
+        assert cfg.replica_id == replica  # a valid name (or None: random)
+    assert fleets == {"gpu-pool": ["router", "router-2"], "cpu-pool": ["router-cpu"]}
+    gpu = [services[n] for n in fleets["gpu-pool"]]
+    assert _command(gpu[0]) == _command(gpu[1]), "replicas of a fleet run the same command"
+    ids = [svc["environment"]["PREFIX_ROUTER_REPLICA_ID"] for svc in gpu]
+    assert ids == ["router", "router-2"]
 
 
 def test_healthchecks(services: dict[str, dict[str, Any]]) -> None:
@@ -243,14 +278,14 @@ def _free_port() -> int:
 
 
 def _localize(args: list[str], port: int, urls: dict[str, str]) -> list[str]:
-    """The same command with host 127.0.0.1, port `port` and backend URLs mapped."""
+    """The same command with host 127.0.0.1, port `port` and backend (and state) URLs mapped."""
     out = list(args)
     for i, a in enumerate(out[:-1]):
         if a == "--host":
             out[i + 1] = "127.0.0.1"
         elif a == "--port":
             out[i + 1] = str(port)
-        elif a == "--backend":
+        elif a in ("--backend", "--state"):
             out[i + 1] = urls[out[i + 1]]
     return out
 
@@ -278,12 +313,20 @@ def _wait_ok(url: str, timeout: float) -> None:
 
 
 @pytest.fixture
-def cpu_stack(services: dict[str, dict[str, Any]]) -> Iterator[int]:
-    """sim-0, sim-1 and router-cpu from the compose file, as processes on loopback."""
+def cpu_stack(services: dict[str, dict[str, Any]], tmp_path: Path) -> Iterator[int]:
+    """sim-0, sim-1, redis and router-cpu from the compose file, as processes on loopback.
+
+    redis is a real redis-server when installed; without one the router's --state points at
+    a closed port, which it must survive (it routes on its own state).
+    """
     procs: list[subprocess.Popen[bytes]] = []
-    urls: dict[str, str] = {}
+    redis_port = _free_port()
+    urls: dict[str, str] = {"redis://redis:6379/0": f"redis://127.0.0.1:{redis_port}/0"}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    redis = RedisServer(redis_port, tmp_path) if REDIS is not None else None
     try:
+        if redis is not None:
+            redis.start()
         sims = {name: _free_port() for name in ("sim-0", "sim-1")}
         for name, port in sims.items():
             urls[f"http://{name}:30000"] = f"http://127.0.0.1:{port}"
@@ -305,6 +348,8 @@ def cpu_stack(services: dict[str, dict[str, Any]]) -> Iterator[int]:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if redis is not None:
+            redis.stop()
 
 
 def test_cpu_stack_runs(services: dict[str, dict[str, Any]], cpu_stack: int) -> None:
@@ -328,3 +373,16 @@ def test_cpu_stack_runs(services: dict[str, dict[str, Any]], cpu_stack: int) -> 
         answer = json.loads(resp.read())
     assert answer["usage"]["completion_tokens"] >= 1
     assert answer["choices"][0]["message"]["content"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as resp:
+        shared = json.loads(resp.read())["replicas"]
+    assert shared["enabled"] is True and shared["cluster"] == "cpu-pool"
+    if REDIS is not None:  # a real redis-server: the request's events went out
+        deadline = time.monotonic() + 10
+        while shared["published"] < 2 or shared["replicas"] != [shared["replica"]]:
+            assert time.monotonic() < deadline, shared
+            time.sleep(0.2)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as resp:
+                shared = json.loads(resp.read())["replicas"]
+        assert shared["connected"] is True
+    else:
+        assert shared["connected"] is False

@@ -8,9 +8,15 @@ How it works. Three kinds of process, all on loopback:
         '--> sglang-router: `python -m sglang_router.launch_router --worker-urls B` --> same
 
 The backend is one subprocess, `prefix-router sim` (the simulated SGLang server), at
-`--speedup` X, so its own time per request is small and steady, with a 1 ms streaming tick
-(`--stream-interval`): SGLang streams a chunk per token, and sim's default 20 ms tick would
-give a 256-token stream two chunks to relay instead of dozens.
+`--backend-speedup` X with a 1 ms streaming tick (`--stream-interval`): SGLang streams a chunk
+per token, and sim's default 20 ms tick would give a 256-token stream a few chunks to relay.
+X = 1 (default) is the real-time H100: a short request takes 10-30 ms at the backend and the
+routers sit mostly idle, as in front of a GPU; this is the latency a router adds. X = 40 is
+the saturation run: the backend answers in about a millisecond, the closed loop drives the
+routers flat out, and the figure that matters is router CPU per request (added latency is then
+queueing for the CPU). `--generator-cpus` pins this process (sched_setaffinity) and
+`--server-cpus` starts every child under `taskset -c`; `--source DIR` runs the routers and the
+backend from another source tree (e.g. a `git archive HEAD` snapshot).
 
 Cells are (mode, concurrency): "short" is a non-streaming chat completion with a one-line
 prompt and `max_tokens` 1-8; "stream" is a streaming chat completion of 256 tokens. Each cell
@@ -26,7 +32,7 @@ Every process is started in its own session and stopped (SIGTERM, then SIGKILL) 
 one extra short c=32 pass (after the measured run, so the profiler cannot skew the figures)
 and prints where its time goes.
 
-Run: python benchmarks/overhead.py --json benchmarks/results/overhead.json
+Run: python benchmarks/overhead.py --generator-cpus 0 --server-cpus 1 --json OUT.json
 """
 
 from __future__ import annotations
@@ -150,20 +156,31 @@ class _Proc:
 class Processes:
     """Child processes, each in its own session, all stopped by `stop_all` (idempotent)."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(
+        self, log_dir: Path, cpus: frozenset[int] | None = None, source: Path | None = None
+    ) -> None:
         self.log_dir = log_dir
+        self.cpus = cpus  # every child is started under `taskset -c` on these, when set
+        self.source = source  # children import `router` / `backends` from here, when set
         self.procs: list[_Proc] = []
 
     def spawn(self, name: str, argv: Sequence[str]) -> _Proc:
         log_path = self.log_dir / f"{name}.log"
+        prefix = ["taskset", "-c", _cpu_list(self.cpus)] if self.cpus else []
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.source is not None:
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(self.source), *filter(None, [os.environ.get("PYTHONPATH")])]
+            )
         with log_path.open("wb") as log_file:
             popen = subprocess.Popen(
-                list(argv),
+                [*prefix, *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=env,
+                cwd=self.source,
             )
         proc = _Proc(name, popen, log_path)
         self.procs.append(proc)
@@ -287,7 +304,7 @@ class BenchConfig:
 
     concurrencies: tuple[int, ...]
     modes: tuple[str, ...]
-    short_requests: int
+    short_requests: dict[int, int]
     stream_requests: dict[int, int]
     rounds: int
     speedup: float
@@ -296,6 +313,8 @@ class BenchConfig:
     policy: str
     warmup: int
     log_level: str
+    generator_cpus: frozenset[int] | None = None
+    server_cpus: frozenset[int] | None = None
 
 
 def _python() -> str:
@@ -366,9 +385,8 @@ async def _warm(session: aiohttp.ClientSession, base: str, mode: str, n: int) ->
 
 
 def _requests_for(cfg: BenchConfig, mode: str, c: int) -> int:
-    if mode == "short":
-        return cfg.short_requests
-    return cfg.stream_requests.get(c, max(cfg.stream_requests.values()))
+    table = cfg.short_requests if mode == "short" else cfg.stream_requests
+    return table.get(c, max(table.values()))
 
 
 async def _measure(
@@ -380,8 +398,10 @@ async def _measure(
     """All cells; `pids` names the processes whose CPU time is charged to each target."""
     samples: dict[tuple[str, str, int], Samples] = {}
     for mode in cfg.modes:
+        # a real-time 256-token stream takes ~2 s: two waves of 8 warm a stream path enough
+        n_warm = cfg.warmup if mode == "short" or cfg.speedup >= 10 else min(cfg.warmup, 16)
         for name in bases:
-            w = await _warm(sessions[name], bases[name], mode, cfg.warmup)
+            w = await _warm(sessions[name], bases[name], mode, n_warm)
             if w.errors:
                 raise RuntimeError(f"{name}: {w.errors} errors in warm-up ({mode})")
         for c in cfg.concurrencies:
@@ -469,6 +489,8 @@ async def _run(cfg: BenchConfig, procs: Processes, cprofile: Path | None) -> dic
         await _wait_ready(probe, pr, bases["prefix-router"] + "/readiness")
         await _wait_ready(probe, sg, bases["sglang-router"] + "/health")
         policy_seen = await _stats_policy(probe, bases["prefix-router"])
+    if cfg.generator_cpus:
+        os.sched_setaffinity(0, cfg.generator_cpus)
     sessions = {
         name: aiohttp.ClientSession(
             timeout=timeout, connector=aiohttp.TCPConnector(limit=0, force_close=False)
@@ -511,6 +533,8 @@ async def _run(cfg: BenchConfig, procs: Processes, cprofile: Path | None) -> dic
             "log_level": cfg.log_level,
             "rounds": cfg.rounds,
             "warmup_requests": cfg.warmup,
+            "generator_cpus": _cpu_list(cfg.generator_cpus) if cfg.generator_cpus else "all",
+            "server_cpus": _cpu_list(cfg.server_cpus) if cfg.server_cpus else "all",
             "cprofile_top": profile_text,
         },
     }
@@ -536,7 +560,7 @@ async def _profile_router(cfg: BenchConfig, procs: Processes, backend: str, out:
     proc = procs.spawn("prefix-router-cprofile", argv)
     base = f"http://127.0.0.1:{port}"
     mode = cfg.modes[0]
-    n = cfg.short_requests if mode == "short" else max(cfg.stream_requests.values())
+    n = _requests_for(cfg, mode, 32)
     async with aiohttp.ClientSession() as session:
         await _wait_ready(session, proc, base + "/readiness")
         await _warm(session, base, mode, cfg.warmup)
@@ -633,20 +657,50 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+def _cpus(text: str) -> frozenset[int]:
+    """A taskset-style CPU list ("0", "0,1", "0-1") as a set of CPU numbers."""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    if not out:
+        raise argparse.ArgumentTypeError(f"empty CPU list {text!r}")
+    return frozenset(out)
+
+
+def _cpu_list(cpus: frozenset[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--concurrency", type=_ints, default=(1, 32, 128), help="e.g. 1,32,128")
     p.add_argument("--modes", default="short,stream", help="short,stream")
-    p.add_argument("--short-requests", type=int, default=1500, help="per target and cell")
+    p.add_argument(
+        "--short-requests",
+        type=_ints,
+        default=None,
+        help="per target for each concurrency, in --concurrency order "
+        "(default 300,1500,1500 at speedup < 10, else 1500)",
+    )
     p.add_argument(
         "--stream-requests",
         type=_ints,
-        default=(300, 600, 1024),
-        help="per target for each concurrency, in --concurrency order",
+        default=None,
+        help="per target for each concurrency, in --concurrency order "
+        "(default 15,96,256 at speedup < 10, else 300,600,1024)",
     )
     p.add_argument("--rounds", type=int, default=3, help="rounds per cell (target order rotates)")
-    p.add_argument("--speedup", type=float, default=40.0, help="simulated backend speedup")
+    p.add_argument(
+        "--backend-speedup",
+        "--speedup",
+        dest="speedup",
+        type=float,
+        default=1.0,
+        help="simulated backend speedup: 1 = real-time H100 (a short request takes 10-30 ms "
+        "at the backend); 40 = the saturation run (the router becomes the bottleneck)",
+    )
     p.add_argument(
         "--stream-interval", type=float, default=0.001, help="backend streaming tick (s)"
     )
@@ -654,6 +708,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="cost", help="prefix-router policy")
     p.add_argument("--warmup", type=int, default=100, help="warm-up requests per target, mode")
     p.add_argument("--log-level", default="warning", help="log level of both routers")
+    p.add_argument(
+        "--generator-cpus",
+        type=_cpus,
+        help="pin this load generator to these CPUs (taskset list, e.g. 0); default: unpinned",
+    )
+    p.add_argument(
+        "--server-cpus",
+        type=_cpus,
+        help="pin backend and routers to these CPUs (e.g. 1 or 0-1); default: as started",
+    )
+    p.add_argument(
+        "--source",
+        type=Path,
+        help="run prefix-router and the backend from this source tree (e.g. a `git archive "
+        "HEAD` snapshot) instead of the working tree",
+    )
     p.add_argument("--cprofile", type=Path, help="also profile prefix-router; pstats file here")
     p.add_argument("--quick", action="store_true", help="a few requests per cell (smoke test)")
     p.add_argument("--render", type=Path, help="print a results JSON as a Markdown table")
@@ -673,13 +743,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown_table(json.loads(args.render.read_text())["results"]))
         return 0
     concurrencies = tuple(args.concurrency)
-    stream = tuple(args.stream_requests)
-    if len(stream) != len(concurrencies):
-        stream = (stream + (stream[-1],) * len(concurrencies))[: len(concurrencies)]
+    realtime = args.speedup < 10
+    short = _per_concurrency(
+        args.short_requests or ((300, 1500, 1500) if realtime else (1500,)), concurrencies
+    )
+    stream = _per_concurrency(
+        args.stream_requests or ((15, 96, 256) if realtime else (300, 600, 1024)), concurrencies
+    )
     cfg = BenchConfig(
         concurrencies=concurrencies,
         modes=tuple(m for m in args.modes.split(",") if m),
-        short_requests=30 if args.quick else args.short_requests,
+        short_requests={
+            c: (max(c, 30) if args.quick else n) for c, n in zip(concurrencies, short, strict=True)
+        },
         stream_requests={
             c: (max(c, 6) if args.quick else n) for c, n in zip(concurrencies, stream, strict=True)
         },
@@ -690,13 +766,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         policy=args.policy,
         warmup=10 if args.quick else args.warmup,
         log_level=args.log_level,
+        generator_cpus=args.generator_cpus,
+        # children started after the generator pinned itself would inherit its CPUs
+        server_cpus=args.server_cpus
+        or (frozenset(os.sched_getaffinity(0)) if args.generator_cpus else None),
     )
     for m in cfg.modes:
         if m not in ("short", "stream"):
             raise SystemExit(f"unknown mode {m!r}")
     _install_uvloop()
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp, _sigterm_as_interrupt():
-        procs = Processes(Path(tmp))
+        source = args.source.resolve() if args.source else None
+        procs = Processes(Path(tmp), cfg.server_cpus, source)
         try:
             report = asyncio.run(_run(cfg, procs, args.cprofile))
         except KeyboardInterrupt:
@@ -704,6 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
         finally:
             procs.stop_all()
+    report["notes"]["router_source"] = str(source) if source else "working tree"
     _print_table(report["results"])
     if report["notes"].get("cprofile_top"):
         print(report["notes"]["cprofile_top"][:6000])
@@ -712,6 +794,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _per_concurrency(counts: Sequence[int], concurrencies: Sequence[int]) -> tuple[int, ...]:
+    """One count per concurrency: the last given repeats, extra ones are dropped."""
+    padded = tuple(counts) + (counts[-1],) * len(concurrencies)
+    return padded[: len(concurrencies)]
 
 
 @contextlib.contextmanager

@@ -28,12 +28,17 @@ def test_config_cli_over_env_over_yaml(tmp_path: Path, monkeypatch: pytest.Monke
         load_config(tmp_path / "missing.yaml")
 
 
+def _state(b: CircuitBreaker) -> BreakerState:
+    """Read afresh (mypy would keep `b.state` narrowed across the calls that change it)."""
+    return b.state
+
+
 def test_breaker_opens_after_failures_and_half_opens_after_cooldown() -> None:
     b = CircuitBreaker(failure_threshold=3, cooldown_s=10.0)
     assert not b.record_failure(0.0) and not b.record_failure(1.0)
-    assert b.record_failure(2.0) and b.state is BreakerState.OPEN
+    assert b.record_failure(2.0) and _state(b) is BreakerState.OPEN
     assert not b.may_probe(5.0)  # cooling down
-    assert b.may_probe(12.0) and b.state is BreakerState.HALF_OPEN
+    assert b.may_probe(12.0) and _state(b) is BreakerState.HALF_OPEN
     assert b.record_failure(12.5)  # a failed probe re-opens at once
     assert not b.may_probe(20.0)
     assert b.may_probe(23.0)

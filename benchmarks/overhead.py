@@ -58,6 +58,8 @@ from typing import Any
 
 import aiohttp
 
+from router.replay.compare import sglang_router_argv
+
 __all__ = ["CellResult", "Samples", "main", "markdown_table", "percentile"]
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -360,22 +362,16 @@ def _prefix_router_argv(cfg: BenchConfig, backend: str, port: int) -> list[str]:
 
 
 def _sglang_router_argv(cfg: BenchConfig, backend: str, port: int) -> list[str]:
+    """sglang-router 0.3.2 with its defaults (its Prometheus port moved off the shared 29000)."""
     level = {"warning": "warn"}.get(cfg.log_level.lower(), cfg.log_level.lower())
-    return [
+    return sglang_router_argv(
         _python(),
-        "-m",
-        "sglang_router.launch_router",
-        "--worker-urls",
-        backend,
-        "--policy",
-        "round_robin",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        level,
-    ]
+        port=port,
+        policy="round_robin",
+        worker_urls=[backend],
+        metrics_port=_free_port(),
+        log_level=level,
+    )
 
 
 async def _warm(session: aiohttp.ClientSession, base: str, mode: str, n: int) -> Samples:

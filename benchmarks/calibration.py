@@ -15,35 +15,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import random
 import sys
 from pathlib import Path
 from typing import Any
 
 from backends.sim.perf import Profile, get_profile
 from router.core.cost_policy import CostPolicy
+from router.replay.gentrace import UnsharedConfig, unshared
 from router.replay.simulate import SimConfig, simulate_policy
-from router.replay.traces import Trace, TraceRequest
-
-
-def unshared_trace(n: int, rate: float, seed: int) -> Trace:
-    rng = random.Random(seed)
-    t, next_id, reqs = 0.0, 0, []
-    for i in range(n):
-        t += rng.expovariate(rate)
-        length = rng.randint(1000, 12000)
-        blocks = -(-length // 512)
-        reqs.append(
-            TraceRequest(
-                index=i,
-                timestamp=t,
-                input_length=length,
-                output_length=rng.randint(50, 300),
-                hash_ids=tuple(range(next_id, next_id + blocks)),
-            )
-        )
-        next_id += blocks
-    return Trace(name=f"unshared-{rate:g}rps", block_size=512, requests=tuple(reqs))
 
 
 def half_speed(profile: Profile) -> Profile:
@@ -59,7 +38,9 @@ def half_speed(profile: Profile) -> Profile:
 def run(pool: str, truth: tuple[Profile, ...], rate: float, seed: int) -> list[dict[str, Any]]:
     believed = (get_profile("llama3-8b-h100"),) * len(truth)
     result = simulate_policy(
-        unshared_trace(240, rate, seed), "cost", SimConfig(profiles=truth, believed=believed)
+        unshared(UnsharedConfig(requests=240, request_rate=rate, seed=seed)),
+        "cost",
+        SimConfig(profiles=truth, believed=believed),
     )
     policy = result.core.policy
     assert isinstance(policy, CostPolicy)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import pytest
 
@@ -12,8 +11,9 @@ from router.core.cost_policy import CostPolicy, OraclePolicy
 from router.core.model import BackendSpec, PerfPrior, RouteRequest
 from router.core.policies import make_policy
 from router.core.routing import RoutingCore
+from router.replay.gentrace import UnsharedConfig, unshared
 from router.replay.simulate import SimConfig, simulate_policy
-from router.replay.traces import Trace, TraceRequest
+from router.replay.traces import Trace
 
 # 10k tokens/s prefill, no attention term, 10 ms decode steps: easy arithmetic.
 PRIOR = PerfPrior(
@@ -112,23 +112,7 @@ def test_oracle_refuses_to_run_outside_the_simulator() -> None:
 
 
 def _unshared_trace(n: int, rate: float, seed: int) -> Trace:
-    rng = random.Random(seed)
-    t, next_id, reqs = 0.0, 0, []
-    for i in range(n):
-        t += rng.expovariate(rate)
-        length = rng.randint(1000, 12000)
-        blocks = -(-length // 512)
-        reqs.append(
-            TraceRequest(
-                index=i,
-                timestamp=t,
-                input_length=length,
-                output_length=rng.randint(50, 300),
-                hash_ids=tuple(range(next_id, next_id + blocks)),
-            )
-        )
-        next_id += blocks
-    return Trace(name="calibration", block_size=512, requests=tuple(reqs))
+    return unshared(UnsharedConfig(requests=n, request_rate=rate, seed=seed))
 
 
 @pytest.mark.slow

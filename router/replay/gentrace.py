@@ -48,11 +48,56 @@ from router.replay.traces import MOONCAKE_BLOCK, Trace, TraceRequest
 __all__ = [
     "MultiTurnConfig",
     "SharedPrefixConfig",
+    "UnsharedConfig",
     "mtbench_chat_log",
     "multi_turn",
     "shared_prefix",
+    "unshared",
     "write_chat_log",
 ]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnsharedConfig:
+    """Requests that share nothing, Poisson arrivals: pure prefill and decode work.
+
+    What calibration needs to see a backend's speed without cache hits in the way.
+    """
+
+    requests: int = 240
+    request_rate: float = 1.0
+    prompt_len: tuple[int, int] = (1000, 12000)  # uniform, inclusive
+    output_len: tuple[int, int] = (50, 300)
+    block_size: int = MOONCAKE_BLOCK
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, ("requests", "request_rate", "block_size"))
+        for lo, hi in (self.prompt_len, self.output_len):
+            if not 1 <= lo <= hi:
+                raise ValueError("length ranges need 1 <= low <= high")
+
+
+def unshared(cfg: UnsharedConfig) -> Trace:
+    """A trace whose every block id is new: no request can hit another's cache."""
+    rng = random.Random(cfg.seed)
+    t, next_id, reqs = 0.0, 0, []
+    for i in range(cfg.requests):
+        t += rng.expovariate(cfg.request_rate)
+        length = rng.randint(*cfg.prompt_len)
+        blocks = -(-length // cfg.block_size)
+        reqs.append(
+            TraceRequest(
+                index=i,
+                timestamp=t,
+                input_length=length,
+                output_length=rng.randint(*cfg.output_len),
+                hash_ids=tuple(range(next_id, next_id + blocks)),
+            )
+        )
+        next_id += blocks
+    name = f"unshared-{cfg.requests}req-{cfg.request_rate:g}rps-seed{cfg.seed}"
+    return Trace(name=name, block_size=cfg.block_size, requests=tuple(reqs))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import shutil
 import socket
 import subprocess
@@ -21,10 +20,8 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from state_fixtures import SyncedReplica, make_core, prompt
 
-from router.core.model import BackendSpec, RouteRequest
-from router.core.policies import make_policy
-from router.core.routing import Decision, RoutingCore
 from router.replay.ports import free_port
 from router.state import StateSync, SyncConfig
 from router.state.events import FirstToken, Routed
@@ -102,39 +99,11 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @dataclass
-class Replica:
-    core: RoutingCore
-    sync: StateSync
+class Replica(SyncedReplica):
     state: RedisState
 
     def now(self) -> float:
         return asyncio.get_running_loop().time()
-
-    def route(self, req: RouteRequest, exclude: tuple[str, ...] = ()) -> Decision:
-        decision = self.core.route(req, self.now(), exclude=exclude)
-        rec = self.core.record(req.rid)
-        assert rec is not None
-        self.sync.routed(rec)
-        return decision
-
-    def finish(self, rid: str) -> None:
-        rec = self.core.record(rid)
-        assert rec is not None
-        self.core.on_finished(rid, self.now(), 10)
-        self.sync.ended(rec)
-
-
-def prompt(rid: str, seed: int, extra: tuple[int, ...] = ()) -> RouteRequest:
-    """An 8k-token prompt: 128 random chained hashes of 64-token blocks, plus `extra`."""
-    hashes = random_hashes(seed) + extra
-    return RouteRequest(
-        rid=rid, blocks=hashes, block_tokens=64, prompt_tokens=64 * len(hashes), max_tokens=16
-    )
-
-
-def random_hashes(seed: int) -> tuple[int, ...]:
-    rng = random.Random(seed)
-    return tuple(rng.getrandbits(64) - (1 << 63) for _ in range(128))
 
 
 async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -152,10 +121,7 @@ async def replicas(
     cluster = request.node.name[:60].replace("[", "_").replace("]", "_")
     out = []
     for name in ("r1", "r2"):
-        core = RoutingCore(
-            make_policy("cost", rng=random.Random(0)),
-            [BackendSpec(id=b, kv_capacity_tokens=500_000) for b in ("a", "b")],
-        )
+        core = make_core()
         state = RedisState(redis_server.url, cluster=cluster, replica=name)
         out.append(Replica(core, StateSync(core, state, FAST), state))
     for r in out:

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
+from state_fixtures import SyncedReplica, make_core, prompt
 
-from router.core.model import BackendSpec, RouteRequest
-from router.core.policies import make_policy
-from router.core.routing import Decision, RoutingCore
 from router.state import LocalState, MemoryBus, StateSync, SyncConfig
 from router.state.events import Ended, Routed
 
@@ -39,37 +36,11 @@ class Clock:
 
 
 @dataclass
-class Replica:
-    core: RoutingCore
-    sync: StateSync
+class Replica(SyncedReplica):
     clock: Clock
 
-    def route(self, req: RouteRequest, exclude: tuple[str, ...] = ()) -> Decision:
-        decision = self.core.route(req, self.clock(), exclude=exclude)
-        rec = self.core.record(req.rid)
-        assert rec is not None
-        self.sync.routed(rec)
-        return decision
-
-    def finish(self, rid: str) -> None:
-        rec = self.core.record(rid)
-        assert rec is not None
-        self.core.on_finished(rid, self.clock(), 10)
-        self.sync.ended(rec)
-
-
-def make_core() -> RoutingCore:
-    specs = [BackendSpec(id=b, kv_capacity_tokens=500_000) for b in ("a", "b")]
-    return RoutingCore(make_policy("cost", rng=random.Random(0)), specs)
-
-
-def prompt(rid: str, seed: int, blocks: int = 128, extra: tuple[int, ...] = ()) -> RouteRequest:
-    """An 8k-token prompt (128 blocks of 64) of random chained hashes, plus `extra` blocks."""
-    rng = random.Random(seed)
-    hashes = tuple(rng.getrandbits(64) - (1 << 63) for _ in range(blocks)) + extra
-    return RouteRequest(
-        rid=rid, blocks=hashes, block_tokens=64, prompt_tokens=64 * len(hashes), max_tokens=16
-    )
+    def now(self) -> float:
+        return self.clock()
 
 
 async def until(check: Callable[[], bool], timeout: float = 3.0) -> None:

@@ -16,45 +16,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from router.state.events import Event, valid_name
-from router.state.protocol import StateUnavailable
+from router.state.events import Event
+from router.state.protocol import Endpoint, StateUnavailable, new_replica_id
 
 __all__ = ["LocalState", "MemoryBus", "MemoryState", "new_replica_id"]
 
 
-def new_replica_id() -> str:
-    """A random replica id: 12 hex digits, unique enough for one cluster's lifetime."""
-    return secrets.token_hex(6)
-
-
-class LocalState:
+class LocalState(Endpoint):
     """One replica alone: nothing is shared (the default)."""
 
+    REMOTE = False
+
     def __init__(self, *, replica: str | None = None, cluster: str = "default") -> None:
-        self._replica = valid_name(replica or new_replica_id(), "replica")
-        self._cluster = valid_name(cluster, "cluster")
+        super().__init__(replica=replica, cluster=cluster)
         self._closed = asyncio.Event()
-
-    @property
-    def replica(self) -> str:
-        return self._replica
-
-    @property
-    def cluster(self) -> str:
-        return self._cluster
-
-    @property
-    def remote(self) -> bool:
-        return False
-
-    @property
-    def malformed(self) -> int:
-        return 0
 
     async def publish(self, events: Sequence[Event]) -> None:
         return None
@@ -99,7 +78,7 @@ class MemoryBus:
 
     def join(self, *, replica: str | None = None, cluster: str = "default") -> MemoryState:
         """A new member; its reads start with the next event published."""
-        member = MemoryState(self, replica=replica or new_replica_id(), cluster=cluster)
+        member = MemoryState(self, replica=replica, cluster=cluster)
         if member.replica in self._members:
             raise ValueError(f"replica {member.replica!r} already joined this bus")
         self._members[member.replica] = member
@@ -121,32 +100,15 @@ class MemoryBus:
         self._alive.pop(replica, None)
 
 
-class MemoryState:
+class MemoryState(Endpoint):
     """One replica's end of a `MemoryBus`."""
 
-    def __init__(self, bus: MemoryBus, *, replica: str, cluster: str) -> None:
+    def __init__(self, bus: MemoryBus, *, replica: str | None, cluster: str) -> None:
+        super().__init__(replica=replica, cluster=cluster)
         self._bus = bus
-        self._replica = valid_name(replica, "replica")
-        self._cluster = valid_name(cluster, "cluster")
         self._inbox: deque[Event] = deque()
         self._wake = asyncio.Event()
         self._closed = False
-
-    @property
-    def replica(self) -> str:
-        return self._replica
-
-    @property
-    def cluster(self) -> str:
-        return self._cluster
-
-    @property
-    def remote(self) -> bool:
-        return True
-
-    @property
-    def malformed(self) -> int:
-        return 0
 
     async def publish(self, events: Sequence[Event]) -> None:
         self._bus._publish(self._replica, events)

@@ -15,16 +15,26 @@ never raises for one malformed event: it skips it and counts it in `malformed`.
 
 `remote` says whether other replicas can exist at all: the single-replica default
 (`LocalState`) is False, and `StateSync` then starts nothing and publishes nothing.
+
+`Endpoint` is the part every transport shares: the validated replica and cluster names (a
+random replica id when none is given), `remote` from a class attribute, and no malformed
+events (a transport that can receive them overrides `malformed`).
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
-from router.state.events import Event
+from router.state.events import Event, valid_name
 
-__all__ = ["SharedState", "StateUnavailable"]
+__all__ = ["Endpoint", "SharedState", "StateUnavailable", "new_replica_id"]
+
+
+def new_replica_id() -> str:
+    """A random replica id: 12 hex digits, unique enough for one cluster's lifetime."""
+    return secrets.token_hex(6)
 
 
 class StateUnavailable(ConnectionError):
@@ -56,3 +66,29 @@ class SharedState(Protocol):
     async def replicas(self) -> Sequence[str]: ...
 
     async def close(self) -> None: ...
+
+
+class Endpoint:
+    """Names and flags every transport reports the same way (module docstring)."""
+
+    REMOTE: ClassVar[bool] = True
+
+    def __init__(self, *, replica: str | None, cluster: str) -> None:
+        self._replica = valid_name(replica or new_replica_id(), "replica")
+        self._cluster = valid_name(cluster, "cluster")
+
+    @property
+    def replica(self) -> str:
+        return self._replica
+
+    @property
+    def cluster(self) -> str:
+        return self._cluster
+
+    @property
+    def remote(self) -> bool:
+        return self.REMOTE
+
+    @property
+    def malformed(self) -> int:
+        return 0

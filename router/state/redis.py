@@ -33,9 +33,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from router.state.events import Event, EventError, decode, encode, valid_name
-from router.state.memory import new_replica_id
-from router.state.protocol import StateUnavailable
+from router.state.events import Event, EventError, decode, encode
+from router.state.protocol import Endpoint, StateUnavailable
 
 __all__ = ["KEY_PREFIX", "RedisState"]
 
@@ -46,7 +45,7 @@ _FIELD = b"e"
 _MAX_BLOCK_S = 5.0  # longest XREAD BLOCK; a longer read timeout returns early and empty
 
 
-class RedisState:
+class RedisState(Endpoint):
     """This replica's end of the cluster's Redis stream (module docstring)."""
 
     def __init__(
@@ -61,8 +60,7 @@ class RedisState:
     ) -> None:
         if maxlen <= 0 or batch <= 0:
             raise ValueError("maxlen and batch must be positive")
-        self._replica = valid_name(replica or new_replica_id(), "replica")
-        self._cluster = valid_name(cluster, "cluster")
+        super().__init__(replica=replica, cluster=cluster)
         self.url = url
         self.maxlen = maxlen
         self.batch = batch
@@ -72,18 +70,6 @@ class RedisState:
         self._client: aioredis.Redis | None = None
         self._last_id: bytes | None = None
         self._malformed = 0
-
-    @property
-    def replica(self) -> str:
-        return self._replica
-
-    @property
-    def cluster(self) -> str:
-        return self._cluster
-
-    @property
-    def remote(self) -> bool:
-        return True
 
     @property
     def malformed(self) -> int:

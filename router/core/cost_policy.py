@@ -251,7 +251,9 @@ class _BackendModel:
         self.prefills.add(now, max(req.prompt_tokens - cached, 0), req.prompt_tokens)
         if not learn:
             return
-        computed = None if rec.cached_tokens is None else req.prompt_tokens - rec.cached_tokens
+        # OpenAI streams report cached tokens only in their last chunk; until then the index's
+        # prediction stands in (feedback keeps the two close: equal in our live runs).
+        computed = max(req.prompt_tokens - cached, 0)
         busy = self.busy
         if busy.groups >= _BusyPeriod.MAX_GROUPS and now != busy.last_time:
             # Cut between two steps, so prefills that finished together stay together.

@@ -73,6 +73,19 @@ class _PinnedPolicy(BasePolicy):
         return Choice(backend=states[self.assignment[req.rid] % len(states)].id, reason="pinned")
 
 
+def pinned_config(cfg: SimConfig, live: list[dict[str, Any]]) -> SimConfig:
+    """`cfg` with the pinned policy registered and told each rid's live backend (by port)."""
+    urls = sorted(
+        {o["backend"] for o in live if o["backend"]}, key=lambda u: int(u.rsplit(":")[-1])
+    )
+    index = {u: i for i, u in enumerate(urls)}
+    assignment = {o["rid"]: index[o["backend"]] for o in live if o["backend"]}
+    POLICIES.setdefault(_PinnedPolicy.name, _PinnedPolicy)
+    return SimConfig(
+        profiles=cfg.profiles, load=cfg.load, policy_options={"assignment": assignment}
+    )
+
+
 def sim_with_live_routing(
     window: Any, cfg: SimConfig, live: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -82,16 +95,7 @@ def sim_with_live_routing(
     tokenization off the event loop for long prompts) but fixed in the simulator; pinning
     takes routing out, so what is left between the two is the engine and the HTTP path.
     """
-    urls = sorted(
-        {o["backend"] for o in live if o["backend"]}, key=lambda u: int(u.rsplit(":")[-1])
-    )
-    index = {u: i for i, u in enumerate(urls)}
-    assignment = {o["rid"]: index[o["backend"]] for o in live if o["backend"]}
-    POLICIES.setdefault(_PinnedPolicy.name, _PinnedPolicy)
-    pinned_cfg = SimConfig(
-        profiles=cfg.profiles, load=cfg.load, policy_options={"assignment": assignment}
-    )
-    run = simulate_policy(window, _PinnedPolicy.name, pinned_cfg)
+    run = simulate_policy(window, _PinnedPolicy.name, pinned_config(cfg, live))
     return {
         "summary": run.summary,
         "live_over_pinned_sim_ttft_mean": _ratio(live, "ttft", run.summary["ttft_mean"]),

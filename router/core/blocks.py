@@ -26,6 +26,12 @@ against the stored messages, so finding one never hashes the whole conversation'
     turn N    | sys | u1 | a1 | u2 |                     state cached at the end
     turn N+1  | sys | u1 | a1 | u2 | a2 | u3 |           resume from turn N's state
                                    |<-- new -->|          only these are tokenized and hashed
+
+Text prompts (completions, /generate) arrive as position-based chunks (`prompt.py`), and a
+longer prompt repeats an earlier one's chunks except its last, never the whole tuple. So for
+them a second state is saved at ``segments[:-1]`` (the last chunk is the one that grows), and
+the resume search goes down to the first segment instead of `_RESUME_DEPTH` (a turn may add
+many chunks). Chat prompts keep one state per request and their hashes are unchanged.
 """
 
 from __future__ import annotations
@@ -171,7 +177,9 @@ class BlockHasher:
         lengths = tuple(map(len, segs))
         start = 0
         state: _ChainState | None = None
-        for i in range(len(segs), max(0, len(segs) - _RESUME_DEPTH), -1):
+        chat = prompt.kind == "chat"
+        lowest = max(0, len(segs) - _RESUME_DEPTH) if chat else 0
+        for i in range(len(segs), lowest, -1):
             probe = (seed, lengths[:i], segs[i - 1])
             state = states.get(probe)
             if state is not None:
@@ -199,21 +207,43 @@ class BlockHasher:
             )
             return blocks, state.tokens
         encode = self.segments.encode
-        for seg in segs[start:]:
+        last = len(segs) - 1
+        for seg in segs[start:last]:
             tokens.extend(encode(seg))
+        before_last = len(tokens)
+        tokens.extend(encode(segs[last]))
         new = _chain(tokens, bt, parent)
         n = count + len(tokens)
+        if not chat and start < last:  # the next, longer text resumes after its last chunk
+            self._save(seed, lengths[:last], segs[:last], full_blocks, new, tokens[:before_last])
+            self._save(seed, lengths, segs, full_blocks, new, tokens)
+        else:
+            self._save(seed, lengths, segs, full_blocks, new, tokens)
+        return full_blocks + tuple(new), n
+
+    def _save(
+        self,
+        seed: int,
+        lengths: tuple[int, ...],
+        segs: tuple[str, ...],
+        resumed_blocks: tuple[int, ...],
+        new: list[int],
+        tokens: list[int],
+    ) -> None:
+        """Remember the chain after `segs`: `tokens` (a prefix of what `new` hashes) resumed."""
+        bt = self.block_tokens
+        states = self._states
         whole = len(tokens) // bt
         key = (seed, lengths, segs[-1])
         old = states.pop(key, None)
         if old is not None:
             self._state_block_count -= len(old.full_blocks)
-        kept = full_blocks + tuple(new[:whole])
+        kept = resumed_blocks + tuple(new[:whole])
+        count = len(resumed_blocks) * bt + len(tokens)
         states[key] = _ChainState(
-            segments=segs, full_blocks=kept, tail=tuple(tokens[whole * bt :]), tokens=n
+            segments=segs, full_blocks=kept, tail=tuple(tokens[whole * bt :]), tokens=count
         )
         self._state_block_count += len(kept)
         while len(states) > self.state_entries or self._state_block_count > self.state_blocks:
             _, dropped = states.popitem(last=False)
             self._state_block_count -= len(dropped.full_blocks)
-        return full_blocks + tuple(new), n

@@ -7,13 +7,26 @@ Three request shapes reach the router, and each becomes one `Prompt`:
   the system prompt, so they are part of the cached prefix). Content may be a string or a list
   of parts; text parts are joined, an image/audio/video/file part becomes a short placeholder
   naming a digest of its payload (never the payload itself: data URLs are megabytes).
-- OpenAI `/v1/completions`: ``prompt`` as a string (one segment), a list of strings (a batch,
-  one segment each, routed as one request), a list of token ids, or a list of such lists.
+- OpenAI `/v1/completions`: ``prompt`` as a string, a list of strings (a batch, routed as one
+  request), a list of token ids, or a list of such lists.
 - SGLang `/generate`: ``text`` (string or batch of strings) or ``input_ids`` (used directly,
   no tokenizer), ``sampling_params.max_new_tokens``.
 
 Segments are the unit of tokenization caching (`tokens.SegmentTokenCache`): a conversation's
 turn N+1 repeats turn N's segments verbatim, so only the new messages are tokenized.
+A text prompt (completions, /generate) has no messages, so each string is cut by position into
+chunks of at most `TEXT_CHUNK_CHARS` characters, each cut just before the last whitespace of
+its window (a hard cut where a window has none). A cut depends only on the text from the
+chunk's start to the window's end, so a prompt that extends an earlier one repeats all of its
+chunks but the last, and only the tail is tokenized again::
+
+    earlier | c0 | c1 | c2 | c3' |
+    later   | c0 | c1 | c2 | c3       | c4 | c5' |     c0..c2 cached; c3 on are new
+
+Token ids are per chunk, so a text prompt's block hashes differ from those of its unchunked
+tokenization (a chunk boundary may fall inside what one encoding pass would make one token);
+what routing needs, equal hashes for equal text prefixes across requests, holds. Chat
+segments are never chunked (their hashes do not depend on this).
 ``salt`` (model name, LoRA adapter, ``cache_salt``) seeds the block-hash chain, so the same text
 sent to two models never looks shared.
 
@@ -31,12 +44,17 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = [
+    "TEXT_CHUNK_CHARS",
     "Prompt",
     "PromptError",
     "parse_chat",
     "parse_completion",
     "parse_generate",
 ]
+
+# ~400-500 tokens of English: small enough that a growing prompt re-tokenizes little, large
+# enough that a 100k-token prompt is a few hundred segments (cheap to look up).
+TEXT_CHUNK_CHARS = 2000
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _MEDIA_PARTS = {
@@ -240,14 +258,16 @@ def _text_or_ids(
             raise PromptError(f"{where} must be {what}")
         if not value:
             raise PromptError(f"{where} must not be empty")
-        return (value,), None
+        return _chunks(value), None
     if not isinstance(value, list) or not value:
         raise PromptError(f"{where} must be a non-empty list or {what}")
     first = value[0]
     if isinstance(first, str):
         if not allow_text or not all(isinstance(v, str) for v in value):
             raise PromptError(f"{where} must be {what}")
-        return tuple(value), None
+        if len(value) == 1:
+            return _chunks(value[0]), None
+        return tuple(c for text in value for c in _chunks(text)), None
     if not allow_ids:
         raise PromptError(f"{where} must be {what}")
     if isinstance(first, list):
@@ -258,6 +278,24 @@ def _text_or_ids(
             ids.extend(_token_ids(row, f"{where}[{k}]"))
         return (), tuple(ids)
     return (), _token_ids(value, where)
+
+
+def _chunks(text: str, size: int = TEXT_CHUNK_CHARS) -> tuple[str, ...]:
+    """Position-based chunks, each cut before its window's last space or newline."""
+    n = len(text)
+    if n <= size:
+        return (text,)
+    out: list[str] = []
+    start = 0
+    while n - start > size:
+        end = start + size
+        cut = max(text.rfind(" ", start + 1, end + 1), text.rfind("\n", start + 1, end + 1))
+        if cut <= start:
+            cut = end
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return tuple(out)
 
 
 def _token_ids(values: Sequence[object], where: str) -> tuple[int, ...]:

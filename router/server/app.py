@@ -158,6 +158,7 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
         await sync.stop()
         if proxy.background:
             await asyncio.wait(set(proxy.background), timeout=config.abort_timeout_s)
+        proxy.close()
         await session.close()
 
 

@@ -34,6 +34,15 @@ event. Only what feedback needs is parsed: the first data event, an OpenAI event
 backend for `stream_options.include_usage` (to learn cached tokens) and drops that extra usage
 chunk when the client did not ask for it. Prompt text is logged only with `--log-prompts`.
 
+Tokenizing and hashing a big prompt (over `executor_tokenize_chars` of body) runs on the
+proxy's own single-thread executor: `BlockHasher` and its token cache mutate LRU dicts, so
+two threads at once could race (an eviction between a lookup and its move_to_end), and one
+thread keeps them serial. tiktoken releases the GIL while it encodes, so the event loop keeps
+serving streams meanwhile; smaller prompts are hashed inline (a thread hop costs more than
+they do). Measured on the multi-turn window (27k characters median): inline 1.4 ms median
+per request, executor 1.8-2.2 ms, with the loop's p99 stall 3.6 ms inline vs 1.5-2.7 ms.
+`close()` shuts the executor down (the app's lifecycle calls it at exit).
+
 Per-request CPU is the router's overhead, so the hot path avoids work it does not need: the
 client's body goes upstream as its own bytes with `rid` (and `stream_options`) spliced in,
 JSON is read with orjson, a whole response's counts are read from its tail `usage` /
@@ -50,6 +59,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -147,6 +157,8 @@ class Proxy:
         self.session = session
         self.metrics = metrics
         self.hasher = hasher
+        # one thread: the hasher's caches are not thread-safe (see the module docstring)
+        self._hash_executor: ThreadPoolExecutor | None = None
         self.live: set[str] = set()
         # request ids: a random per-process prefix and a serial (a uuid4 each costs more)
         self._rid_prefix = uuid.uuid4().hex[:16]
@@ -211,9 +223,20 @@ class Proxy:
                 session_key=prompt.session_key,
             )
         if body_chars > self.config.executor_tokenize_chars:
+            executor = self._hash_executor
+            if executor is None:
+                executor = self._hash_executor = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="router-hash"
+                )
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, self.hasher.route_request, prompt, rid)
+            return await loop.run_in_executor(executor, self.hasher.route_request, prompt, rid)
         return self.hasher.route_request(prompt, rid)
+
+    def close(self) -> None:
+        """Stop the hashing thread (after the requests that use it have ended)."""
+        if self._hash_executor is not None:
+            self._hash_executor.shutdown(wait=True, cancel_futures=True)
+            self._hash_executor = None
 
     def _exclusions(self, body: Mapping[str, Any], endpoint: Endpoint) -> set[str]:
         """Backends that cannot serve the requested model (404 when none can)."""

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from router.core.cost import CostEstimate, OutputLengthModel, PerfModel, estimate_cost
+from router.core.cost import OutputLengthModel, PerfModel
 from router.core.model import PerfPrior
 
 PRIOR = PerfPrior(
@@ -148,60 +148,3 @@ def test_output_length_model_window_tracks_recent_traffic() -> None:
     for _ in range(64):
         m.observe(10)
     assert m.expect(None) == pytest.approx(10)
-
-
-def test_cost_formula_by_hand() -> None:
-    perf = PerfModel(
-        PerfPrior(
-            prefill_tokens_per_s=1000.0,
-            prefill_s_per_token_ctx=0.0,
-            decode_step_s=0.01,
-            decode_s_per_kv_token=1e-6,
-        )
-    )
-    est = estimate_cost(
-        perf,
-        prompt_tokens=2000,
-        cached_tokens=1000,
-        expected_output=100,
-        queue_s=0.5,
-        running=4,
-        running_kv_tokens=10_000,
-    )
-    # prefill 1000 new tokens at 1000 tok/s = 1.0 s; ttft = 0.5 + 1.0
-    # step with r joined: 0.01 + 1e-6 * (10000 + 2000 + 50) = 0.02205; decode = 100 * step
-    # slowdown: 4 streams * (1.0 s stalled by the prefill + 100 steps * 1e-6 * 2050 s)
-    expected = {
-        "queue_s": 0.5,
-        "prefill_s": 1.0,
-        "ttft_s": 1.5,
-        "step_s": 0.02205,
-        "decode_s": 2.205,
-        "slowdown_s": 4.82,
-        "total_s": 8.525,
-    }
-    assert isinstance(est, CostEstimate)
-    assert {k: getattr(est, k) for k in expected} == pytest.approx(expected)
-
-
-def test_cost_formula_idle_backend_and_pending_tokens() -> None:
-    perf = PerfModel(
-        PerfPrior(prefill_tokens_per_s=2000.0, prefill_s_per_token_ctx=1e-7, decode_step_s=0.02)
-    )
-    est = estimate_cost(
-        perf,
-        prompt_tokens=1000,
-        cached_tokens=1000,
-        expected_output=10,
-        pending_prefill_tokens=4000,
-    )
-    # fully cached: no prefill; 4000 pending tokens at 2000 tok/s = 2 s of queue
-    assert est.prefill_s == 0.0
-    assert est.queue_s == pytest.approx(2.0) and est.ttft_s == pytest.approx(2.0)
-    assert est.step_s == pytest.approx(0.02) and est.decode_s == pytest.approx(0.2)
-    assert est.slowdown_s == 0.0 and est.total_s == pytest.approx(2.2)
-    # uncached: 1000 / 2000 + (1000 * 1001 / 2 attention pairs) * 1e-7 = 0.55005 s
-    cold = estimate_cost(perf, prompt_tokens=1000, cached_tokens=0, expected_output=0)
-    assert cold.prefill_s == pytest.approx(0.55005) and cold.total_s == pytest.approx(0.55005)
-    with pytest.raises(ValueError):
-        estimate_cost(perf, prompt_tokens=-1, cached_tokens=0, expected_output=0)

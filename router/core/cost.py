@@ -28,14 +28,8 @@ predicting is two multiply-adds (~1 us).
 min(N, max_tokens) over a window of observed output lengths N, i.e. max_tokens capped by what
 requests typically produce.
 
-`estimate_cost` is the cost formula of DESIGN section 3 with its parts kept apart, so a
-policy, /stats and the tests can see each one::
-
-    ttft     = queue + prefill(n - cached, ctx = n)
-    step     = decode_step(running KV + n + N/2)          (the batch with r joined)
-    decode   = N * step
-    slowdown = running * (interference * prefill + N * (step - step without r))
-    total    = ttft + decode + slowdown
+The cost formula itself lives with the policy that uses it (`router/core/cost_policy.py`),
+whose per-backend loop is the router's hot path.
 """
 
 from __future__ import annotations
@@ -43,16 +37,13 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from dataclasses import dataclass
 from itertools import accumulate
 
 from router.core.model import PerfPrior, attention_pairs
 
 __all__ = [
-    "CostEstimate",
     "OutputLengthModel",
     "PerfModel",
-    "estimate_cost",
 ]
 
 _HUBER = 1.5  # robust sigmas at which Huber weights start to fall
@@ -215,10 +206,6 @@ class PerfModel:
             return 0.0
         return self._prefill.predict(new_tokens, attention_pairs(new_tokens, context_tokens))
 
-    def prefill_work_time(self, tokens: int) -> float:
-        """Seconds of queued prefill work at PP speed (its split into prompts is unknown)."""
-        return self._prefill.c1 * max(tokens, 0)
-
     def decode_step_time(self, batch_kv_tokens: int) -> float:
         """Seconds per decode step of a batch holding `batch_kv_tokens` KV tokens."""
         return self._decode.predict(1.0, max(batch_kv_tokens, 0))
@@ -298,60 +285,3 @@ class OutputLengthModel:
     @property
     def observations(self) -> int:
         return len(self._window)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CostEstimate:
-    """The predicted latency of one request at one backend, part by part (seconds)."""
-
-    queue_s: float
-    prefill_s: float
-    ttft_s: float
-    step_s: float
-    decode_s: float
-    slowdown_s: float
-    total_s: float
-
-
-def estimate_cost(
-    perf: PerfModel,
-    *,
-    prompt_tokens: int,
-    cached_tokens: int,
-    expected_output: float,
-    queue_s: float = 0.0,
-    pending_prefill_tokens: int = 0,
-    running: int = 0,
-    running_kv_tokens: int = 0,
-    interference: float = 1.0,
-) -> CostEstimate:
-    """The cost formula (module docstring) for one backend.
-
-    `queue_s` is the caller's estimate of the wait before prefill starts; pending prefill work
-    given as `pending_prefill_tokens` is added at the backend's PP speed (no context term:
-    we know the total, not how it splits into prompts).
-    """
-    if prompt_tokens < 0 or cached_tokens < 0 or expected_output < 0:
-        raise ValueError("token counts must be non-negative")
-    if running < 0 or running_kv_tokens < 0 or pending_prefill_tokens < 0 or queue_s < 0:
-        raise ValueError("load figures must be non-negative")
-    cached = min(cached_tokens, prompt_tokens)
-    queue = queue_s + perf.prefill_work_time(pending_prefill_tokens)
-    prefill = perf.prefill_time(prompt_tokens - cached, prompt_tokens)
-    ttft = queue + prefill
-    own_kv = prompt_tokens + expected_output / 2
-    step = perf.decode_step_time(int(running_kv_tokens + own_kv))
-    decode = expected_output * step
-    slowdown = 0.0
-    if running:
-        extra_step = step - perf.decode_step_time(running_kv_tokens)
-        slowdown = running * (interference * prefill + expected_output * extra_step)
-    return CostEstimate(
-        queue_s=queue,
-        prefill_s=prefill,
-        ttft_s=ttft,
-        step_s=step,
-        decode_s=decode,
-        slowdown_s=slowdown,
-        total_s=ttft + decode + slowdown,
-    )

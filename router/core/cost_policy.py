@@ -16,10 +16,13 @@ The last term is what the request does to the streams already decoding on b: whi
 it, each of those streams waits (SGLang runs the prefill chunk in the same or a separate step).
 
 Every speed is b's own `PerfModel`, starting from the backend's prior and calibrated online
-from what b did: TTFTs of requests routed to an idle queue give PP (with the reported
-`cached_tokens`, so we know how many tokens it really computed), and each finished request's
-mean inter-token gap gives TG against the batch's KV size. What b reports as cached corrects the
-index (feedback), so a prefix that b evicted stops attracting requests.
+from what b did. PP: each busy period of b's prefill queue (from a request reaching it empty to
+its emptying, cut every 16 first-token steps) is one observation, the tokens b computed in it
+(prompt minus reported `cached_tokens`) against its length (`_BusyPeriod`). TG: each finished
+request's mean inter-token gap, net of the other prefills that finished on b meanwhile, against
+the batch's KV size (`_PrefillLog`). What b reports as cached corrects the index (feedback),
+so a prefix that b evicted stops attracting requests. docs/architecture.md says why these
+estimators and not per-request TTFTs.
 
 `oracle` uses the same formula with the truth: the engines' real cache (device and host
 tier), their real queue wait, and their true profiles. It exists only in the simulator and

@@ -25,6 +25,7 @@ from typing import Any
 from backends.sim.api import Aborted, Finished, FirstToken, SimRequest
 from backends.sim.engine import Engine, EngineConfig
 from backends.sim.perf import Profile, get_profile
+from router.core.blocks import route_request_from_hash_ids
 from router.core.model import BackendSpec, RouteRequest
 from router.core.policies import make_policy
 from router.core.routing import RoutingCore
@@ -202,13 +203,13 @@ def simulate_policy(
         now = treq.timestamp / config.load
         deliver(now)
         rid = f"r{position}"
-        route_req = RouteRequest(
-            rid=rid,
-            blocks=treq.hash_ids,
-            block_tokens=trace.block_size,
-            prompt_tokens=treq.input_length,
-            max_tokens=treq.output_length,
-            session_key=treq.session,
+        route_req = route_request_from_hash_ids(
+            rid,
+            treq.hash_ids,
+            trace.block_size,
+            treq.input_length,
+            treq.output_length,
+            treq.session,
         )
         decision = core.route(route_req, now)
         live[rid] = _Live(

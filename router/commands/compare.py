@@ -84,11 +84,11 @@ def run(args: argparse.Namespace) -> int:
 
     from backends.sim.perf import PROFILES
     from router.core.policies import POLICIES
-    from router.replay.client import run_summary
+    from router.replay.client import check_trace_api, run_summary
     from router.replay.compare import CompareConfig, ProcessSet, Target, parse_targets, run_compare
     from router.replay.metrics import RequestOutcome, json_safe
     from router.replay.report import format_table, plot_ttft_cdf
-    from router.replay.traces import TraceError, load_window
+    from router.replay.traces import load_window
 
     if args.profile not in PROFILES:
         return _fail(f"unknown profile {args.profile!r}; known: {', '.join(PROFILES)}")
@@ -107,10 +107,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     try:
         trace = load_window(args.trace, args.start, args.duration)
-    except TraceError as exc:
+        check_trace_api(trace, args.api)
+    except ValueError as exc:  # TraceError is one
         return _fail(str(exc))
-    if args.api != "chat" and any(r.messages is not None for r in trace.requests):
-        return _fail(f"a chat-log trace replays only with --api chat, not --api {args.api}")
 
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="prefix-router-compare-"))
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -61,10 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from router.replay.client import ReplayConfig, replay, run_summary
+    from router.replay.client import ReplayConfig, check_trace_api, replay, run_summary
     from router.replay.metrics import json_safe
     from router.replay.report import format_table, plot_ttft_cdf
-    from router.replay.traces import TraceError, load_window
+    from router.replay.traces import load_window
 
     if args.start < 0:
         return _fail("--start must be non-negative")
@@ -85,10 +85,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     try:
         trace = load_window(args.trace, args.start, args.duration)
-    except TraceError as exc:
+        check_trace_api(trace, args.api)
+    except ValueError as exc:  # TraceError is one
         return _fail(str(exc))
-    if args.api != "chat" and any(r.messages is not None for r in trace.requests):
-        return _fail(f"a chat-log trace replays only with --api chat, not --api {args.api}")
 
     print(
         f"replaying {len(trace.requests)} requests of {trace.name} "

@@ -51,6 +51,7 @@ __all__ = [
     "ReplayConfig",
     "ReplayRun",
     "build_request",
+    "check_trace_api",
     "discover_model",
     "failure_status",
     "replay",
@@ -118,6 +119,16 @@ def failure_status(error: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _chat_only(api: str) -> str:
+    return f"a chat-log trace replays only with --api chat, not --api {api}"
+
+
+def check_trace_api(trace: Trace, api: Api) -> None:
+    """ValueError before replaying if the trace holds chat logs and `api` cannot carry them."""
+    if api != "chat" and any(r.messages is not None for r in trace.requests):
+        raise ValueError(_chat_only(api))
+
+
 def build_request(
     treq: TraceRequest,
     *,
@@ -129,7 +140,7 @@ def build_request(
     """(path, JSON body) for one trace request; ValueError if the trace cannot feed this API."""
     if treq.messages is not None:
         if api != "chat":
-            raise ValueError(f"a chat-log trace replays only with --api chat, not {api!r}")
+            raise ValueError(_chat_only(api))
         messages: list[Any] = list(treq.messages)
         text = ""
     else:

@@ -267,47 +267,41 @@ def _finish_reason_openai(p: Progress) -> str | None:
     return {"length": "length", "abort": "abort", "running": None}[p.state]
 
 
-def chat_response(p: Progress, model: str) -> dict[str, Any]:
+def _openai_body(
+    p: Progress, model: str, obj: str, payload: dict[str, Any], usage: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The OpenAI envelope every response and chunk shares, around one choice's `payload`."""
     return {
         "id": p.rid,
-        "object": "chat.completion",
+        "object": obj,
         "created": p.created,
         "model": model,
         "choices": [
             {
                 "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": filler_text(p.completion_tokens, p.text_offset),
-                    "reasoning_content": None,
-                    "tool_calls": None,
-                },
+                **payload,
                 "logprobs": None,
                 "finish_reason": _finish_reason_openai(p),
                 "matched_stop": None,
             }
         ],
-        "usage": _usage(p),
+        "usage": usage,
     }
+
+
+def chat_response(p: Progress, model: str) -> dict[str, Any]:
+    message = {
+        "role": "assistant",
+        "content": filler_text(p.completion_tokens, p.text_offset),
+        "reasoning_content": None,
+        "tool_calls": None,
+    }
+    return _openai_body(p, model, "chat.completion", {"message": message}, _usage(p))
 
 
 def completion_response(p: Progress, model: str) -> dict[str, Any]:
-    return {
-        "id": p.rid,
-        "object": "text_completion",
-        "created": p.created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "text": filler_text(p.completion_tokens, p.text_offset),
-                "logprobs": None,
-                "finish_reason": _finish_reason_openai(p),
-                "matched_stop": None,
-            }
-        ],
-        "usage": _usage(p),
-    }
+    text = filler_text(p.completion_tokens, p.text_offset)
+    return _openai_body(p, model, "text_completion", {"text": text}, _usage(p))
 
 
 def chat_chunk(p: Progress, model: str, *, sent_tokens: int, role: bool = False) -> dict[str, Any]:
@@ -316,41 +310,12 @@ def chat_chunk(p: Progress, model: str, *, sent_tokens: int, role: bool = False)
     if role:
         delta["role"] = "assistant"
     delta["content"] = filler_text(p.completion_tokens - sent_tokens, p.text_offset + sent_tokens)
-    return {
-        "id": p.rid,
-        "object": "chat.completion.chunk",
-        "created": p.created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "delta": delta,
-                "logprobs": None,
-                "finish_reason": _finish_reason_openai(p),
-                "matched_stop": None,
-            }
-        ],
-        "usage": None,
-    }
+    return _openai_body(p, model, "chat.completion.chunk", {"delta": delta}, None)
 
 
 def completion_chunk(p: Progress, model: str, *, sent_tokens: int) -> dict[str, Any]:
-    return {
-        "id": p.rid,
-        "object": "text_completion",
-        "created": p.created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "text": filler_text(p.completion_tokens - sent_tokens, p.text_offset + sent_tokens),
-                "logprobs": None,
-                "finish_reason": _finish_reason_openai(p),
-                "matched_stop": None,
-            }
-        ],
-        "usage": None,
-    }
+    text = filler_text(p.completion_tokens - sent_tokens, p.text_offset + sent_tokens)
+    return _openai_body(p, model, "text_completion", {"text": text}, None)
 
 
 def usage_chunk(p: Progress, model: str, kind: Kind) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from typing import Any
 
 from router.core.model import BackendState, BasePolicy, Choice, RouteRequest
 from router.core.policies import POLICIES
-from router.replay.metrics import RequestOutcome, json_safe
+from router.replay.metrics import RequestOutcome, write_json
 from router.replay.simulate import SimConfig, simulate_policy
 from router.replay.traces import Trace, TraceRequest, bundled, load_trace
 
@@ -293,7 +293,7 @@ def main() -> int:
         "sim_short_first_within_bursts": sim_sf, "live": live, "pairs": pairs,
     }  # fmt: skip
     out = RESULTS / f"fidelity_{args.name}.json"
-    out.write_text(json.dumps(json_safe(doc), indent=2) + "\n")
+    write_json(out, doc)
     print(f"wrote {out}")
     return 0
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from router.replay.gentrace import MultiTurnConfig, multi_turn
-from router.replay.metrics import json_safe
+from router.replay.metrics import write_json
 from router.replay.simulate import SimConfig, find_capacity, simulate_policy
 from router.replay.traces import Trace, bundled, load_trace, write_mooncake
 
@@ -123,7 +123,7 @@ def run_window(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
     doc["capacity_round_robin"] = {"slo_ttft_p90": slo, "max_load": cap.max_load,
                                    "probes": [list(p) for p in cap.probes]}  # fmt: skip
     doc["checks"] = checks
-    out_json.write_text(json.dumps(json_safe(doc), indent=2) + "\n")
+    write_json(out_json, doc)
     print(json.dumps(checks, indent=2))
     return doc
 

@@ -17,7 +17,6 @@ Run:  python benchmarks/sim_compare.py            (about 15-25 minutes on 2 core
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -27,7 +26,7 @@ from typing import Any
 
 from router.replay.analyze import ideal_hit_ratio, lru_hit_ratio
 from router.replay.gentrace import MultiTurnConfig, SharedPrefixConfig, multi_turn, shared_prefix
-from router.replay.metrics import json_safe
+from router.replay.metrics import write_json
 from router.replay.simulate import SimConfig, find_capacity, simulate_policy
 from router.replay.traces import Trace, bundled, load_trace
 
@@ -170,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for name in args.workloads.split(","):
             doc = run_workload(name, policies, args.backends, args.slo_ttft_p90, pool)
-            (args.out / f"sim_{name}.json").write_text(
-                json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n"
-            )
+            write_json(args.out / f"sim_{name}.json", doc)
             plot(name, doc, args.out / f"sim_{name}.png")
             caps = ", ".join(f"{p} {c['max_load']:.2f}" for p, c in doc["capacity"].items())
             print(f"{name}: capacity at p90 TTFT <= {args.slo_ttft_p90:g}s: {caps}", flush=True)

@@ -9,7 +9,6 @@ are stopped on success, error, Ctrl-C and SIGTERM alike.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import tempfile
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from router.core.policies import POLICIES
     from router.replay.client import check_trace_api, run_summary
     from router.replay.compare import CompareConfig, ProcessSet, Target, parse_targets, run_compare
-    from router.replay.metrics import RequestOutcome, json_safe
+    from router.replay.metrics import RequestOutcome, write_json
     from router.replay.report import format_table, plot_ttft_cdf
     from router.replay.traces import load_window
 
@@ -173,12 +172,10 @@ def run(args: argparse.Namespace) -> int:
                 n: r.extra["router_stats"] for n, r in runs.items() if "router_stats" in r.extra
             },
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
+        write_json(args.json, doc)
     if args.outcomes is not None:
         per_request = {n: [asdict(o) for o in r.outcomes] for n, r in runs.items()}
-        args.outcomes.parent.mkdir(parents=True, exist_ok=True)
-        args.outcomes.write_text(json.dumps(json_safe(per_request), allow_nan=False) + "\n")
+        write_json(args.outcomes, per_request, indent=None)
     if args.plot is not None:
         plot_ttft_cdf({n: r.outcomes for n, r in runs.items()}, args.plot, title=title)
     return 0

@@ -10,7 +10,6 @@ every request failed (exit code 1 then). Argument errors print one line and exit
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from router.replay.client import ReplayConfig, check_trace_api, replay, run_summary
-    from router.replay.metrics import json_safe
+    from router.replay.metrics import write_json
     from router.replay.report import format_table, plot_ttft_cdf
     from router.replay.traces import load_window
 
@@ -113,8 +112,7 @@ def run(args: argparse.Namespace) -> int:
             "speedup": args.speedup,
             "results": {args.name: summary},
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
+        write_json(args.json, doc)
     if args.plot is not None:
         plot_ttft_cdf({args.name: result.outcomes}, args.plot, title=title)
     return 1 if summary["completed"] == 0 else 0  # all failed: the endpoint is not serving

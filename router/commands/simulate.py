@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -74,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from backends.sim.perf import PROFILES
     from router.core.policies import POLICIES
     from router.replay.analyze import ideal_hit_ratio, lru_hit_ratio
-    from router.replay.metrics import json_safe
+    from router.replay.metrics import write_json
     from router.replay.report import format_table, plot_ttft_cdf
     from router.replay.simulate import SimConfig, find_capacity, simulate_policy
     from router.replay.traces import TraceError, load_window
@@ -172,8 +171,7 @@ def run(args: argparse.Namespace) -> int:
         }
         if capacity:
             doc["capacity"] = capacity
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
+        write_json(args.json, doc)
     if args.plot is not None:
         plot_ttft_cdf(outcomes, args.plot, title=title)
     return 0

@@ -7,12 +7,14 @@ failures are counted, never dropped silently.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["RequestOutcome", "json_safe", "percentile", "summarize"]
+__all__ = ["RequestOutcome", "json_safe", "percentile", "summarize", "write_json"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,3 +98,9 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     return value
+
+
+def write_json(path: Path, doc: Any, *, indent: int | None = 2) -> None:
+    """Write `doc` as strict JSON (NaN and infinities as null), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(doc), indent=indent, allow_nan=False) + "\n")

@@ -111,14 +111,6 @@ class _Backlog:
         self.since = now
 
 
-@dataclass(slots=True)
-class _Estimate:
-    backend: str
-    cost: float
-    ttft: float
-    cached: int
-
-
 @dataclass(slots=True, kw_only=True)
 class _Routed:
     queue_s: float
@@ -329,45 +321,15 @@ class CostPolicy(BasePolicy):
     def _queue_s(self, state: BackendState, model: _BackendModel, now: float) -> float:
         return model.backlog.remaining(now)
 
-    def _estimate(
-        self,
-        req: RouteRequest,
-        state: BackendState,
-        model: _BackendModel,
-        cached: int,
-        queue_s: float,
-        expected_output: float,
-    ) -> tuple[_Estimate, _Routed]:
-        """The winner's parts, for the decision and for learning later (same formula as
-        the loop in `choose`)."""
-        n = req.prompt_tokens
-        prefill_s = model.perf.prefill_time(n - cached, n)
-        kv_tokens = state.decoding_kv_tokens + n + int(expected_output / 2)
-        step_s = model.perf.decode_step_time(kv_tokens)
-        mixed_s = model.perf.decode_step_time(state.decoding_kv_tokens) if state.decoding else 0.0
-        ttft = queue_s + prefill_s + mixed_s
-        cost = (
-            ttft + expected_output * step_s + self.config.interference * state.decoding * prefill_s
-        )
-        return (
-            _Estimate(backend=state.id, cost=cost, ttft=ttft, cached=cached),
-            _Routed(
-                queue_s=queue_s,
-                prefill_s=prefill_s,
-                mixed_s=mixed_s,
-                kv_tokens=kv_tokens,
-            ),
-        )
-
     def choose(self, req: RouteRequest, backends: Sequence[BackendState], now: float) -> Choice:
         matches = self.index.match(req.blocks)
         expected_output = self.outputs.expect(req.max_tokens)
         n = req.prompt_tokens
         interference = self.config.interference
         half_output = int(expected_output / 2)
-        # The hot loop: plain floats per backend, objects only for the winner.
+        # The hot loop: plain floats per backend, an object only when a backend leads.
         best_cost = float("inf")
-        best: tuple[BackendState, _BackendModel, int, float] | None = None
+        best: tuple[str, int, _Routed] | None = None
         block_tokens = req.block_tokens
         cap = max(n - 1, 0)
         models = self._models
@@ -399,16 +361,22 @@ class CostPolicy(BasePolicy):
                 + interference * state.decoding * prefill_s
             )
             if cost < best_cost or best is None:
-                best_cost, best = cost, (state, model, cached, queue_s)
+                best_cost = cost
+                parts = _Routed(
+                    queue_s=queue_s,
+                    prefill_s=prefill_s,
+                    mixed_s=mixed_s,
+                    kv_tokens=kv + n + half_output,
+                )
+                best = (backend, cached, parts)
         assert best is not None  # choose() is never called with no backends
-        state, model, cached, queue_s = best
-        estimate, routed = self._estimate(req, state, model, cached, queue_s, expected_output)
+        backend, cached, routed = best
         self._routed[req.rid] = routed
         return Choice(
-            backend=estimate.backend,
-            predicted_cached_tokens=estimate.cached,
-            predicted_ttft_s=estimate.ttft,
-            reason=f"cost {estimate.cost:.3f}s",
+            backend=backend,
+            predicted_cached_tokens=cached,
+            predicted_ttft_s=routed.queue_s + routed.prefill_s + routed.mixed_s,
+            reason=f"cost {best_cost:.3f}s",
         )
 
     # -- what happened --------------------------------------------------------------------

@@ -82,15 +82,8 @@ class EngineProbe:
         probe = self._engines[backend].probe(sim)
         return probe.device_tokens + probe.host_tokens
 
-    def device_and_host_tokens(self, backend: str, req: RouteRequest) -> tuple[int, int]:
-        probe = self._engines[backend].probe(_sim_request(req, output_tokens=1))
-        return probe.device_tokens, probe.host_tokens
-
     def wait_s(self, backend: str, now: float) -> float:
         return self._engines[backend].predicted_wait_s(now)
-
-    def profile(self, backend: str) -> Profile:
-        return self._engines[backend].profile
 
 
 def _sim_request(req: RouteRequest, *, output_tokens: int) -> SimRequest:
@@ -107,9 +100,7 @@ def _sim_request(req: RouteRequest, *, output_tokens: int) -> SimRequest:
 class _Live:
     arrival: float
     req: RouteRequest
-    output_tokens: int
     backend: str
-    first_token: float | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -194,7 +185,6 @@ def simulate_policy(
         batch.sort(key=lambda item: (item[0], item[1]))
         for _, _, event in batch:
             if isinstance(event, FirstToken):
-                live[event.rid].first_token = event.time
                 core.on_first_token(event.rid, event.time, event.cached_tokens)
             else:
                 finish(event.rid, event)
@@ -212,9 +202,7 @@ def simulate_policy(
             treq.session,
         )
         decision = core.route(route_req, now)
-        live[rid] = _Live(
-            arrival=now, req=route_req, output_tokens=treq.output_length, backend=decision.backend
-        )
+        live[rid] = _Live(arrival=now, req=route_req, backend=decision.backend)
         engines[decision.backend].add_request(
             _sim_request(route_req, output_tokens=treq.output_length), now
         )

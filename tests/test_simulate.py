@@ -183,6 +183,7 @@ def test_start_and_duration_select_a_window(
         (["--duration", "0"], "--duration must be positive"),
         (["--start", "100000"], "the trace window holds no requests"),
         (["--slo-ttft-p90", "0", "--find-capacity"], "--slo-ttft-p90 must be a positive"),
+        (["--capacity-precision", "1.5", "--find-capacity"], "--capacity-precision must be in"),
     ],
 )
 def test_bad_arguments_give_one_error_line_and_exit_2(

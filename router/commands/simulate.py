@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--slo-ttft-p90", type=float, default=2.0, help="p90 TTFT SLO for --find-capacity (s)"
     )
+    parser.add_argument(
+        "--capacity-precision",
+        type=float,
+        default=0.05,
+        help="stop the capacity search when hi/lo <= 1 + this (default 0.05)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write results JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="write a TTFT CDF PNG here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -88,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--duration must be positive, got {args.duration:g}")
     if not (args.slo_ttft_p90 > 0 and math.isfinite(args.slo_ttft_p90)):
         return _fail(f"--slo-ttft-p90 must be a positive number, got {args.slo_ttft_p90:g}")
+    if not 0 < args.capacity_precision < 1:
+        return _fail(f"--capacity-precision must be in (0, 1), got {args.capacity_precision:g}")
     names = [p.strip() for p in args.profile.split(",") if p.strip()]
     unknown = [n for n in names if n not in PROFILES]
     if not names or unknown:
@@ -140,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
                 summary = one_run(policy, load, f"{policy} capacity @ {load:.3g}").summary
                 return float("inf") if summary["failed"] else float(summary["ttft_p90"])
 
-            found = find_capacity(p90_at, slo=args.slo_ttft_p90, start=args.load)
+            found = find_capacity(
+                p90_at, slo=args.slo_ttft_p90, start=args.load, precision=args.capacity_precision
+            )
             capacity[policy] = {
                 "slo_ttft_p90": found.slo_ttft_p90,
                 "max_load": found.max_load,

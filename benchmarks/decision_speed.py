@@ -10,7 +10,10 @@ timed path is what the live proxy runs per request:
 
 Each row also carries the median of each stage (`stage_median_us`: parse, hash, route) and of
 tokenizing the new message alone (`tokenize_new`, timed outside the decision), since that one
-tiktoken call is most of the decision at small pool sizes.
+tiktoken call is most of the decision at small pool sizes. With `--breakdown`, a second run of
+as many decisions (after the timed one, which it leaves untouched) splits the route stage
+(`route_breakdown_median_us`): the index match, the rest of the policy's choice (the
+per-backend cost loop), the index update after the decision, and the core's bookkeeping.
 
 Run: python benchmarks/decision_speed.py --json benchmarks/results/decision_speed.json
 """
@@ -23,6 +26,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +90,63 @@ def _fill_index(core: RoutingCore, blocks: int, backends: list[str], rng: random
         made += chain_len
 
 
-def measure(backends: int, index_blocks: int, samples: int, seed: int) -> dict[str, Any]:
+def _route_breakdown(
+    core: RoutingCore,
+    hasher: BlockHasher,
+    body: Callable[[str], dict[str, Any]],
+    rng: random.Random,
+    samples: int,
+    first: int,
+) -> dict[str, float]:
+    """Medians of the route stage's parts, timed by wrapping the policy's and index's calls."""
+    policy = core.policy
+    index = getattr(policy, "index", None)
+    parts: dict[str, int] = {}
+    rows: dict[str, list[float]] = {
+        "match": [],
+        "choose_rest": [],
+        "index_insert": [],
+        "core_rest": [],
+    }
+
+    def timed(obj: Any, name: str) -> None:
+        call = getattr(obj, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter_ns()
+            result = call(*args, **kwargs)
+            parts[name] = time.perf_counter_ns() - t0
+            return result
+
+        setattr(obj, name, wrapper)
+
+    timed(policy, "choose")
+    if index is not None:
+        timed(index, "match")
+        timed(index, "insert")
+    try:
+        for i in range(first, first + samples):
+            req = hasher.route_request(parse_chat(body(_text(rng, 420))), f"r{i}")
+            parts.clear()
+            t0 = time.perf_counter_ns()
+            core.route(req, float(i))
+            total = time.perf_counter_ns() - t0
+            core.on_finished(f"r{i}", float(i) + 0.5, 1, None)
+            match, insert = parts.get("match", 0), parts.get("insert", 0)
+            rows["match"].append(match / 1e3)
+            rows["choose_rest"].append((parts["choose"] - match) / 1e3)
+            rows["index_insert"].append(insert / 1e3)
+            rows["core_rest"].append((total - parts["choose"] - insert) / 1e3)
+    finally:
+        for obj, name in ((policy, "choose"), (index, "match"), (index, "insert")):
+            if obj is not None:
+                obj.__dict__.pop(name, None)
+    return {k: statistics.median(v) for k, v in rows.items()}
+
+
+def measure(
+    backends: int, index_blocks: int, samples: int, seed: int, breakdown: bool = False
+) -> dict[str, Any]:
     rng = random.Random(seed)
     ids = [f"http://10.0.{i // 256}.{i % 256}:30000" for i in range(backends)]
     specs = [BackendSpec(id=b, kv_capacity_tokens=409_600 * 1024) for b in ids]
@@ -128,7 +188,7 @@ def measure(backends: int, index_blocks: int, samples: int, seed: int) -> dict[s
         prompt_tokens = req.prompt_tokens
     times_us.sort()
     index = getattr(core.policy, "index", None)
-    return {
+    row = {
         "backends": backends,
         "median_us": statistics.median(times_us),
         "p99_us": times_us[min(len(times_us) - 1, int(len(times_us) * 0.99))],
@@ -141,6 +201,11 @@ def measure(backends: int, index_blocks: int, samples: int, seed: int) -> dict[s
         # tokenizing that message alone, to show what dominates
         "stage_median_us": {k: statistics.median(v) for k, v in stages.items()},
     }
+    if breakdown:  # after the row's figures: this second run adds to the index
+        row["route_breakdown_median_us"] = _route_breakdown(
+            core, hasher, body, rng, samples, samples
+        )
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,16 +217,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write results JSON here")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also split the route stage (a second run)"
+    )
     args = parser.parse_args(argv)
     results = []
     for count in (int(x) for x in args.backends.split(",")):
-        row = measure(count, args.index_blocks, args.samples, args.seed)
+        row = measure(count, args.index_blocks, args.samples, args.seed, args.breakdown)
         results.append(row)
+        detail = row.get("route_breakdown_median_us", {})
         print(
             f"{count:4d} backends: median {row['median_us']:8.1f} us  p99 {row['p99_us']:8.1f} us"
             f"  index {row['index_blocks']:,} entries ~{row['index_bytes'] / 2**20:.0f} MiB"
             f"  ({row['prompt_tokens']} prompt tokens, {row['messages']} messages)"
-            f"  stages: {'  '.join(f'{k} {v:.0f}' for k, v in row['stage_median_us'].items())}",
+            f"  stages: {'  '.join(f'{k} {v:.0f}' for k, v in row['stage_median_us'].items())}"
+            + (
+                f"  route: {'  '.join(f'{k} {v:.0f}' for k, v in detail.items())}" if detail else ""
+            ),
             file=sys.stderr,
         )
     doc = {"results": results, "python": sys.version.split()[0]}

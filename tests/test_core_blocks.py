@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Sequence
@@ -145,6 +146,32 @@ def test_block_hasher_never_resumes_from_a_lookalike_prefix() -> None:
     # b was fresh (a's state had the same key but other text), b + 1 resumed from b, and b's
     # state had replaced a's under the shared key, so a was hashed afresh again
     assert (hasher.fresh, hasher.resumed) == (3, 1)
+
+
+def test_block_hasher_keeps_one_copy_of_a_conversations_earlier_messages() -> None:
+    """A resumed state stores the earlier turn's strings, not this request's equal copies.
+
+    A live request's body is decoded afresh, so every turn brings new copies of the earlier
+    messages; keeping them would hold the whole conversation once per turn, and leave each
+    parse to fault in new memory.
+    """
+    hasher = BlockHasher(load_tokenizer(), block_tokens=8)
+    msgs = conversation(5)
+
+    def fresh(n: int) -> tuple[str, ...]:  # as if the JSON body were decoded again
+        prompt = parse_chat(json.loads(json.dumps({"messages": msgs[:n]})))
+        hasher.route_request(prompt, f"r{n}")
+        return prompt.segments
+
+    first = fresh(2)
+    fresh(4)
+    third = fresh(6)
+    assert hasher.resumed == 2
+    (state,) = (s for s in hasher._states.values() if len(s.segments) == 6)
+    assert state.segments == third
+    assert all(kept is seg for kept, seg in zip(state.segments[:2], first, strict=True))
+    assert all(kept is not seg for kept, seg in zip(state.segments[:4], third, strict=False))
+    assert state.segments[5] is third[5]  # only the new messages are this request's own
 
 
 def test_block_hasher_models_do_not_share_and_input_ids_hash_directly() -> None:

@@ -8,6 +8,7 @@ import random
 import statistics
 import time
 import tracemalloc
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,50 @@ def test_matches_a_brute_force_model_under_random_operations() -> None:
             if depth:
                 expect[n] = depth
         assert idx.match(q) == expect
+
+
+class _ReferenceLru:
+    """One backend's beliefs as the module docstring states them, one block at a time."""
+
+    def __init__(self) -> None:
+        self.lru: OrderedDict[int, tuple[int, int]] = OrderedDict()  # block -> (stamp, size)
+        self.stamp = 0
+
+    def refresh(self, blocks: list[int], size: int, last: int) -> None:
+        self.stamp += 1
+        for i in range(len(blocks) - 1, -1, -1):  # deepest first
+            self.lru.pop(blocks[i], None)
+            self.lru[blocks[i]] = (self.stamp, last if i == len(blocks) - 1 else size)
+
+
+def test_refresh_keeps_the_documented_lru_order_stamps_and_sizes() -> None:
+    """Chains (with shared roots, repeats and partial last blocks) land deepest first."""
+    rng = random.Random(3)
+    idx = PrefixIndex()
+    idx.add_backend("a", None, 8)
+    ref = _ReferenceLru()
+    for _ in range(300):
+        blocks = chain(rng.randrange(4), rng.randrange(1, 12))
+        if rng.random() < 0.2:
+            blocks = [rng.randrange(30) for _ in range(rng.randrange(1, 6))]  # repeats too
+        prompt = len(blocks) * 8 - rng.randrange(8)
+        idx.insert("a", blocks, 0.0, 8, prompt_tokens=prompt)
+        ref.refresh(blocks, 8, prompt - (len(blocks) - 1) * 8)
+        lru = idx._backends["a"].lru
+        assert [(b, v >> 24, v & 0xFFFFFF) for b, v in lru.items()] == [
+            (b, stamp, size) for b, (stamp, size) in ref.lru.items()
+        ]
+        assert idx.held_tokens("a") == sum(size for _, size in ref.lru.values())
+
+
+def test_one_refresh_shares_its_packed_values() -> None:
+    """A chain's full blocks share one packed int (what `approx_bytes` counts per entry)."""
+    idx = PrefixIndex()
+    idx.add_backend("a", None, 64)
+    idx.insert("a", list(range(100)), 0.0, 64, prompt_tokens=99 * 64 + 10)
+    values = list(idx._backends["a"].lru.values())
+    assert len({id(v) for v in values}) == 2  # the full blocks' and the partial last block's
+    assert idx.held_tokens("a") == 99 * 64 + 10
 
 
 def test_memory_stays_within_bound_over_the_conversation_trace() -> None:

@@ -37,9 +37,10 @@ many chunks). Chat prompts keep one state per request and their hashes are uncha
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from router.core.model import RouteRequest
 from router.core.prompt import Prompt
@@ -105,9 +106,12 @@ def route_request_from_hash_ids(
     )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _ChainState:
-    """The chain after a message prefix: hashes of its full blocks and the partial tail."""
+class _ChainState(NamedTuple):
+    """The chain after a message prefix: hashes of its full blocks and the partial tail.
+
+    A named tuple, not a frozen dataclass: one is built per request, and this builds in half
+    the time (~1 us here).
+    """
 
     segments: tuple[str, ...]  # the message prefix itself: a key match is verified on it
     full_blocks: tuple[int, ...]
@@ -191,34 +195,38 @@ class BlockHasher:
         if state is None:
             self.fresh += 1
             full_blocks: tuple[int, ...] = ()
-            tokens: list[int] = []
+            head: tuple[int, ...] = ()
             count = 0
             parent = seed
         else:
             self.resumed += 1
             full_blocks = state.full_blocks
-            tokens = list(state.tail)
-            count = state.tokens - len(state.tail)
+            head = state.tail
+            count = state.tokens - len(head)
             parent = full_blocks[-1] if full_blocks else seed
         if start == len(segs):
             assert state is not None
-            blocks = (
-                full_blocks + tuple(_chain(state.tail, bt, parent)) if state.tail else full_blocks
-            )
+            blocks = full_blocks + tuple(_chain(head, bt, parent)) if head else full_blocks
             return blocks, state.tokens
         encode = self.segments.encode
         last = len(segs) - 1
-        for seg in segs[start:last]:
-            tokens.extend(encode(seg))
-        before_last = len(tokens)
-        tokens.extend(encode(segs[last]))
+        if start < last:
+            head += tuple(itertools.chain.from_iterable(map(encode, segs[start:last])))
+        # One tuple of the tokens to hash (a chat turn: the tail + the new message), built by
+        # one concatenation; `_chain` and the saved tails slice it without copying it again.
+        tokens = head + encode(segs[last])
         new = _chain(tokens, bt, parent)
         n = count + len(tokens)
+        # The state keeps the resumed prefix's own strings, not this request's equal copies:
+        # a conversation's earlier messages are then stored once, and this request's copies
+        # (fresh from parsing, ~60 KB for a 20-message chat) are freed when it ends, so the
+        # next parse reuses their memory instead of faulting in new pages (that was ~35 us of
+        # a 20-message parse, 13 page faults).
+        if state is not None:
+            segs = state.segments + segs[start:]
         if not chat and start < last:  # the next, longer text resumes after its last chunk
-            self._save(seed, lengths[:last], segs[:last], full_blocks, new, tokens[:before_last])
-            self._save(seed, lengths, segs, full_blocks, new, tokens)
-        else:
-            self._save(seed, lengths, segs, full_blocks, new, tokens)
+            self._save(seed, lengths[:last], segs[:last], full_blocks, new, head)
+        self._save(seed, lengths, segs, full_blocks, new, tokens)
         return full_blocks + tuple(new), n
 
     def _save(
@@ -228,7 +236,7 @@ class BlockHasher:
         segs: tuple[str, ...],
         resumed_blocks: tuple[int, ...],
         new: list[int],
-        tokens: list[int],
+        tokens: tuple[int, ...],
     ) -> None:
         """Remember the chain after `segs`: `tokens` (a prefix of what `new` hashes) resumed."""
         bt = self.block_tokens
@@ -241,7 +249,7 @@ class BlockHasher:
         kept = resumed_blocks + tuple(new[:whole])
         count = len(resumed_blocks) * bt + len(tokens)
         states[key] = _ChainState(
-            segments=segs, full_blocks=kept, tail=tuple(tokens[whole * bt :]), tokens=count
+            segments=segs, full_blocks=kept, tail=tokens[whole * bt :], tokens=count
         )
         self._state_block_count += len(kept)
         while len(states) > self.state_entries or self._state_block_count > self.state_blocks:

@@ -185,6 +185,9 @@ class PerfModel:
         if prior_weight < 0 or prefill_shape_weight < 0:
             raise ValueError("prior_weight and prefill_shape_weight must be non-negative")
         self.prior = prior
+        # Observations passed on to either line: the fit can only change when this does, so a
+        # cache of values derived from `learned()` checks one int (the cost policy's hot loop).
+        self.updates = 0
         self._prefill = _RobustLine(
             1.0 / prior.prefill_tokens_per_s,
             prior.prefill_s_per_token_ctx,
@@ -214,6 +217,7 @@ class PerfModel:
         """A prefill of `new_tokens` (of `context_tokens`) took `seconds` (queueing removed)."""
         if new_tokens > 0:
             self._prefill.observe(new_tokens, attention_pairs(new_tokens, context_tokens), seconds)
+            self.updates += 1
 
     def observe_prefill_total(
         self, new_tokens: int, pairs: int, seconds: float, *, count: int = 1
@@ -225,10 +229,12 @@ class PerfModel:
         """
         if new_tokens > 0:
             self._prefill.observe(new_tokens, max(pairs, new_tokens), seconds, max(count, 1))
+            self.updates += 1
 
     def observe_decode(self, batch_kv_tokens: int, step_seconds: float) -> None:
         """A decode step with `batch_kv_tokens` KV tokens in the batch took `step_seconds`."""
         self._decode.observe(1.0, max(batch_kv_tokens, 0), step_seconds)
+        self.updates += 1
 
     @property
     def prefill_observations(self) -> int:

@@ -130,7 +130,11 @@ class RoutingCore:
         """Pick a backend for `req` among the routable ones outside `exclude`; record it."""
         if req.rid in self._records:
             raise ValueError(f"request id {req.rid!r} is already in flight")
-        candidates = [s for s in self._backends.values() if s.routable and s.id not in exclude]
+        states = self._backends.values()
+        if exclude:
+            candidates = [s for s in states if s.routable and s.id not in exclude]
+        else:  # the usual case (no retry): one property read per backend, not two
+            candidates = [s for s in states if s.routable]
         if not candidates:
             raise NoBackendError(
                 f"no routable backend for {req.rid!r} "

@@ -8,7 +8,7 @@ import pytest
 
 from backends.sim.perf import get_profile
 from router.core.cost_policy import CostPolicy, OraclePolicy
-from router.core.model import BackendSpec, PerfPrior, RouteRequest
+from router.core.model import BackendSpec, BackendState, PerfPrior, RouteRequest
 from router.core.policies import make_policy
 from router.core.routing import RoutingCore
 from router.replay.gentrace import UnsharedConfig, unshared
@@ -78,6 +78,58 @@ def test_a_busy_decoder_adds_one_step_to_ttft_and_interference_to_cost() -> None
     assert isinstance(policy, CostPolicy)
 
 
+def test_joining_a_batch_is_charged_for_the_steps_it_slows_for_the_streams_there() -> None:
+    # Decode steps cost 10 ms + 1 us per KV token in the batch. "a" decodes 20 streams of 1,000
+    # KV tokens (20,000), "b" one stream of 26,000. A 1,000-token request, 10 output tokens
+    # expected (N/2 = 5), nothing cached, no queue anywhere:
+    #   own cost  = prefill 0.1 + mixed step (0.01 + kv e-6) + 10 x (0.01 + (kv + 1005) e-6)
+    #             a: 0.1 + 0.030 + 0.31005 = 0.44005     b: 0.1 + 0.036 + 0.37005 = 0.50605
+    #   its KV slows each stream there for ~N/2 steps: streams x 1e-6 x 1005 x 5
+    #             a: 20 x 0.005025 = 0.1005              b: 1 x 0.005025
+    # Selfish routing joins the big batch; counting the others' delay, the small batch wins.
+    prior = dataclasses.replace(PRIOR, decode_s_per_kv_token=1e-6)
+    specs = {b: BackendSpec(id=b, kv_capacity_tokens=1_000_000, prior=prior) for b in "ab"}
+    states = [
+        BackendState(spec=specs["a"], decoding=20, decoding_kv_tokens=20_000),
+        BackendState(spec=specs["b"], decoding=1, decoding_kv_tokens=26_000),
+    ]
+    req = _req("r1", (1,), 1000, max_tokens=10)
+    for weight, backend, cost in ((0.0, "a", 0.44005), (1.0, "b", 0.50605 + 0.005025)):
+        policy = make_policy("cost", interference=0.0, calibrate=False, decode_externality=weight)
+        for spec in specs.values():
+            policy.on_backend_added(spec)
+        choice = policy.choose(req, states, 0.0)
+        assert choice.backend == backend
+        assert choice.reason == f"cost {cost:.3f}s"
+
+
+def test_a_backend_late_on_its_predictions_looks_as_busy_as_it_is_late() -> None:
+    for lateness in (False, True):
+        core = _core_with(lateness=lateness)
+        core.route(_req("r1", (1, 2, 3, 4), 4000), 0.0)  # "a": first token predicted at 0.4 s
+        # At 1.4 s "a" has still not answered: 1 s late. A repeat of the prefix costs 1 token
+        # of prefill at "a" plus the lateness, against 0.4 s of prefill at idle "b".
+        decision = core.route(_req("r2", (1, 2, 3, 4), 4000), 1.4)
+        if lateness:
+            assert decision.backend == "b"
+        else:
+            assert decision.backend == "a"
+            assert decision.predicted_ttft_s == pytest.approx(1 / 10_000)
+
+
+def test_a_non_streaming_request_is_never_counted_late() -> None:
+    # Its first token is seen only at the end, so waiting for it past 0.4 s means nothing.
+    core = _core_with(lateness=True)
+    core.route(dataclasses.replace(_req("r1", (1, 2, 3, 4), 4000), first_token_seen=False), 0.0)
+    decision = core.route(_req("r2", (1, 2, 3, 4), 4000), 1.4)
+    assert decision.backend == "a"
+
+
+def _core_with(**options: float | bool) -> RoutingCore:
+    specs = [BackendSpec(id=b, kv_capacity_tokens=1_000_000, prior=PRIOR) for b in ("a", "b")]
+    return RoutingCore(make_policy("cost", interference=0.0, calibrate=False, **options), specs)
+
+
 def test_feedback_of_an_eviction_stops_the_prefix_attracting_requests() -> None:
     core = _core()
     core.route(_req("r1", (1, 2, 3, 4), 4000), 0.0)
@@ -103,6 +155,23 @@ def test_learned_speeds_are_exposed_per_backend() -> None:
     assert set(learned) == {"a", "b"}
     assert learned["a"]["prefill_tokens_per_s"] == pytest.approx(10_000.0)
     assert learned["a"]["decode_tokens_per_s_single"] == pytest.approx(100.0)
+
+
+def test_decisions_use_what_the_model_has_just_learned() -> None:
+    """`choose` caches each backend's speeds; any observation must reach the next decision."""
+    core = _core()
+    policy = core.policy
+    assert isinstance(policy, CostPolicy)
+    req = _req("r0", (1, 2), 2000, max_tokens=0)
+    # idle pool, no cache: TTFT is the whole prefill at the prior's 10k tokens/s
+    assert policy.choose(req, core.backends(), 0.0).predicted_ttft_s == pytest.approx(0.2)
+    for backend in ("a", "b"):
+        perf = policy._models[backend].perf
+        for _ in range(40):  # both now prefill at 5k tokens/s
+            perf.observe_prefill(2000, 2000, 0.4)
+        learned = perf.learned()
+        assert policy._models[backend].speeds()[0] == 1.0 / learned.prefill_tokens_per_s
+    assert policy.choose(req, core.backends(), 0.0).predicted_ttft_s == pytest.approx(0.4, rel=0.05)
 
 
 def test_oracle_refuses_to_run_outside_the_simulator() -> None:

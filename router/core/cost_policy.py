@@ -7,13 +7,24 @@ For backend b and a request with n prompt tokens and an expected N output tokens
                 of b's PP speed, minus the time b has been working through it since
     ttft_b    = queue_b + prefill_b(n - cached_b, context n) + (step_b if b is decoding)
     step_b    = b's decode step time with this request joined to its batch (TG)
-    cost_b    = ttft_b + N * step_b + interference * decoding_b * prefill_b(...)
+    cost_b    = ttft_b + N * step_b
+              + interference * decoding_b * prefill_b(...)
+              + decoding_b * kv_cost_b * (n + N/2) * N/2
 
 (A prefill runs in a step that also advances b's running decodes, so when b is decoding the
 first token comes one decode step after the prefill work; an idle b answers in the prefill.)
 
-The last term is what the request does to the streams already decoding on b: while b prefills
-it, each of those streams waits (SGLang runs the prefill chunk in the same or a separate step).
+The last two terms are what the request does to the streams already decoding on b, so that
+the choice weighs the whole pool's latency, not only its own (marginal, not selfish, cost):
+while b prefills it, each of those streams waits (SGLang runs the prefill chunk in the same or
+a separate step); and while it decodes beside them, its KV (`n + N/2` tokens on average) makes
+each of their remaining steps (about N/2 of them overlap its own) slower by `kv_cost_b` per
+KV token. Without the last term a backend whose batch is near its decode-bandwidth limit keeps
+attracting the requests whose prefix it holds, and its queue runs away while others idle.
+
+`queue_b` is the model's; where b is slower than the model says (its oldest pending request
+is past its predicted first token: an admission wait for KV memory, a slow host, anything the
+model lacks), the lateness is added to b's queue, so b pays for being late until it catches up.
 
 Every speed is b's own `PerfModel`, starting from the backend's prior and calibrated online
 from what b did. PP: each busy period of b's prefill queue (from a request reaching it empty to
@@ -35,7 +46,7 @@ import random
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from router.core.cost import OutputLengthModel, PerfModel
@@ -73,6 +84,11 @@ class CostConfig:
     block_tokens: int = 64
     # Weight of the slowdown a prefill imposes on b's running streams (0 ignores it).
     interference: float = 0.25
+    # Weight of the slowdown this request's KV imposes on the decode steps of b's running
+    # streams (1: priced at the model's own per-KV-token step cost; 0: selfish routing).
+    decode_externality: float = 1.0
+    # Add to b's queue how far its oldest pending request is past its predicted first token.
+    lateness: bool = True
     # Use reported cached_tokens to correct the index, and observed timings to calibrate.
     feedback: bool = True
     calibrate: bool = True
@@ -82,6 +98,8 @@ class CostConfig:
             raise ValueError("index_max_blocks must be positive")
         if self.interference < 0:
             raise ValueError("interference must be non-negative")
+        if self.decode_externality < 0:
+            raise ValueError("decode_externality must be non-negative")
 
 
 @dataclass(slots=True)
@@ -89,21 +107,34 @@ class _Backlog:
     """Prefill work routed to one backend that has not produced a first token yet.
 
     `work_s` was outstanding at time `since`; the backend burns it at one second per second.
+    `due` holds when each pending request's first token was predicted, oldest first (FCFS:
+    each request queues behind all earlier ones, so predictions grow in routing order).
     """
 
     pending: dict[str, float]
+    due: dict[str, float] = field(default_factory=dict)
     work_s: float = 0.0
     since: float = 0.0
 
     def remaining(self, now: float) -> float:
         return max(0.0, self.work_s - max(0.0, now - self.since))
 
-    def add(self, rid: str, prefill_s: float, now: float) -> None:
+    def lateness(self, now: float) -> float:
+        """How far the oldest pending request is past its predicted first token (0 if not)."""
+        for due in self.due.values():
+            return max(0.0, now - due)
+        return 0.0
+
+    def add(self, rid: str, prefill_s: float, now: float, due: float | None) -> None:
+        """`due` None: the first token will not be seen (or is another replica's to see)."""
         self.work_s = self.remaining(now) + prefill_s
         self.since = now
         self.pending[rid] = prefill_s
+        if due is not None:
+            self.due[rid] = due
 
     def done(self, rid: str, now: float) -> None:
+        self.due.pop(rid, None)
         if self.pending.pop(rid, None) is None:
             return
         # What is left is at most what is still queued (the finished one is out of it).
@@ -212,7 +243,7 @@ class _BackendModel:
         self.backlog = _Backlog(pending={})
         self.prefills = _PrefillLog()
         self.busy = _BusyPeriod()
-        self._speeds_at = (-1, -1)
+        self._speeds_at = -1
         self._speeds = (0.0, 0.0, 0.0, 0.0)
 
     def speeds(self) -> tuple[float, float, float, float]:
@@ -221,7 +252,7 @@ class _BackendModel:
         The same numbers as `perf.prefill_time` / `perf.decode_step_time`, cached until the
         model learns something, so the per-backend loop of `choose` is plain arithmetic.
         """
-        at = (self.perf.prefill_observations, self.perf.decode_observations)
+        at = self.perf.updates
         if at != self._speeds_at:
             learned = self.perf.learned()
             self._speeds = (
@@ -233,10 +264,10 @@ class _BackendModel:
             self._speeds_at = at
         return self._speeds
 
-    def routed(self, rid: str, prefill_s: float, now: float) -> None:
+    def routed(self, rid: str, prefill_s: float, now: float, due: float | None) -> None:
         if not self.backlog.pending:
             self.busy.open(now)
-        self.backlog.add(rid, prefill_s, now)
+        self.backlog.add(rid, prefill_s, now, due)
 
     def first_token(self, rec: RequestRecord, now: float, learn: bool) -> None:
         """The prefill of `rec` is done: update the backlog, the prefill log, the busy period."""
@@ -327,55 +358,65 @@ class CostPolicy(BasePolicy):
         n = req.prompt_tokens
         interference = self.config.interference
         half_output = int(expected_output / 2)
-        # The hot loop: plain floats per backend, an object only when a backend leads.
+        # kv_cost_b * (n + N/2) * N/2 per running stream (module docstring), less kv_cost_b
+        externality = self.config.decode_externality * (n + half_output) * half_output
+        lateness = self.config.lateness
+        # The hot loop: plain floats and locals per backend, no call (while its speeds are
+        # cached) and no object; the winner's `_Routed` is built once, after the loop.
         best_cost = float("inf")
-        best: tuple[str, int, _Routed] | None = None
+        best: BackendState | None = None
+        best_cached = 0
+        best_parts = (0.0, 0.0, 0.0, 0)  # queue_s, prefill_s, mixed_s, kv_tokens
         block_tokens = req.block_tokens
         cap = max(n - 1, 0)
         models = self._models
         exact = self._exact
         for state in backends:
-            backend = state.id
+            backend = state.spec.id
             model = models.get(backend) or self._model(state)
-            per_token, per_pair, step0, per_kv = model.speeds()
+            # model.speeds() without the call while nothing new was learned (nearly always)
+            speeds = model._speeds if model._speeds_at == model.perf.updates else model.speeds()
+            per_token, per_pair, step0, per_kv = speeds
             if exact:
                 cached = self._cached_tokens(req, backend, matches)
                 queue_s = self._queue_s(state, model, now)
             else:  # the same as _cached_tokens and _queue_s, inlined: this loop is the hot path
-                cached = min(matches.get(backend, 0) * block_tokens, cap)
+                held = matches.get(backend)
+                cached = 0 if held is None else min(held * block_tokens, cap)
                 backlog = model.backlog
                 queue_s = backlog.work_s - (now - backlog.since)
                 if queue_s < 0.0:
                     queue_s = 0.0
+                if lateness and backlog.due:
+                    queue_s += backlog.lateness(now)
             new = n - cached  # >= 1: a hit is capped at n - 1 tokens
             pairs = new * (n - new) + new * (new + 1) // 2  # attention_pairs(new, n)
             prefill_s = new * per_token + pairs * per_pair
             kv = state.decoding_kv_tokens
+            decoding = state.decoding
             step_s = step0 + per_kv * (kv + n + half_output)
-            mixed_s = step0 + per_kv * kv if state.decoding else 0.0
+            mixed_s = step0 + per_kv * kv if decoding else 0.0
             cost = (
                 queue_s
                 + prefill_s
                 + mixed_s
                 + expected_output * step_s
-                + interference * state.decoding * prefill_s
+                + decoding * (interference * prefill_s + externality * per_kv)
             )
             if cost < best_cost or best is None:
                 best_cost = cost
-                parts = _Routed(
-                    queue_s=queue_s,
-                    prefill_s=prefill_s,
-                    mixed_s=mixed_s,
-                    kv_tokens=kv + n + half_output,
-                )
-                best = (backend, cached, parts)
+                best = state
+                best_cached = cached
+                best_parts = (queue_s, prefill_s, mixed_s, kv + n + half_output)
         assert best is not None  # choose() is never called with no backends
-        backend, cached, routed = best
-        self._routed[req.rid] = routed
+        queue_s, prefill_s, mixed_s, kv_tokens = best_parts
+        self._routed[req.rid] = _Routed(
+            queue_s=queue_s, prefill_s=prefill_s, mixed_s=mixed_s, kv_tokens=kv_tokens
+        )
         return Choice(
-            backend=backend,
-            predicted_cached_tokens=cached,
-            predicted_ttft_s=routed.queue_s + routed.prefill_s + routed.mixed_s,
+            backend=best.spec.id,
+            predicted_cached_tokens=best_cached,
+            predicted_ttft_s=queue_s + prefill_s + mixed_s,
             reason=f"cost {best_cost:.3f}s",
         )
 
@@ -385,7 +426,10 @@ class CostPolicy(BasePolicy):
         model = self._models.get(rec.backend)
         if routed is None or model is None:
             return
-        model.routed(rec.request.rid, routed.prefill_s, now)
+        due = now + routed.queue_s + routed.prefill_s + routed.mixed_s
+        model.routed(
+            rec.request.rid, routed.prefill_s, now, due if rec.request.first_token_seen else None
+        )
         req = rec.request
         self.index.insert(
             rec.backend, req.blocks, now, req.block_tokens, prompt_tokens=req.prompt_tokens
@@ -468,7 +512,7 @@ class CostPolicy(BasePolicy):
         held = self.index.match(req.blocks).get(backend, 0)
         cached = min(req.tokens_in_blocks(held), max(req.prompt_tokens - 1, 0))
         prefill_s = model.perf.prefill_time(req.prompt_tokens - cached, req.prompt_tokens)
-        model.backlog.add(req.rid, prefill_s, now)
+        model.backlog.add(req.rid, prefill_s, now, None)  # its first token is not ours to see
         self.index.insert(
             backend, req.blocks, now, req.block_tokens, prompt_tokens=req.prompt_tokens
         )

@@ -125,6 +125,9 @@ class RouteRequest:
     prompt_tokens: int
     max_tokens: int | None = None
     session_key: str | None = None
+    # False when the response will not show its first token (a non-streaming request): the
+    # core hears of it only at the end, so a policy must not wait for its first token.
+    first_token_seen: bool = True
 
     def __post_init__(self) -> None:
         if self.block_tokens <= 0:

@@ -60,7 +60,7 @@ import logging
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import aiohttp
@@ -326,6 +326,8 @@ class Proxy:
         if self.config.log_prompts:
             log.info("rid=%s prompt=%s", rid, json.dumps(body)[:4096])
         route_req = await self._route_request(prompt, rid, request.content_length or 0)
+        if not stream:
+            route_req = replace(route_req, first_token_seen=False)
         payload, strip_usage = self._upstream_payload(raw, body, endpoint, rid, stream)
         self.live.add(rid)
         last: _UpstreamFailed | None = None

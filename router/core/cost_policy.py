@@ -7,20 +7,21 @@ For backend b and a request with n prompt tokens and an expected N output tokens
                 of b's PP speed, minus the time b has been working through it since
     ttft_b    = queue_b + prefill_b(n - cached_b, context n) + (step_b if b is decoding)
     step_b    = b's decode step time with this request joined to its batch (TG)
-    cost_b    = ttft_b + N * step_b
-              + interference * decoding_b * prefill_b(...)
-              + decoding_b * kv_cost_b * (n + N/2) * N/2
+    cost_b    = ttft_b + N * step_b + interference * decoding_b * prefill_b(...)
+              [+ decode_externality * decoding_b * kv_cost_b * (n + N/2) * N/2]
 
 (A prefill runs in a step that also advances b's running decodes, so when b is decoding the
 first token comes one decode step after the prefill work; an idle b answers in the prefill.)
 
-The last two terms are what the request does to the streams already decoding on b, so that
-the choice weighs the whole pool's latency, not only its own (marginal, not selfish, cost):
-while b prefills it, each of those streams waits (SGLang runs the prefill chunk in the same or
-a separate step); and while it decodes beside them, its KV (`n + N/2` tokens on average) makes
-each of their remaining steps (about N/2 of them overlap its own) slower by `kv_cost_b` per
-KV token. Without the last term a backend whose batch is near its decode-bandwidth limit keeps
-attracting the requests whose prefix it holds, and its queue runs away while others idle.
+The interference term is what the request does to the streams already decoding on b: while
+b prefills it, each of those streams waits (SGLang runs the prefill chunk in the same or a
+separate step). The bracketed term, off by default, is the same for decode: while the request
+decodes beside them, its KV (`n + N/2` tokens on average) makes each of their remaining steps
+(about N/2 overlap its own) slower by `kv_cost_b` per KV token. It is off because it misprices
+with true speeds: the oracle with it fell from 7.66 to 3.83 on the shared-prefix workload (it
+leaves cached backends for idle ones and the hit ratio drops from 0.94 to 0.74-0.88), though
+the calibrated `cost` gained there (7.83 -> 8.18) and lost on the conversation trace (2.38 ->
+2.28). benchmarks/README.md has the figures.
 
 `queue_b` is the model's; where b is slower than the model says (its oldest pending request
 is past its predicted first token: an admission wait for KV memory, a slow host, anything the
@@ -85,8 +86,8 @@ class CostConfig:
     # Weight of the slowdown a prefill imposes on b's running streams (0 ignores it).
     interference: float = 0.25
     # Weight of the slowdown this request's KV imposes on the decode steps of b's running
-    # streams (1: priced at the model's own per-KV-token step cost; 0: selfish routing).
-    decode_externality: float = 1.0
+    # streams (1: at the model's own per-KV-token step cost). Off: see the module docstring.
+    decode_externality: float = 0.0
     # Add to b's queue how far its oldest pending request is past its predicted first token.
     lateness: bool = True
     # Use reported cached_tokens to correct the index, and observed timings to calibrate.

@@ -61,6 +61,14 @@ def test_filler_round_trips_through_the_tokenizer() -> None:
             assert ids == filler_ids(count, offset)
 
 
+def test_page_chain_takes_ids_past_64_bits_and_still_chains() -> None:
+    big = [2**70 + i for i in range(40)]
+    a = page_chain(big, 16)
+    b = page_chain([*big[:32], 99], 16)
+    assert len(a) == 3 and a[:2] == b[:2] and a[2] != b[2]
+    assert a[0] != page_chain(list(range(40)), 16)[0]
+
+
 def test_page_chain_is_a_prefix_chain() -> None:
     a = page_chain(list(range(40)), 16)
     b = page_chain([*range(32), 99, 98], 16)

@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import time
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -143,13 +144,32 @@ def build_engine(profile: str, **config: Any) -> tuple[EngineLike, EngineFigures
 
 
 def page_chain(ids: Sequence[int], page_size: int) -> tuple[int, ...]:
-    """Chained 64-bit ids of `page_size`-token pages; the last page may be partial."""
+    """Chained 64-bit ids of `page_size`-token pages; the last page may be partial.
+
+    Pages are hashed as packed 64-bit integers (one C-level conversion for the whole prompt):
+    the decimal text of every token cost ~12 ms per 30k tokens on the server's event loop.
+    """
+    try:
+        data = array("q", ids).tobytes()
+    except OverflowError:  # an id past 64 bits: only hand-made input_ids can hold one
+        return _page_chain_text(ids, page_size)
+    chain: list[int] = []
+    parent = b"\x00" * 8
+    step = page_size * 8
+    blake2b = hashlib.blake2b
+    for start in range(0, len(data), step):
+        parent = blake2b(parent + data[start : start + step], digest_size=8).digest()
+        chain.append(int.from_bytes(parent, "big") & 0x7FFF_FFFF_FFFF_FFFF)
+    return tuple(chain)
+
+
+def _page_chain_text(ids: Sequence[int], page_size: int) -> tuple[int, ...]:
+    """page_chain for ids that do not fit 64 bits: each page's decimal text."""
     chain: list[int] = []
     parent = b"\x00" * 8
     for start in range(0, len(ids), page_size):
-        h = hashlib.blake2b(parent, digest_size=8)
-        h.update(b",".join(str(t).encode() for t in ids[start : start + page_size]))
-        parent = h.digest()
+        page = b",".join(str(t).encode() for t in ids[start : start + page_size])
+        parent = hashlib.blake2b(parent + page, digest_size=8).digest()
         chain.append(int.from_bytes(parent, "big") & 0x7FFF_FFFF_FFFF_FFFF)
     return tuple(chain)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from router.commands import usage_error
 
 __all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
@@ -58,8 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fail(message: str) -> int:
-    print(f"prefix-router analyze: error: {message}", file=sys.stderr)
-    return 2
+    return usage_error("analyze", message)
 
 
 def run(args: argparse.Namespace) -> int:

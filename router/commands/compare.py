@@ -18,6 +18,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from router.commands import usage_error
+
 __all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
 HELP = "compare routers live: ours and sglang-router, each in front of fresh simulated pools"
@@ -68,8 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fail(message: str) -> int:
-    print(f"prefix-router compare: error: {message}", file=sys.stderr)
-    return 2
+    return usage_error("compare", message)
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:

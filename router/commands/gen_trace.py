@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from router.commands import usage_error
 
 __all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
@@ -88,8 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fail(message: str) -> int:
-    print(f"prefix-router gen-trace: error: {message}", file=sys.stderr)
-    return 2
+    return usage_error("gen-trace", message)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from router.commands import usage_error
 
 __all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
@@ -45,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             profiles = [get_profile(args.profile)]
         except KeyError as exc:
-            print(f"prefix-router profiles: error: {exc.args[0]}", file=sys.stderr)
-            return 2
+            return usage_error("profiles", exc.args[0])
     else:
         profiles = list(PROFILES.values())
 

@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from router.commands import usage_error
+
 __all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
 HELP = "replay a trace over HTTP against an endpoint (our router, sglang-router, SGLang)"
@@ -51,8 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fail(message: str) -> int:
-    print(f"prefix-router replay: error: {message}", file=sys.stderr)
-    return 2
+    return usage_error("replay", message)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from router.commands import usage_error
+
 HELP = "simulate a pool of SGLang backends in virtual time and compare routing policies"
 DESCRIPTION = """\
 Replays a trace against N simulated SGLang engines in virtual time (an hour of trace takes
@@ -68,8 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fail(message: str) -> int:
-    print(f"prefix-router simulate: error: {message}", file=sys.stderr)
-    return 2
+    return usage_error("simulate", message)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -112,8 +112,8 @@ class Routed:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class FirstToken:
-    """Request `rid` of `replica` got its first token from `backend`: its prefill is done."""
+class _Milestone:
+    """What FirstToken and Ended carry: a request of a replica reached a point on a backend."""
 
     replica: str
     rid: str
@@ -125,16 +125,13 @@ class FirstToken:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Ended:
+class FirstToken(_Milestone):
+    """Request `rid` of `replica` got its first token from `backend`: its prefill is done."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ended(_Milestone):
     """Request `rid` of `replica` on `backend` ended (finished, failed or aborted)."""
-
-    replica: str
-    rid: str
-    backend: str
-    t: float
-
-    def __post_init__(self) -> None:
-        _check_common(self.replica, self.rid, self.backend, self.t)
 
 
 Event = Routed | FirstToken | Ended

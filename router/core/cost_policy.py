@@ -151,6 +151,11 @@ class _Routed:
     kv_tokens: int
     fed_back: bool = False  # the backend's cached_tokens has been learned from
 
+    @property
+    def ttft_s(self) -> float:
+        """The predicted time to first token, from routing."""
+        return self.queue_s + self.prefill_s + self.mixed_s
+
 
 class _PrefillLog:
     """When each prefill finished on a backend, and its size.
@@ -411,13 +416,13 @@ class CostPolicy(BasePolicy):
                 best_parts = (queue_s, prefill_s, mixed_s, kv + n + half_output)
         assert best is not None  # choose() is never called with no backends
         queue_s, prefill_s, mixed_s, kv_tokens = best_parts
-        self._routed[req.rid] = _Routed(
+        routed = self._routed[req.rid] = _Routed(
             queue_s=queue_s, prefill_s=prefill_s, mixed_s=mixed_s, kv_tokens=kv_tokens
         )
         return Choice(
             backend=best.spec.id,
             predicted_cached_tokens=best_cached,
-            predicted_ttft_s=queue_s + prefill_s + mixed_s,
+            predicted_ttft_s=routed.ttft_s,
             reason=f"cost {best_cost:.3f}s",
         )
 
@@ -427,10 +432,8 @@ class CostPolicy(BasePolicy):
         model = self._models.get(rec.backend)
         if routed is None or model is None:
             return
-        due = now + routed.queue_s + routed.prefill_s + routed.mixed_s
-        model.routed(
-            rec.request.rid, routed.prefill_s, now, due if rec.request.first_token_seen else None
-        )
+        due = now + routed.ttft_s if rec.request.first_token_seen else None
+        model.routed(rec.request.rid, routed.prefill_s, now, due)
         req = rec.request
         self.index.insert(
             rec.backend, req.blocks, now, req.block_tokens, prompt_tokens=req.prompt_tokens

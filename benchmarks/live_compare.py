@@ -31,7 +31,7 @@ from typing import Any
 
 from router.replay.gentrace import MultiTurnConfig, multi_turn
 from router.replay.metrics import write_json
-from router.replay.simulate import SimConfig, find_capacity, simulate_policy
+from router.replay.simulate import SimConfig, capacity_p90, find_capacity, simulate_policy
 from router.replay.traces import Trace, bundled, load_trace, write_mooncake
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported
@@ -67,8 +67,8 @@ def run_window(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
     profiles = (profile,) * args.backends
 
     def p90_at(load: float) -> float:
-        summary = simulate_policy(window, "round_robin", SimConfig(profiles=profiles, load=load))
-        return float("inf") if summary.summary["failed"] else float(summary.summary["ttft_p90"])
+        run = simulate_policy(window, "round_robin", SimConfig(profiles=profiles, load=load))
+        return capacity_p90(run.summary)
 
     slo = args.slo
     cap = find_capacity(p90_at, slo=slo, start=1.0, precision=args.precision)

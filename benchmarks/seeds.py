@@ -20,7 +20,7 @@ from typing import Any
 
 from router.replay.gentrace import MultiTurnConfig, SharedPrefixConfig, multi_turn, shared_prefix
 from router.replay.metrics import write_json
-from router.replay.simulate import SimConfig, find_capacity, simulate_policy
+from router.replay.simulate import SimConfig, capacity_p90, find_capacity, simulate_policy
 from router.replay.traces import Trace
 
 PROFILE = "llama3-8b-h100"
@@ -40,7 +40,7 @@ def _capacity(job: tuple[str, int, str, int, float]) -> dict[str, Any]:
 
     def p90_at(load: float) -> float:
         run = simulate_policy(trace, policy, SimConfig(profiles=(PROFILE,) * backends, load=load))
-        return float("inf") if run.summary["failed"] else float(run.summary["ttft_p90"])
+        return capacity_p90(run.summary)
 
     found = find_capacity(p90_at, slo=2.0, start=4.0, precision=precision)
     return {"workload": workload, "seed": seed, "policy": policy, "capacity": found.max_load}

@@ -27,7 +27,7 @@ from typing import Any
 from router.replay.analyze import ideal_hit_ratio, lru_hit_ratio
 from router.replay.gentrace import MultiTurnConfig, SharedPrefixConfig, multi_turn, shared_prefix
 from router.replay.metrics import write_json
-from router.replay.simulate import SimConfig, find_capacity, simulate_policy
+from router.replay.simulate import SimConfig, capacity_p90, find_capacity, simulate_policy
 from router.replay.traces import Trace, bundled, load_trace
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,8 +73,7 @@ def _capacity(args: tuple[str, str, int, float]) -> dict[str, Any]:
 
     def p90_at(load: float) -> float:
         cfg = SimConfig(profiles=(profile,) * backends, load=load)
-        summary = simulate_policy(trace, policy, cfg).summary
-        return float("inf") if summary["failed"] else float(summary["ttft_p90"])
+        return capacity_p90(simulate_policy(trace, policy, cfg).summary)
 
     found = find_capacity(p90_at, slo=slo, start=1.0)
     return {"max_load": found.max_load, "slo_ttft_p90": slo, "probes": found.probes}

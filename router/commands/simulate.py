@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from router.replay.analyze import ideal_hit_ratio, lru_hit_ratio
     from router.replay.metrics import write_json
     from router.replay.report import format_table, plot_ttft_cdf
-    from router.replay.simulate import SimConfig, find_capacity, simulate_policy
+    from router.replay.simulate import SimConfig, capacity_p90, find_capacity, simulate_policy
     from router.replay.traces import TraceError, load_window
 
     if args.backends < 1:
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
             def p90_at(load: float, policy: str = policy) -> float:
                 summary = one_run(policy, load, f"{policy} capacity @ {load:.3g}").summary
-                return float("inf") if summary["failed"] else float(summary["ttft_p90"])
+                return capacity_p90(summary)
 
             found = find_capacity(
                 p90_at, slo=args.slo_ttft_p90, start=args.load, precision=args.capacity_precision

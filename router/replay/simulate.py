@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ __all__ = [
     "EngineProbe",
     "PolicyRun",
     "SimConfig",
+    "capacity_p90",
     "find_capacity",
     "simulate_policy",
 ]
@@ -246,6 +247,11 @@ class CapacityResult:
     probes: tuple[tuple[float, float], ...]  # (load, p90 TTFT) tried, in order
 
 
+def capacity_p90(summary: Mapping[str, Any]) -> float:
+    """What `find_capacity` wants of one run: its p90 TTFT, or +inf if any request failed."""
+    return float("inf") if summary["failed"] else float(summary["ttft_p90"])
+
+
 def find_capacity(
     run_at: Callable[[float], float],
     *,
@@ -257,7 +263,7 @@ def find_capacity(
     """Highest load whose p90 TTFT (from `run_at(load)`) stays within `slo`, to `precision`.
 
     Brackets by doubling/halving from `start`, then bisects geometrically until hi/lo is within
-    1 + precision. A load whose run had failures should make `run_at` return +inf.
+    1 + precision. A load whose run had failures should make `run_at` return +inf (`capacity_p90`).
     """
     probes: list[tuple[float, float]] = []
 

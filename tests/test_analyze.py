@@ -16,7 +16,9 @@ from router.cli import main
 from router.replay.analyze import (
     analyze,
     default_cache_sizes,
+    ideal_cached_tokens,
     ideal_hit_ratio,
+    lru_cached_tokens,
     lru_curve,
     lru_hit_ratio,
 )
@@ -55,6 +57,14 @@ def test_ideal_hit_ratio_by_hand() -> None:
 )
 def test_lru_hit_ratio_by_hand(cache_tokens: int, expected: float) -> None:
     assert lru_hit_ratio(_tiny(), cache_tokens) == pytest.approx(expected)
+
+
+def test_cached_tokens_per_request_by_hand() -> None:
+    # the per-request figures behind the two ratios above (benchmarks/ttft_floor.py uses them)
+    assert ideal_cached_tokens(_tiny()) == [0, 8, 4, 7]
+    assert lru_cached_tokens(_tiny(), 8) == [0, 8, 4, 4]
+    with pytest.raises(ValueError):
+        lru_cached_tokens(_tiny(), -1)
 
 
 def test_reuse_gaps_by_hand() -> None:
@@ -207,3 +217,58 @@ def test_conversation_trace_ideal_and_lru_bound() -> None:
     ratios = [p.hit_ratio for p in curve]
     assert ratios[1] == pytest.approx(0.15, abs=0.01)
     assert ratios[0] < ratios[1] < ratios[2] < 0.3737
+
+
+def test_ttft_floor_benchmark_prices_uncached_chunks_on_an_idle_backend(tmp_path: Path) -> None:
+    from backends.sim.perf import get_profile
+
+    # one 20,000-token prompt three times: the repeats are cached but for their last token
+    trace = Trace(
+        name="twice",
+        block_size=512,
+        requests=tuple(
+            TraceRequest(
+                index=i,
+                timestamp=float(i),
+                input_length=20_000,
+                output_length=1,
+                hash_ids=tuple(range(40)),
+            )
+            for i in range(3)
+        ),
+    )
+    path = tmp_path / "twice.jsonl"
+    write_mooncake(trace, path)
+    out = tmp_path / "floor.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/ttft_floor.py",
+            "--trace",
+            str(path),
+            "--profile",
+            "llama3-8b-h100",
+            "--chunk",
+            "8192",
+            "--target",
+            "0.5",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    floors = json.loads(out.read_text())["floors"]
+    prof = get_profile("llama3-8b-h100")
+    miss = sum(  # chunks of 8192, 8192, 3616, each with the step overhead
+        prof.step_overhead_s + prof.prefill_time(c, done)
+        for c, done in ((8192, 8192), (8192, 16384), (3616, 20000))
+    )
+    hit = prof.step_overhead_s + prof.prefill_time(1, 20000)
+    assert floors["no_cache"]["p50_s"] == pytest.approx(miss)
+    assert floors["no_cache"]["share_above_target"] == 1.0
+    # infinite cache: [hit, hit, miss]
+    assert floors["infinite"]["p50_s"] == pytest.approx(hit)
+    assert floors["infinite"]["p90_s"] == pytest.approx(miss)
+    assert floors["infinite"]["share_above_target"] == pytest.approx(1 / 3)

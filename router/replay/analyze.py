@@ -44,7 +44,9 @@ __all__ = [
     "analyze",
     "default_cache_sizes",
     "format_report",
+    "ideal_cached_tokens",
     "ideal_hit_ratio",
+    "lru_cached_tokens",
     "lru_curve",
     "lru_hit_ratio",
 ]
@@ -145,30 +147,36 @@ def default_cache_sizes() -> tuple[int, ...]:
 
 def ideal_hit_ratio(trace: Trace) -> float:
     """Token-weighted hit ratio of one infinite cache that saw the trace in order."""
-    seen: set[int] = set()
-    hit = total = 0
-    bs = trace.block_size
-    for r in trace.requests:
-        h = _leading_in(r.hash_ids, seen)
-        hit += min(h * bs, r.input_length)
-        total += r.input_length
-        seen.update(r.hash_ids)
-    return hit / total if total else 0.0
+    return _token_ratio(trace, ideal_cached_tokens(trace))
 
 
 def lru_hit_ratio(trace: Trace, cache_tokens: int) -> float:
     """Token-weighted hit ratio of one LRU cache of `cache_tokens` (block granularity)."""
+    return _token_ratio(trace, lru_cached_tokens(trace, cache_tokens))
+
+
+def ideal_cached_tokens(trace: Trace) -> list[int]:
+    """Each request's prompt tokens found in one infinite cache that saw the trace in order."""
+    seen: set[int] = set()
+    bs = trace.block_size
+    out: list[int] = []
+    for r in trace.requests:
+        out.append(min(_leading_in(r.hash_ids, seen) * bs, r.input_length))
+        seen.update(r.hash_ids)
+    return out
+
+
+def lru_cached_tokens(trace: Trace, cache_tokens: int) -> list[int]:
+    """Each request's prompt tokens found in one LRU cache of `cache_tokens` (block granularity)."""
     if cache_tokens < 0:
         raise ValueError("cache_tokens must be non-negative")
     capacity = cache_tokens // trace.block_size
     bs = trace.block_size
     cache: OrderedDict[int, None] = OrderedDict()
-    hit = total = 0
+    out: list[int] = []
     for r in trace.requests:
         ids = r.hash_ids
-        h = _leading_in(ids, cache)
-        hit += min(h * bs, r.input_length)
-        total += r.input_length
+        out.append(min(_leading_in(ids, cache) * bs, r.input_length))
         # deepest first, root last: a parent is always more recent than its children
         for b in reversed(ids):
             if b in cache:
@@ -177,7 +185,12 @@ def lru_hit_ratio(trace: Trace, cache_tokens: int) -> float:
                 cache[b] = None
         while len(cache) > capacity:
             cache.popitem(last=False)
-    return hit / total if total else 0.0
+    return out
+
+
+def _token_ratio(trace: Trace, cached: Sequence[int]) -> float:
+    total = sum(r.input_length for r in trace.requests)
+    return sum(cached) / total if total else 0.0
 
 
 def lru_curve(trace: Trace, sizes: Sequence[int]) -> tuple[LruPoint, ...]:

@@ -103,6 +103,55 @@ def test_joining_a_batch_is_charged_for_the_steps_it_slows_for_the_streams_there
         assert choice.reason == f"cost {cost:.3f}s"
 
 
+def _one_backend(**options: float | bool) -> RoutingCore:
+    spec = BackendSpec(id="a", kv_capacity_tokens=1_000_000, prior=PRIOR)
+    return RoutingCore(make_policy("cost", interference=0.0, **options), [spec])
+
+
+def test_the_queue_counts_the_decode_step_each_pending_prefill_will_share() -> None:
+    # "a" decodes one stream (10 ms steps). r2's 3,000 tokens will take 0.3 s of prefill in a
+    # step that also carries the decode: 0.31 s. r3, queued behind it, waits for all of that.
+    for net_decode, queue in ((True, 0.31), (False, 0.3)):
+        core = _one_backend(calibrate=False, net_decode=net_decode)
+        core.route(_req("r1", (1,), 1000), 0.0)
+        core.on_first_token("r1", 0.1, cached_tokens=0)
+        assert core.route(_req("r2", (2, 3, 4), 3000), 0.2).predicted_ttft_s == pytest.approx(0.31)
+        r3 = core.route(_req("r3", (5,), 1000), 0.2)
+        assert r3.predicted_ttft_s == pytest.approx(queue + 0.1 + 0.01), net_decode
+
+
+def test_pp_is_learned_net_of_the_decode_share_of_mixed_steps() -> None:
+    # True PP is the prior's 10k tokens/s; every prefill runs beside one decoding stream, so its
+    # first token comes after 0.1 s of prefill plus the 10 ms decode step it shares. Counting
+    # that step as prefill would learn 1,000 / 0.11 = 9.1k tokens/s.
+    for net_decode, expected in ((True, 10_000.0), (False, 1000 / 0.11)):
+        core = _one_backend(calibrate=True, net_decode=net_decode)
+        core.route(_req("d", (1,), 1000), 0.0)
+        core.on_first_token("d", 0.1, cached_tokens=0)  # idle backend: all prefill
+        for i in range(60):
+            t = 1.0 + i
+            core.route(_req(f"r{i}", (100 + i,), 1000), t)
+            core.on_first_token(f"r{i}", t + 0.11, cached_tokens=0)
+            core.on_finished(f"r{i}", t + 0.2, output_tokens=1, cached_tokens=0)
+        policy = core.policy
+        assert isinstance(policy, CostPolicy)
+        learned = policy.learned()["a"]["prefill_tokens_per_s"]
+        assert learned == pytest.approx(expected, rel=0.03), net_decode
+
+
+def test_a_busy_period_spent_mostly_on_decode_steps_teaches_nothing_about_pp() -> None:
+    # 10 tokens of prefill (1 ms) in a step dominated by the 10 ms decode share: skipped.
+    core = _one_backend(calibrate=True)
+    core.route(_req("d", (1,), 1000), 0.0)
+    core.on_first_token("d", 0.1, cached_tokens=0)
+    policy = core.policy
+    assert isinstance(policy, CostPolicy)
+    before = policy._models["a"].perf.prefill_observations
+    core.route(_req("tiny", (2,), 10), 1.0)
+    core.on_first_token("tiny", 1.011, cached_tokens=0)
+    assert policy._models["a"].perf.prefill_observations == before
+
+
 def test_a_backend_late_on_its_predictions_looks_as_busy_as_it_is_late() -> None:
     for lateness in (False, True):
         core = _core_with(lateness=lateness)

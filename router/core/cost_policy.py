@@ -3,8 +3,9 @@
 For backend b and a request with n prompt tokens and an expected N output tokens::
 
     cached_b  = tokens of the longest prefix b is believed to hold (PrefixIndex), < n
-    queue_b   = prefill work routed to b that has not produced its first token yet, in seconds
-                of b's PP speed, minus the time b has been working through it since
+    queue_b   = work routed to b that has not produced its first token yet: each pending
+                request's prefill at b's PP plus the decode step its prefill step carries (if b
+                was decoding), minus the time b has been working through it since
     ttft_b    = queue_b + prefill_b(n - cached_b, context n) + (step_b if b is decoding)
     step_b    = b's decode step time with this request joined to its batch (TG)
     cost_b    = ttft_b + N * step_b + interference * decoding_b * prefill_b(...)
@@ -30,11 +31,11 @@ model lacks), the lateness is added to b's queue, so b pays for being late until
 Every speed is b's own `PerfModel`, starting from the backend's prior and calibrated online
 from what b did. PP: each busy period of b's prefill queue (from a request reaching it empty to
 its emptying, cut every 16 first-token steps) is one observation, the tokens b computed in it
-(prompt minus reported `cached_tokens`) against its length (`_BusyPeriod`). TG: each finished
-request's mean inter-token gap, net of the other prefills that finished on b meanwhile, against
-the batch's KV size (`_PrefillLog`). What b reports as cached corrects the index (feedback),
-so a prefix that b evicted stops attracting requests. docs/architecture.md says why these
-estimators and not per-request TTFTs.
+(prompt minus reported `cached_tokens`) against its length less the decode share of its mixed
+steps (`_BusyPeriod`). TG: each finished request's mean inter-token gap, net of the other
+prefills that finished on b meanwhile, against the batch's KV size (`_PrefillLog`). What b
+reports as cached corrects the index (feedback), so a prefix that b evicted stops attracting
+requests. docs/architecture.md says why these estimators and not per-request TTFTs.
 
 `oracle` uses the same formula with the truth: the engines' real cache (device and host
 tier), their real queue wait, and their true profiles. It exists only in the simulator and
@@ -90,6 +91,9 @@ class CostConfig:
     decode_externality: float = 0.0
     # Add to b's queue how far its oldest pending request is past its predicted first token.
     lateness: bool = True
+    # PP is learned net of the decode share of mixed steps, and the queue counts that share
+    # per pending request (docs/architecture.md). False: PP absorbs the decode share.
+    net_decode: bool = True
     # Use reported cached_tokens to correct the index, and observed timings to calibrate.
     feedback: bool = True
     calibrate: bool = True
@@ -191,6 +195,13 @@ class _PrefillLog:
         return (self.new[i - 1], self.new_ctx[i - 1]) if i else (0, 0)
 
 
+# Calibration skips a PP observation (busy period) in which the predicted decode shares leave
+# less than this part to prefill, and a TG observation (a stream's decode window) in which other
+# prefills took more than that part: each would mostly echo the other model's estimate.
+_MIN_PREFILL_SHARE = 0.2
+_TG_MAX_PREFILL_SHARE = 0.5
+
+
 @dataclass(slots=True)
 class _BusyPeriod:
     """Prefill work a backend did while its prefill queue was never empty: one PP observation.
@@ -202,9 +213,11 @@ class _BusyPeriod:
     A saturated backend never empties its queue, so periods are also cut every `MAX_GROUPS`
     first-token steps (the next one starts at the cut).
 
-    The decode half of mixed steps is not subtracted: PP is learned as the prefill throughput
-    the backend actually gives under its decode load. Subtracting it would make PP depend on
-    TG, and TG calibration subtracts prefill time: errors in one would feed the other.
+    A step that finishes prefills on a decoding backend also runs a decode step; the period's
+    first-token steps each subtract the decode share predicted when their first request was
+    routed (`decode_s`), so PP is the prefill speed itself. Counting that share as prefill made
+    a hit-heavy, decode-heavy backend learn 2.5k-4.7k tokens/s for a true 30k (benchmarks/
+    README.md), pricing every miss several times too dear.
     """
 
     MAX_GROUPS: ClassVar[int] = 16
@@ -214,18 +227,20 @@ class _BusyPeriod:
     groups: int = 0
     tokens: int = 0
     token_ctx: int = 0
+    decode_s: float = 0.0  # the decode share of the period's first-token steps (predicted)
     complete: bool = True  # every member's computed tokens are known and nothing failed
 
     def open(self, now: float) -> None:
         if self.start < 0:
             self.start, self.last_time = now, now
 
-    def add(self, computed: int | None, context: int, now: float) -> None:
+    def add(self, computed: int | None, context: int, now: float, mixed_s: float = 0.0) -> None:
         if self.start < 0:
             return
         if now != self.last_time:  # a new step finished
             self.groups += 1
             self.last_time = now
+            self.decode_s += mixed_s
         if computed is None:
             self.complete = False
         else:
@@ -234,10 +249,14 @@ class _BusyPeriod:
 
     def close(self, now: float, perf: PerfModel) -> None:
         seconds = now - self.start
-        if self.complete and self.tokens > 0 and seconds > 0:
-            perf.observe_prefill_total(self.tokens, self.token_ctx, seconds, count=self.groups)
+        prefill_s = seconds - self.decode_s
+        # A period spent mostly on decode shares says little about PP (and what it says
+        # leans on the TG estimate that predicted the shares): skip it.
+        if self.complete and self.tokens > 0 and prefill_s > _MIN_PREFILL_SHARE * seconds:
+            perf.observe_prefill_total(self.tokens, self.token_ctx, prefill_s, count=self.groups)
         self.start = self.last_time = -1.0
         self.groups = self.tokens = self.token_ctx = 0
+        self.decode_s = 0.0
         self.complete = True
 
 
@@ -275,8 +294,13 @@ class _BackendModel:
             self.busy.open(now)
         self.backlog.add(rid, prefill_s, now, due)
 
-    def first_token(self, rec: RequestRecord, now: float, learn: bool) -> None:
-        """The prefill of `rec` is done: update the backlog, the prefill log, the busy period."""
+    def first_token(
+        self, rec: RequestRecord, now: float, learn: bool, decode_share_s: float
+    ) -> None:
+        """The prefill of `rec` is done: update the backlog, the prefill log, the busy period.
+
+        `decode_share_s`: the decode part of the step that finished it (0: PP absorbs it).
+        """
         self.backlog.done(rec.request.rid, now)
         req = rec.request
         cached = rec.predicted_cached_tokens if rec.cached_tokens is None else rec.cached_tokens
@@ -292,7 +316,7 @@ class _BackendModel:
             cut = busy.last_time
             busy.close(cut, self.perf)
             busy.open(cut)
-        busy.add(computed, req.prompt_tokens, now)
+        busy.add(computed, req.prompt_tokens, now, decode_share_s)
         if not self.backlog.pending:
             busy.close(now, self.perf)
 
@@ -433,7 +457,8 @@ class CostPolicy(BasePolicy):
         if routed is None or model is None:
             return
         due = now + routed.ttft_s if rec.request.first_token_seen else None
-        model.routed(rec.request.rid, routed.prefill_s, now, due)
+        work_s = routed.prefill_s + (routed.mixed_s if self.config.net_decode else 0.0)
+        model.routed(rec.request.rid, work_s, now, due)
         req = rec.request
         self.index.insert(
             rec.backend, req.blocks, now, req.block_tokens, prompt_tokens=req.prompt_tokens
@@ -444,7 +469,8 @@ class CostPolicy(BasePolicy):
         routed = self._routed.get(rec.request.rid)
         if model is None or routed is None:
             return
-        model.first_token(rec, now, self.config.calibrate)
+        share = routed.mixed_s if self.config.net_decode else 0.0
+        model.first_token(rec, now, self.config.calibrate, share)
         if rec.cached_tokens is not None:  # /generate streams report it with the first token
             self._learn_from_cached(rec, routed, model, now, late=False)
 
@@ -461,7 +487,7 @@ class CostPolicy(BasePolicy):
         if self.config.calibrate and rec.first_token_at is not None and output_tokens > 1:
             decoding_s = now - rec.first_token_at
             others = model.prefills.seconds_between(rec.first_token_at, now, model.perf.learned())
-            if others < 0.5 * decoding_s:  # a window mostly spent prefilling tells little
+            if others < _TG_MAX_PREFILL_SHARE * decoding_s:
                 step = (decoding_s - others) / (output_tokens - 1)
                 model.perf.observe_decode(routed.kv_tokens, step)
 

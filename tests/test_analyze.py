@@ -254,6 +254,8 @@ def test_ttft_floor_benchmark_prices_uncached_chunks_on_an_idle_backend(tmp_path
             "0.5",
             "--json",
             str(out),
+            "--policies",
+            "round_robin",
         ],
         check=True,
         capture_output=True,
@@ -272,3 +274,9 @@ def test_ttft_floor_benchmark_prices_uncached_chunks_on_an_idle_backend(tmp_path
     assert floors["infinite"]["p50_s"] == pytest.approx(hit)
     assert floors["infinite"]["p90_s"] == pytest.approx(miss)
     assert floors["infinite"]["share_above_target"] == pytest.approx(1 / 3)
+    # simulated: round_robin puts the three on three idle backends, so all three recompute the
+    # prompt; each is over the target, and by its own floor (nothing avoidable)
+    run = json.loads(out.read_text())["runs"]["round_robin"]
+    assert run["failed"] == 0 and run["hit_ratio"] == 0.0
+    assert run["share_above_target"] == run["share_above_target_by_floor"] == 1.0
+    assert run["share_above_target_avoidable"] == 0.0

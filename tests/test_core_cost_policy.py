@@ -78,29 +78,26 @@ def test_a_busy_decoder_adds_one_step_to_ttft_and_interference_to_cost() -> None
     assert isinstance(policy, CostPolicy)
 
 
-def test_joining_a_batch_is_charged_for_the_steps_it_slows_for_the_streams_there() -> None:
+def test_decode_time_is_priced_at_the_batch_the_request_would_join() -> None:
     # Decode steps cost 10 ms + 1 us per KV token in the batch. "a" decodes 20 streams of 1,000
     # KV tokens (20,000), "b" one stream of 26,000. A 1,000-token request, 10 output tokens
     # expected (N/2 = 5), nothing cached, no queue anywhere:
-    #   own cost  = prefill 0.1 + mixed step (0.01 + kv e-6) + 10 x (0.01 + (kv + 1005) e-6)
-    #             a: 0.1 + 0.030 + 0.31005 = 0.44005     b: 0.1 + 0.036 + 0.37005 = 0.50605
-    #   its KV slows each stream there for ~N/2 steps: streams x 1e-6 x 1005 x 5
-    #             a: 20 x 0.005025 = 0.1005              b: 1 x 0.005025
-    # Selfish routing joins the big batch; counting the others' delay, the small batch wins.
+    #   cost = prefill 0.1 + mixed step (0.01 + kv e-6) + 10 x (0.01 + (kv + 1005) e-6)
+    #          a: 0.1 + 0.030 + 0.31005 = 0.44005     b: 0.1 + 0.036 + 0.37005 = 0.50605
+    # (the streams already there are not charged for: see docs/architecture.md)
     prior = dataclasses.replace(PRIOR, decode_s_per_kv_token=1e-6)
     specs = {b: BackendSpec(id=b, kv_capacity_tokens=1_000_000, prior=prior) for b in "ab"}
     states = [
         BackendState(spec=specs["a"], decoding=20, decoding_kv_tokens=20_000),
         BackendState(spec=specs["b"], decoding=1, decoding_kv_tokens=26_000),
     ]
-    req = _req("r1", (1,), 1000, max_tokens=10)
-    for weight, backend, cost in ((0.0, "a", 0.44005), (1.0, "b", 0.50605 + 0.005025)):
-        policy = make_policy("cost", interference=0.0, calibrate=False, decode_externality=weight)
-        for spec in specs.values():
-            policy.on_backend_added(spec)
-        choice = policy.choose(req, states, 0.0)
-        assert choice.backend == backend
-        assert choice.reason == f"cost {cost:.3f}s"
+    policy = make_policy("cost", interference=0.0, calibrate=False)
+    for spec in specs.values():
+        policy.on_backend_added(spec)
+    choice = policy.choose(_req("r1", (1,), 1000, max_tokens=10), states, 0.0)
+    assert choice.backend == "a"
+    assert choice.reason == "cost 0.440s"
+    assert choice.predicted_ttft_s == pytest.approx(0.13)
 
 
 def _one_backend(**options: float | bool) -> RoutingCore:
@@ -150,6 +147,20 @@ def test_a_busy_period_spent_mostly_on_decode_steps_teaches_nothing_about_pp() -
     core.route(_req("tiny", (2,), 10), 1.0)
     core.on_first_token("tiny", 1.011, cached_tokens=0)
     assert policy._models["a"].perf.prefill_observations == before
+
+
+def test_a_prefill_is_charged_for_the_first_tokens_it_delays_on_a_busy_backend() -> None:
+    # "a" holds 4,000 tokens of r2's prefix and has r1 pending (0.3 s of prefill left). r2 (6,000
+    # tokens) at "a": queue 0.3 + 2,000 new tokens 0.2 = TTFT 0.5; its chunks share r1's steps,
+    # delaying r1's first token by min(0.2, 0.3). At idle "b": all 6,000 tokens, 0.6.
+    for weight, backend, ttft in ((0.0, "a", 0.5), (1.0, "b", 0.6)):
+        core = _core_with(lateness=False, pending_interference=weight)
+        core.route(_req("r0", (1, 2, 3, 4), 4000), 0.0)
+        core.on_first_token("r0", 0.4, cached_tokens=0)
+        core.on_finished("r0", 0.5, output_tokens=10, cached_tokens=0)
+        assert core.route(_req("r1", (9, 10, 11), 3000), 1.0).backend == "a"  # tie: the first
+        decision = core.route(_req("r2", (1, 2, 3, 4, 5, 6), 6000), 1.0)
+        assert (decision.backend, decision.predicted_ttft_s) == (backend, pytest.approx(ttft))
 
 
 def test_a_backend_late_on_its_predictions_looks_as_busy_as_it_is_late() -> None:

@@ -9,20 +9,18 @@ For backend b and a request with n prompt tokens and an expected N output tokens
     ttft_b    = queue_b + prefill_b(n - cached_b, context n) + (step_b if b is decoding)
     step_b    = b's decode step time with this request joined to its batch (TG)
     cost_b    = ttft_b + N * step_b + interference * decoding_b * prefill_b(...)
-              [+ decode_externality * decoding_b * kv_cost_b * (n + N/2) * N/2]
+              + pending_interference * pending_b * min(prefill_b(...), queue_b)
 
 (A prefill runs in a step that also advances b's running decodes, so when b is decoding the
 first token comes one decode step after the prefill work; an idle b answers in the prefill.)
 
 The interference term is what the request does to the streams already decoding on b: while
 b prefills it, each of those streams waits (SGLang runs the prefill chunk in the same or a
-separate step). The bracketed term, off by default, is the same for decode: while the request
-decodes beside them, its KV (`n + N/2` tokens on average) makes each of their remaining steps
-(about N/2 overlap its own) slower by `kv_cost_b` per KV token. It is off because it misprices
-with true speeds: the oracle with it fell from 7.66 to 3.83 on the shared-prefix workload (it
-leaves cached backends for idle ones and the hit ratio drops from 0.94 to 0.74-0.88), though
-the calibrated `cost` gained there (7.83 -> 8.18) and lost on the conversation trace (2.38 ->
-2.28). benchmarks/README.md has the figures.
+separate step). The pending term is what it does to the first tokens of the `pending_b`
+requests routed to b and not yet answered: chunked prefill fills each step's token budget
+with the queue's chunks in order, so the newcomer's chunks share steps with theirs while any
+of their work remains, and each is delayed by up to the newcomer's prefill, never by more
+than the work left ahead of it (queue_b). TTFT is the metric, so it weighs 1 by default.
 
 `queue_b` is the model's; where b is slower than the model says (its oldest pending request
 is past its predicted first token: an admission wait for KV memory, a slow host, anything the
@@ -86,14 +84,14 @@ class CostConfig:
     block_tokens: int = 64
     # Weight of the slowdown a prefill imposes on b's running streams (0 ignores it).
     interference: float = 0.25
-    # Weight of the slowdown this request's KV imposes on the decode steps of b's running
-    # streams (1: at the model's own per-KV-token step cost). Off: see the module docstring.
-    decode_externality: float = 0.0
     # Add to b's queue how far its oldest pending request is past its predicted first token.
     lateness: bool = True
     # PP is learned net of the decode share of mixed steps, and the queue counts that share
     # per pending request (docs/architecture.md). False: PP absorbs the decode share.
     net_decode: bool = True
+    # Weight of the delay a prefill imposes on the first tokens of the requests pending on b
+    # (chunked prefill runs it in the same steps as theirs; 1: as much as its own TTFT).
+    pending_interference: float = 1.0
     # Use reported cached_tokens to correct the index, and observed timings to calibrate.
     feedback: bool = True
     calibrate: bool = True
@@ -103,8 +101,8 @@ class CostConfig:
             raise ValueError("index_max_blocks must be positive")
         if self.interference < 0:
             raise ValueError("interference must be non-negative")
-        if self.decode_externality < 0:
-            raise ValueError("decode_externality must be non-negative")
+        if self.pending_interference < 0:
+            raise ValueError("pending_interference must be non-negative")
 
 
 @dataclass(slots=True)
@@ -388,8 +386,7 @@ class CostPolicy(BasePolicy):
         n = req.prompt_tokens
         interference = self.config.interference
         half_output = int(expected_output / 2)
-        # kv_cost_b * (n + N/2) * N/2 per running stream (module docstring), less kv_cost_b
-        externality = self.config.decode_externality * (n + half_output) * half_output
+        pending_w = self.config.pending_interference
         lateness = self.config.lateness
         # The hot loop: plain floats and locals per backend, no call (while its speeds are
         # cached) and no object; the winner's `_Routed` is built once, after the loop.
@@ -431,7 +428,8 @@ class CostPolicy(BasePolicy):
                 + prefill_s
                 + mixed_s
                 + expected_output * step_s
-                + decoding * (interference * prefill_s + externality * per_kv)
+                + pending_w * len(model.backlog.pending) * min(prefill_s, queue_s)
+                + decoding * interference * prefill_s
             )
             if cost < best_cost or best is None:
                 best_cost = cost

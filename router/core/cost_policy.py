@@ -404,13 +404,13 @@ class CostPolicy(BasePolicy):
             # model.speeds() without the call while nothing new was learned (nearly always)
             speeds = model._speeds if model._speeds_at == model.perf.updates else model.speeds()
             per_token, per_pair, step0, per_kv = speeds
+            backlog = model.backlog
             if exact:
                 cached = self._cached_tokens(req, backend, matches)
                 queue_s = self._queue_s(state, model, now)
             else:  # the same as _cached_tokens and _queue_s, inlined: this loop is the hot path
                 held = matches.get(backend)
                 cached = 0 if held is None else min(held * block_tokens, cap)
-                backlog = model.backlog
                 queue_s = backlog.work_s - (now - backlog.since)
                 if queue_s < 0.0:
                     queue_s = 0.0
@@ -428,9 +428,10 @@ class CostPolicy(BasePolicy):
                 + prefill_s
                 + mixed_s
                 + expected_output * step_s
-                + pending_w * len(model.backlog.pending) * min(prefill_s, queue_s)
                 + decoding * interference * prefill_s
             )
+            if backlog.pending:  # it delays each pending first token by its prefill, at most
+                cost += pending_w * len(backlog.pending) * min(prefill_s, queue_s)
             if cost < best_cost or best is None:
                 best_cost = cost
                 best = state

@@ -17,6 +17,7 @@ from router.core.policies import POLICIES
 from router.replay.compare import (
     CompareConfig,
     ProcessSet,
+    histogram_mean,
     parse_targets,
     run_compare,
     sglang_router_argv,
@@ -36,6 +37,24 @@ def _gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def test_histogram_mean_sums_every_label_set() -> None:
+    text = "\n".join(
+        [
+            "# TYPE x histogram",
+            'x_bucket{le="1.0",backend="a"} 2',
+            'x_sum{backend="a"} 1.5',
+            'x_count{backend="a"} 2',
+            'x_sum{backend="b"} 0.5',
+            'x_count{backend="b"} 1.0',
+            "x_sum 1.0",
+            "x_count 2",
+            "xy_sum 100",
+        ]
+    )
+    assert histogram_mean(text, "x") == (3.0, 5)
+    assert histogram_mean("", "x") == (0.0, 0)
 
 
 def test_parse_targets() -> None:
@@ -111,6 +130,15 @@ async def test_compare_two_targets_and_no_process_left(tmp_path: Path) -> None:
     urls = {row["url"] for row in ours.extra["router_stats"]["backends"]}
     assert len(urls) == 2 and {o.backend for o in ours.outcomes} <= urls
     assert all(o.backend is None for o in theirs.outcomes) and "router_stats" not in theirs.extra
+    # where the TTFT went: every sim saw each request's first token; our router saw it later
+    # than the engines made it, and the client later still
+    n = len(trace.requests)
+    split = ours.extra["ttft_split"]
+    assert split["backend_count"] == split["router_count"] == n
+    client_mean = sum(o.ttft or 0.0 for o in ours.outcomes) / n
+    assert 0 < split["backend_mean_s"] <= split["router_mean_s"] <= client_mean
+    assert theirs.extra["ttft_split"]["backend_count"] == n
+    assert "router_mean_s" not in theirs.extra["ttft_split"]
     logs = sorted(p.name for p in tmp_path.glob("*.log"))
     assert logs == ["cost-sim.log", "cost.log", "sglang-router-round_robin-sim.log",
                     "sglang-router-round_robin.log"]  # fmt: skip

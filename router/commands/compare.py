@@ -172,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
             "router_stats": {
                 n: r.extra["router_stats"] for n, r in runs.items() if "router_stats" in r.extra
             },
+            "ttft_split": {
+                n: r.extra["ttft_split"] for n, r in runs.items() if "ttft_split" in r.extra
+            },
         }
         write_json(args.json, doc)
     if args.outcomes is not None:

@@ -10,6 +10,9 @@ For every target, in order::
                                          /readiness), i.e. until a request would be routed
     replay the window                    `router.replay.client.replay`, open loop
     ours: keep its /stats                in the run's `extra["router_stats"]` (learned speeds)
+    split the TTFT                       `extra["ttft_split"]`: the mean TTFT the sims measured
+                                         (arrival to first token) and, for ours, the router's
+                                         (routing to first upstream chunk), from their /metrics
     stop everything                      SIGTERM to each process group, SIGKILL after a grace
 
 Every child runs in its own session (process group), so stopping it stops whatever it forked,
@@ -48,6 +51,7 @@ __all__ = [
     "ProcessSet",
     "StartupError",
     "Target",
+    "histogram_mean",
     "parse_targets",
     "run_compare",
     "run_target",
@@ -216,6 +220,56 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> object:
     return None
 
 
+def histogram_mean(text: str, metric: str) -> tuple[float, int]:
+    """(sum, count) of a Prometheus histogram over all its label sets, from exposition text."""
+    total, count = 0.0, 0
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if not rest:
+            name, _, rest = line.partition(" ")
+        value = line.rsplit(" ", 1)[-1]
+        try:
+            if name == metric + "_sum":
+                total += float(value)
+            elif name == metric + "_count":
+                count += int(float(value))
+        except ValueError:
+            continue
+    return total, count
+
+
+async def _ttft_split(
+    session: aiohttp.ClientSession,
+    backend_urls: Sequence[str],
+    router_url: str | None,
+    speedup: float,
+) -> dict[str, float | int]:
+    """Mean TTFT as the sims saw it and, for our router, as it saw it (a report extra).
+
+    Against the client's TTFT this says where the live path's time goes: before routing and
+    on the way back (client minus router), or between the router and the engines' first token
+    (router minus backends). Both measure wall seconds; scaled by `speedup` into the client's.
+    """
+    split: dict[str, float | int] = {}
+    sources = [("backend", url, "sglang:time_to_first_token_seconds") for url in backend_urls]
+    if router_url is not None:
+        sources.append(("router", router_url, "prefix_router_ttft_seconds"))
+    sums: dict[str, tuple[float, int]] = {}
+    for kind, url, metric in sources:
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+            async with session.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                if r.status != 200:
+                    continue
+                total, count = histogram_mean(await r.text(), metric)
+                old_total, old_count = sums.get(kind, (0.0, 0))
+                sums[kind] = (old_total + total, old_count + count)
+    for kind, (total, count) in sums.items():
+        if count:
+            split[f"{kind}_mean_s"] = total / count * speedup
+            split[f"{kind}_count"] = count
+    return split
+
+
 def sglang_router_argv(
     python: str,
     *,
@@ -295,9 +349,11 @@ async def run_target(
         )
         result = await replay(trace, replay_config, on_done=on_done)
         result.extra["router_log_tail"] = _tail(router.log_path, 1000)
-        if target.kind == "ours":  # what our router learned, before it is stopped
-            async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession() as session:
+            if target.kind == "ours":  # what our router learned, before it is stopped
                 result.extra["router_stats"] = await _get_json(session, router_url + "/stats")
+            ours = router_url if target.kind == "ours" else None
+            result.extra["ttft_split"] = await _ttft_split(session, urls, ours, config.speedup)
         return result
     finally:
         procs.stop_all()

@@ -18,8 +18,8 @@ over the target although their floor is not (queueing, shared steps, host loads)
 better router could still win.
 
 Run:  python benchmarks/ttft_floor.py --trace conversation --profile llama3-8b-h100-hicache \
-          --backends 8 --target 0.974 --policies round_robin,cost,oracle --load 0.81 \
-          --json benchmarks/results/ttft_floor.json                  (~1 minute)
+          --backends 8 --target 0.974 --policies round_robin,cache_aware,cost,oracle \
+          --load 0.81 --json benchmarks/results/ttft_floor.json          (~1 minute)
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ before any queueing.
 With `--policies`, each policy is also simulated at `--load` on the pool, and its requests are
 split: over the target with a floor over it too (given the cache that run actually hit), and
 over the target although their floor is not (queueing, shared steps, host loads): the part a
-better router could still win.
+better router could still win. For a policy that predicts TTFT (cost, oracle) the avoidable
+part is split again: predicted over the target where it was sent (the policy chose it), or
+predicted under it and late (its model of the backend was wrong).
 
 Run:  python benchmarks/ttft_floor.py --trace conversation --profile llama3-8b-h100-hicache \
           --backends 8 --target 0.974 --policies round_robin,cache_aware,cost,oracle \
@@ -94,7 +96,7 @@ def split_run(
         o for o in over if floor_ttft_s(profile, o.prompt_tokens, o.cached_tokens, chunk) > target
     ]
     n = max(len(done), 1)
-    return {
+    row = {
         "ttft_p90_s": float(run.summary["ttft_p90"]),
         "hit_ratio": float(run.summary["hit_ratio"]),
         "failed": int(run.summary["failed"]),
@@ -102,6 +104,13 @@ def split_run(
         "share_above_target_by_floor": len(floor_over) / n,
         "share_above_target_avoidable": (len(over) - len(floor_over)) / n,
     }
+    if run.predicted_ttft:
+        by_floor = {o.rid for o in floor_over}
+        avoidable = [o for o in over if o.rid not in by_floor]
+        chose = sum(run.predicted_ttft.get(o.rid, 0.0) > target for o in avoidable)
+        row["share_avoidable_predicted_over"] = chose / n
+        row["share_avoidable_predicted_under_late"] = (len(avoidable) - chose) / n
+    return row
 
 
 def main() -> int:
@@ -165,6 +174,12 @@ def main() -> int:
             f"(floor above too: {row['share_above_target_by_floor']:.1%}, "
             f"avoidable: {row['share_above_target_avoidable']:.1%})"
         )
+        if "share_avoidable_predicted_over" in row:
+            print(
+                f"  {'':12s} avoidable: predicted over the target where sent "
+                f"{row['share_avoidable_predicted_over']:.1%}, predicted under and late "
+                f"{row['share_avoidable_predicted_under_late']:.1%}"
+            )
     if args.json:
         write_json(Path(args.json), results)
     return 0

@@ -255,7 +255,7 @@ def test_ttft_floor_benchmark_prices_uncached_chunks_on_an_idle_backend(tmp_path
             "--json",
             str(out),
             "--policies",
-            "round_robin",
+            "round_robin,cost",
         ],
         check=True,
         capture_output=True,
@@ -280,3 +280,8 @@ def test_ttft_floor_benchmark_prices_uncached_chunks_on_an_idle_backend(tmp_path
     assert run["failed"] == 0 and run["hit_ratio"] == 0.0
     assert run["share_above_target"] == run["share_above_target_by_floor"] == 1.0
     assert run["share_above_target_avoidable"] == 0.0
+    assert "share_avoidable_predicted_over" not in run  # round_robin predicts no TTFT
+    # cost sends the repeats where the prompt is cached: only the first is over, by its floor
+    run = json.loads(out.read_text())["runs"]["cost"]
+    assert run["share_above_target"] == run["share_above_target_by_floor"] == pytest.approx(1 / 3)
+    assert run["share_avoidable_predicted_over"] == run["share_avoidable_predicted_under_late"] == 0

@@ -309,3 +309,19 @@ def test_conversation_trace_at_load_1_finishes_every_request(tmp_path: Path) -> 
     # The bar is 60 s on this 2-core machine; the simulation itself takes ~15 s.
     assert rr["wall_s"] + ca["wall_s"] < 60.0
     assert elapsed < 120.0
+
+
+def test_a_run_keeps_the_ttft_each_request_was_predicted_where_the_policy_predicts_one(
+    gsp_trace: Path,
+) -> None:
+    from router.replay.simulate import SimConfig, simulate_policy
+    from router.replay.traces import load_trace
+
+    trace = load_trace(gsp_trace)
+    config = SimConfig(profiles=("llama3-8b-h100",) * 4)
+    cost = simulate_policy(trace, "cost", config)
+    assert set(cost.predicted_ttft) == {o.rid for o in cost.outcomes}
+    assert all(0 < t < 60 for t in cost.predicted_ttft.values())
+    # a cached question is predicted far faster than its group's first, uncached prompt
+    assert min(cost.predicted_ttft.values()) < 0.2 * max(cost.predicted_ttft.values())
+    assert simulate_policy(trace, "round_robin", config).predicted_ttft == {}

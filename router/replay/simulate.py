@@ -113,6 +113,8 @@ class PolicyRun:
     summary: dict[str, Any]
     stats: dict[str, Any]
     core: RoutingCore  # what the router ended up believing (learned speeds, index)
+    # rid -> the TTFT the policy predicted at routing, where it predicts one (cost, oracle)
+    predicted_ttft: dict[str, float] = field(default_factory=dict)
 
 
 def _backend_ids(count: int) -> list[str]:
@@ -153,6 +155,7 @@ def simulate_policy(
 
     live: dict[str, _Live] = {}
     outcomes: list[RequestOutcome] = []
+    predicted: dict[str, float] = {}
 
     def finish(rid: str, event: Finished | Aborted) -> None:
         item = live.pop(rid)
@@ -203,6 +206,8 @@ def simulate_policy(
             treq.session,
         )
         decision = core.route(route_req, now)
+        if decision.predicted_ttft_s is not None:
+            predicted[rid] = decision.predicted_ttft_s
         live[rid] = _Live(arrival=now, req=route_req, backend=decision.backend)
         engines[decision.backend].add_request(
             _sim_request(route_req, output_tokens=treq.output_length), now
@@ -221,7 +226,12 @@ def simulate_policy(
     outcomes.sort(key=lambda o: o.arrival)
     summary = summarize(outcomes, wall_s=time.perf_counter() - started)
     return PolicyRun(
-        policy=policy, outcomes=outcomes, summary=summary, stats=core.stats(), core=core
+        policy=policy,
+        outcomes=outcomes,
+        summary=summary,
+        stats=core.stats(),
+        core=core,
+        predicted_ttft=predicted,
     )
 
 

@@ -27,12 +27,12 @@ second for the Mooncake conversation trace's 288k blocks.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from router.replay.metrics import percentile
 from router.replay.traces import Trace
 
 __all__ = [
@@ -285,10 +285,5 @@ def _leading_in(ids: Sequence[int], present: set[int] | dict[int, Any]) -> int:
 
 
 def _pct(ordered: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile of sorted values (0.0 when empty)."""
-    if not ordered:
-        return 0.0
-    pos = (len(ordered) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
+    """`metrics.percentile` of sorted values, 0.0 when empty (a report field, never NaN)."""
+    return percentile(ordered, q) if ordered else 0.0

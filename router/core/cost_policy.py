@@ -232,7 +232,7 @@ class _BusyPeriod:
         if self.start < 0:
             self.start, self.last_time = now, now
 
-    def add(self, computed: int | None, context: int, now: float, mixed_s: float = 0.0) -> None:
+    def add(self, computed: int | None, context: int, now: float, mixed_s: float) -> None:
         if self.start < 0:
             return
         if now != self.last_time:  # a new step finished
@@ -450,14 +450,17 @@ class CostPolicy(BasePolicy):
         )
 
     # -- what happened --------------------------------------------------------------------
+    def _decode_share_s(self, routed: _Routed) -> float:
+        """The decode step `routed`'s prefill step carries, as the queue and PP count it."""
+        return routed.mixed_s if self.config.net_decode else 0.0
+
     def on_routed(self, rec: RequestRecord, now: float) -> None:
         routed = self._routed.get(rec.request.rid)
         model = self._models.get(rec.backend)
         if routed is None or model is None:
             return
         due = now + routed.ttft_s if rec.request.first_token_seen else None
-        work_s = routed.prefill_s + (routed.mixed_s if self.config.net_decode else 0.0)
-        model.routed(rec.request.rid, work_s, now, due)
+        model.routed(rec.request.rid, routed.prefill_s + self._decode_share_s(routed), now, due)
         req = rec.request
         self.index.insert(
             rec.backend, req.blocks, now, req.block_tokens, prompt_tokens=req.prompt_tokens
@@ -468,8 +471,7 @@ class CostPolicy(BasePolicy):
         routed = self._routed.get(rec.request.rid)
         if model is None or routed is None:
             return
-        share = routed.mixed_s if self.config.net_decode else 0.0
-        model.first_token(rec, now, self.config.calibrate, share)
+        model.first_token(rec, now, self.config.calibrate, self._decode_share_s(routed))
         if rec.cached_tokens is not None:  # /generate streams report it with the first token
             self._learn_from_cached(rec, routed, model, now, late=False)
 

@@ -156,10 +156,14 @@ class BlockHasher:
             self._seeds[salt] = seed
         return seed
 
+    def ids_seed(self, salt: str) -> int:
+        """The chain seed of token-id prompts under `salt` (no tokenizer involved)."""
+        return salt_seed(f"ids\x1f{self.block_tokens}\x1f{salt}")
+
     def route_request(self, prompt: Prompt, rid: str) -> RouteRequest:
         """The request the routing core sees: blocks, sizes, max_tokens, session key."""
         if prompt.input_ids is not None:
-            seed = salt_seed(f"ids\x1f{self.block_tokens}\x1f{prompt.salt}")
+            seed = self.ids_seed(prompt.salt)
             blocks = chain_hashes(prompt.input_ids, self.block_tokens, seed)
             n = len(prompt.input_ids)
         else:

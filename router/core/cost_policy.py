@@ -375,7 +375,14 @@ class CostPolicy(BasePolicy):
 
     # -- the decision ---------------------------------------------------------------------
     def _cached_tokens(self, req: RouteRequest, backend: str, matches: dict[str, int]) -> int:
-        return min(req.tokens_in_blocks(matches.get(backend, 0)), max(req.prompt_tokens - 1, 0))
+        held = matches.get(backend, 0)
+        if not held:
+            return 0
+        cap = max(req.prompt_tokens - 1, 0)
+        if self.index.event_driven(backend):
+            # the router's blocks are the engine's pages: SGLang reuses whole pages of n-1
+            cap -= cap % req.block_tokens
+        return min(req.tokens_in_blocks(held), cap)
 
     def _queue_s(self, state: BackendState, model: _BackendModel, now: float) -> float:
         return model.backlog.remaining(now)

@@ -35,6 +35,11 @@ prompt (it just prefilled it), so the chain is refreshed. If it had less than th
 predicted, the backend has evicted more than our capacity model did: the shortfall, in
 tokens, is dropped from the backend's least-recently-used beliefs. KV events
 (`apply_stored`, `apply_removed`, `clear_backend`) set beliefs exactly.
+
+One source of truth per backend: `set_event_driven(backend, True)` drops its modelled entries
+and from then on routing beliefs (`insert`, `touch`'s refresh, `observe_cached`) leave it
+alone and no capacity model evicts for it; only events change it. Switching back drops the
+event-driven entries, and the modelled LRU starts empty.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ class IndexStats:
 
 
 class _Backend:
-    __slots__ = ("bit", "block_tokens", "capacity", "lru", "name", "tokens")
+    __slots__ = ("bit", "block_tokens", "capacity", "events", "lru", "name", "tokens")
 
     def __init__(self, name: str, bit: int, capacity: int | None, block_tokens: int) -> None:
         self.name = name
@@ -75,6 +80,7 @@ class _Backend:
         self.block_tokens = block_tokens
         self.lru: OrderedDict[int, int] = OrderedDict()
         self.tokens = 0
+        self.events = False  # entries come from KV events only (see set_event_driven)
 
 
 class PrefixIndex:
@@ -125,6 +131,20 @@ class PrefixIndex:
 
     def backends(self) -> list[str]:
         return list(self._backends)
+
+    def set_event_driven(self, backend: str, on: bool) -> None:
+        """Make KV events the backend's only source of entries (or go back to the model).
+
+        Either switch drops what the backend was believed to hold: the two sources are never
+        mixed.
+        """
+        be = self._backend(backend)
+        if be.events != on:
+            self._clear(be)
+            be.events = on
+
+    def event_driven(self, backend: str) -> bool:
+        return self._backend(backend).events
 
     # -- lookups ------------------------------------------------------------------------------
     def match(self, blocks: Sequence[int]) -> dict[str, int]:
@@ -205,7 +225,7 @@ class PrefixIndex:
         """
         be = self._backend(backend)
         _check_block_tokens(block_tokens)
-        if not blocks:
+        if not blocks or be.events:
             return
         last = _last_block_size(len(blocks), block_tokens, prompt_tokens)
         self._refresh(be, blocks, len(blocks), block_tokens, last)
@@ -224,7 +244,7 @@ class PrefixIndex:
             if b not in lru:
                 break
             depth += 1
-        if depth:
+        if depth and not be.events:
             self._refresh(be, blocks, depth, be.block_tokens, None)
         return depth
 
@@ -256,7 +276,7 @@ class PrefixIndex:
             raise ValueError("cached_tokens must be non-negative")
         _check_block_tokens(block_tokens)
         be = self._backend(backend)
-        if not blocks:
+        if not blocks or be.events:
             return
         n = len(blocks)
         if prompt_tokens is not None and cached_tokens >= prompt_tokens - 1:
@@ -283,11 +303,16 @@ class PrefixIndex:
 
     # -- exact beliefs from KV events ---------------------------------------------------------
     def apply_stored(self, backend: str, blocks: Sequence[int], now: float) -> None:
-        """KV event: the backend stored this chain (each block of its `block_tokens`)."""
+        """KV event: the backend stored this chain (each block of its `block_tokens`).
+
+        An event-driven backend is not fitted to a capacity: its own evictions arrive as
+        `apply_removed`.
+        """
         be = self._backend(backend)
         if blocks:
             self._refresh(be, blocks, len(blocks), be.block_tokens, None)
-            self._fit(be)
+            if not be.events:
+                self._fit(be)
             self._bound()
 
     def apply_removed(self, backend: str, blocks: Sequence[int]) -> None:
@@ -352,7 +377,7 @@ class PrefixIndex:
         self._entries += added
 
     def _fit(self, be: _Backend) -> None:
-        if be.capacity is None:
+        if be.capacity is None or be.events:
             return
         while be.tokens > be.capacity and be.lru:
             self._evict_front(be)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -60,6 +60,8 @@ class ServerConfig(BaseSettings):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     block_tokens: int = Field(default=64, gt=0)
     tokenizer: str = "cl100k_base"
+    # KV events from backends that advertise a publisher (router/server/kv_events.py)
+    kv_events: Literal["auto", "off"] = "auto"
     # prompts longer than this (characters) are tokenized in the default executor
     executor_tokenize_chars: int = Field(default=32_768, ge=0)
     health_interval_s: float = Field(default=5.0, gt=0)

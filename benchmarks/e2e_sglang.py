@@ -3,10 +3,13 @@
 Run by `make e2e` (e2e/run.py) with two SGLang 0.5.23 servers up (CPU, tiny model, page size
 16); needs the .e2e environment. Two parts:
 
-1. A multi-turn window of the Mooncake conversation trace (bundled `conversation`), scaled
-   to the CPU model: each 512-token hash block becomes 16 words of deterministic text
-   (`BlockTextGenerator`), prompts longer than `MAX_BLOCKS` blocks are skipped, outputs are
-   capped at 8 tokens. The same requests, one at a time in trace order, go through our router
+1. A multi-turn window of the Mooncake conversation trace (bundled `conversation`): of its
+   first `WINDOW` requests, those of conversations with at least two turns there (same first
+   two hash blocks), prompts of at most `MAX_BLOCKS` blocks, in trace order. Scaled to the
+   CPU model: each 512-token hash block becomes 16 words of deterministic text
+   (`BlockTextGenerator`, ~3 tokens a word for the tiny model's tokenizer), outputs are
+   capped at 8 tokens. The window holds more tokens than the two servers' KV, so both evict.
+   The same requests, one at a time in trace order, go through our router
    three times, each after `/flush_cache` on both servers:
 
    - `tiktoken+model`: today's default (cl100k blocks of 64, modelled cache);
@@ -34,6 +37,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +52,7 @@ from router.replay.traces import load_window  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 WORDS_PER_BLOCK = 16  # one 512-token hash block of the trace -> 16 words
 MAX_BLOCKS = 40
-REQUESTS = 150
+WINDOW = 600
 OUTPUT_TOKENS = 8
 LOG_LINE = re.compile(
     r"endpoint=/generate backend=(\S+) status=200 .* cached=(\S+) predicted=(\d+)"
@@ -71,9 +75,11 @@ def window_requests() -> list[dict[str, Any]]:
     trace = load_window("conversation")
     gen = BlockTextGenerator(WORDS_PER_BLOCK, seed=0)
     scale = trace.block_size // WORDS_PER_BLOCK
+    window = [r for r in trace.requests[:WINDOW] if 1 < len(r.hash_ids) <= MAX_BLOCKS]
+    turns = Counter(r.hash_ids[:2] for r in window)
     bodies = []
-    for req in trace.requests:
-        if not req.hash_ids or len(req.hash_ids) > MAX_BLOCKS:
+    for req in window:
+        if turns[req.hash_ids[:2]] < 2:
             continue
         full = (len(req.hash_ids) - 1) * WORDS_PER_BLOCK
         tail = req.input_length - (len(req.hash_ids) - 1) * trace.block_size
@@ -87,8 +93,6 @@ def window_requests() -> list[dict[str, Any]]:
                 },
             }
         )
-        if len(bodies) == REQUESTS:
-            break
     return bodies
 
 
@@ -239,8 +243,9 @@ def main() -> int:
         "requests": len(bodies),
         "variants": variants,
         "setup": (
-            "2 SGLang servers on CPU (tiny random Llama, page size 16, 20k-token KV each), "
-            "Mooncake conversation trace scaled 512 -> 16 words per block, sequential; "
+            "2 SGLang servers on CPU (tiny random Llama, page size 16, 20k-token KV each); "
+            "the multi-turn conversations among the Mooncake conversation trace's first 600 "
+            "requests, 512-token blocks scaled to 16 words, sent one at a time in trace order; "
             "taken by `make e2e` on a shared 2-core box"
         ),
     }

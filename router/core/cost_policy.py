@@ -379,7 +379,7 @@ class CostPolicy(BasePolicy):
         if not held:
             return 0
         cap = max(req.prompt_tokens - 1, 0)
-        if self.index.event_driven(backend):
+        if backend in self.index.event_backends:
             # the router's blocks are the engine's pages: SGLang reuses whole pages of n-1
             cap -= cap % req.block_tokens
         return min(req.tokens_in_blocks(held), cap)
@@ -403,6 +403,10 @@ class CostPolicy(BasePolicy):
         best_parts = (0.0, 0.0, 0.0, 0)  # queue_s, prefill_s, mixed_s, kv_tokens
         block_tokens = req.block_tokens
         cap = max(n - 1, 0)
+        # backends whose entries come from KV events: the router's blocks are their pages, and
+        # SGLang reuses whole pages of the prompt's first n-1 tokens
+        evented = self.index.event_backends
+        paged_cap = cap - cap % block_tokens
         models = self._models
         exact = self._exact
         for state in backends:
@@ -417,7 +421,10 @@ class CostPolicy(BasePolicy):
                 queue_s = self._queue_s(state, model, now)
             else:  # the same as _cached_tokens and _queue_s, inlined: this loop is the hot path
                 held = matches.get(backend)
-                cached = 0 if held is None else min(held * block_tokens, cap)
+                if held is None:
+                    cached = 0
+                else:
+                    cached = min(held * block_tokens, paged_cap if backend in evented else cap)
                 queue_s = backlog.work_s - (now - backlog.since)
                 if queue_s < 0.0:
                     queue_s = 0.0

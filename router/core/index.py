@@ -96,6 +96,7 @@ class PrefixIndex:
         self._free_bits: list[int] = []
         self._entries = 0
         self._stamp = 0
+        self.event_backends: set[str] = set()  # backends whose entries come from KV events
         self.evicted_capacity = 0  # entries dropped by a backend's capacity model
         self.evicted_global = 0  # entries dropped by the max_blocks bound
         self.dropped_feedback = 0  # entries dropped because a backend had less than believed
@@ -125,6 +126,7 @@ class PrefixIndex:
         be = self._backends.pop(backend, None)
         if be is None:
             return
+        self.event_backends.discard(backend)
         self._clear(be)
         self._names[be.bit] = None
         heapq.heappush(self._free_bits, be.bit)
@@ -142,6 +144,10 @@ class PrefixIndex:
         if be.events != on:
             self._clear(be)
             be.events = on
+            if on:
+                self.event_backends.add(backend)
+            else:
+                self.event_backends.discard(backend)
 
     def event_driven(self, backend: str) -> bool:
         return self._backend(backend).events

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,22 +27,6 @@ from servers import PAGE_SIZE, Router, SGLangServer, get_json, start_router, sto
 def e2e_info() -> dict[str, Any]:
     info: dict[str, Any] = json.loads(os.environ["PREFIX_ROUTER_E2E"])
     return info
-
-
-def post_json(url: str, body: Any, timeout: float = 60.0) -> tuple[int, Any]:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-            status = int(resp.status)
-    except urllib.error.HTTPError as exc:
-        raw, status = exc.read(), exc.code
-    try:
-        return status, json.loads(raw)
-    except json.JSONDecodeError:
-        return status, raw.decode("utf-8", "replace")
 
 
 @pytest.fixture(scope="session")

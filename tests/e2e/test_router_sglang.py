@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from conftest import Router, get_json, post_json
-from servers import SGLangServer
+from servers import Router, SGLangServer, get_json, post_json
 
 # ~300 tokens of the tiny model's tokenizer; a fresh prefix per test keeps them independent
 WORDS = "router cache prefix backend token stream request server model engine page block"

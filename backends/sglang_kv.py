@@ -20,7 +20,10 @@ subscriber that connected late, or ZMQ dropped past its high-water mark) or went
 
 `KVEventSubscriber` runs one SUB socket per endpoint on the event loop (pyzmq's asyncio
 sockets; pyzmq is the `kv-events` extra, imported only when a subscriber starts) and hands
-each decoded batch, with the tracker's verdict, to a callback.
+each decoded batch, with the tracker's verdict, to a callback. It also watches the socket's
+connection (a ZMQ monitor): when the publisher's TCP connection drops (the server died or
+restarted), `on_disconnect` is called and the tracker starts over, since whatever comes next
+may be a new process whose cache started empty.
 """
 
 from __future__ import annotations
@@ -150,20 +153,29 @@ class SequenceTracker:
 
 
 BatchHandler = Callable[[KVBatch, Verdict], None]
+DisconnectHandler = Callable[[], None]
 
 
 class KVEventSubscriber:
     """SUB sockets on a backend's KV event endpoints, feeding `on_batch` on the event loop."""
 
-    def __init__(self, endpoints: Sequence[str], topic: str, on_batch: BatchHandler) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        topic: str,
+        on_batch: BatchHandler,
+        on_disconnect: DisconnectHandler | None = None,
+    ) -> None:
         if not endpoints:
             raise ValueError("no endpoints")
         self.endpoints = list(endpoints)
         self.topic = topic
         self.on_batch = on_batch
+        self.on_disconnect = on_disconnect
         self.trackers = [SequenceTracker() for _ in self.endpoints]
         self.batches = 0
         self.bad_batches = 0
+        self.disconnects = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._ctx: Any = None
 
@@ -182,8 +194,10 @@ class KVEventSubscriber:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, 100_000)
             sock.setsockopt(zmq.SUBSCRIBE, self.topic.encode("utf-8"))
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             sock.connect(endpoint)
             self._tasks.append(loop.create_task(self._run(i, sock), name=f"kv-events {endpoint}"))
+            self._tasks.append(loop.create_task(self._watch(i, sock, monitor)))
 
     async def _run(self, i: int, sock: Any) -> None:
         tracker = self.trackers[i]
@@ -207,6 +221,23 @@ class KVEventSubscriber:
                     log.exception("kv events %s: applying batch %d failed", self.endpoints[i], seq)
         finally:
             sock.close(0)
+
+    async def _watch(self, i: int, sock: Any, monitor: Any) -> None:
+        """The publisher's connection dropped: numbering starts over with whoever comes next."""
+        try:
+            while True:
+                await monitor.recv_multipart()  # only EVENT_DISCONNECTED is subscribed
+                self.disconnects += 1
+                self.trackers[i].expected = None
+                if self.on_disconnect is not None:
+                    try:
+                        self.on_disconnect()
+                    except Exception:
+                        log.exception("kv events %s: disconnect handler failed", self.endpoints[i])
+        finally:
+            with contextlib.suppress(Exception):
+                sock.disable_monitor()
+            monitor.close(0)
 
     async def stop(self) -> None:
         for task in self._tasks:

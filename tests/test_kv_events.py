@@ -193,12 +193,18 @@ async def test_manager_follows_a_publisher_through_gaps_and_restarts() -> None:
         assert index.match(blocks) == {"b": 1}
         # a restarted publisher (numbers start over): its cache started empty
         pub._seq = 0
-        pub.publish(batch(page_event([31, 32], None, list(range(8)))))
+        pub.publish(batch(page_event([31], None, [100, 101, 102, 103])))
         await until(lambda: stats()["restarts"] == 1, "a restart is seen")
-        assert index.match(blocks) == {"b": 2} and stats()["gaps"] == 1
+        assert index.match(blocks) == {} and stats()["gaps"] == 1  # the old page is forgotten
+        pub.publish(batch(page_event([32, 33], None, list(range(8)))))
+        await until(lambda: index.match(blocks).get("b") == 2, "events flow after a restart")
         # routing beliefs do not touch an event-driven backend
         decision = core.route(hasher.route_request(prompt, "r2"), 0.0)
         assert decision.predicted_cached_tokens == 8  # two whole pages of 11 tokens' n-1
+        # the publisher goes away (a server killed): what it held is forgotten at once
+        pub.close()
+        await until(lambda: stats()["disconnects"] >= 1, "a dropped connection is seen")
+        assert index.match(blocks) == {} and stats()["source"] == "events"
     finally:
         await manager.stop()
         pub.close()

@@ -79,9 +79,10 @@ class EventMirror:
         self.skipped_pages = 0  # another page size, another tier, or malformed
 
     def start(self) -> None:
-        """Switch the backend to event-driven entries (modelled beliefs are dropped)."""
+        """Event-driven entries from empty (modelled beliefs and earlier events are dropped)."""
         self._hashes.clear()
         self.index.set_event_driven(self.backend, True)
+        self.index.clear_backend(self.backend)
 
     def stop(self) -> None:
         """Back to the modelled cache (event-driven entries are dropped)."""

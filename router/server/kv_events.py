@@ -15,8 +15,9 @@ Sequence numbers, per backend:
 - a gap (batches lost): the event-driven entries are dropped and the backend falls back to the
   modelled LRU, since what was lost may have evicted anything; events take over again at the
   next `AllBlocksCleared` or when the publisher starts over;
-- numbers going back (a restarted server, whose cache started empty): event-driven again,
-  from empty, so a restarted backend rejoins with its old entries forgotten.
+- the publisher's connection dropping (the server died) or numbers going back (a restarted
+  server, whose cache started empty): event-driven again, from empty, so a restarted backend
+  rejoins with its old entries forgotten.
 
 Each router replica subscribes for itself; nothing here is shared through `router.state`.
 """
@@ -89,7 +90,10 @@ class KVEventsManager:
         def on_batch(batch: KVBatch, verdict: Verdict) -> None:
             self._on_batch(backend_id, batch, verdict)
 
-        sub = KVEventSubscriber(endpoints, server.kv_events.topic, on_batch)
+        def on_disconnect() -> None:
+            self._on_disconnect(backend_id)
+
+        sub = KVEventSubscriber(endpoints, server.kv_events.topic, on_batch, on_disconnect)
         self._backends[backend_id] = _Backend(
             url=url, mirror=mirror, subscriber=sub, endpoints=endpoints
         )
@@ -130,6 +134,14 @@ class KVEventsManager:
             task = asyncio.get_running_loop().create_task(be.subscriber.stop())
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)
+
+    def _on_disconnect(self, backend_id: str) -> None:
+        be = self._backends.get(backend_id)
+        if be is None or self.index is None or backend_id not in self.index.backends():
+            return
+        be.mirror.start()  # whatever the server held is gone with it (or unknown): forget it
+        be.events = True
+        log.info("backend %s: KV event publisher disconnected: entries dropped", be.url)
 
     def _on_batch(self, backend_id: str, batch: KVBatch, verdict: Verdict) -> None:
         be = self._backends.get(backend_id)
@@ -182,6 +194,7 @@ class KVEventsManager:
                 "source": "events" if be.events else "modelled",
                 "endpoints": be.endpoints,
                 "batches": be.subscriber.batches,
+                "disconnects": be.subscriber.disconnects,
                 "bad_batches": be.subscriber.bad_batches,
                 "gaps": be.gaps,
                 "restarts": be.restarts,

@@ -165,7 +165,8 @@ def capture(base: str, kv_endpoint: str, out_dir: Path, model: str) -> Path:
     target = out_dir / f"sglang_{version}"
     target.mkdir(parents=True, exist_ok=True)
     # the model's tokenizer: tests map captured prompts to the captured events' token ids
-    shutil.copyfile(Path(model) / "tokenizer.json", target / "tokenizer.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # with its chat template
+        shutil.copyfile(Path(model) / name, target / name)
     root = str(Path(__file__).resolve().parent.parent) + "/"
     for name, value in files.items():
         doc = {"sglang_version": version, "captured_from": "make e2e (tiny CPU model)", name: value}

@@ -30,9 +30,10 @@ from backends.sglang_kv import SequenceTracker, decode_batch
 from backends.sim.kvevents import AllBlocksCleared, BlockRemoved, BlockStored
 from backends.sim.kvpublish import encode_batch
 from router.core.blocks import BlockHasher
+from router.core.chat_template import load_chat_template
 from router.core.index import PrefixIndex
 from router.core.kv_mirror import EventMirror, KVCleared, KVRemoved, KVStored
-from router.core.prompt import parse_generate
+from router.core.prompt import parse_chat, parse_generate
 from router.core.tokens import HFTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sglang_0.5.23"
@@ -174,6 +175,32 @@ def test_router_blocks_are_the_pages_the_events_name() -> None:
             mirror.apply(ev, 0.0)
     assert mirror.orphan_pages == 0
     assert index.held_blocks("b") == 0 and index.match(req.blocks) == {}
+
+
+def test_chat_rendered_by_the_models_template_is_the_engines_pages() -> None:
+    """A captured chat request, rendered by the model's own chat template and tokenized, is
+    the token sequence of the pages the server stored for it (and its count the server's)."""
+    template = load_chat_template(str(FIXTURES / "tokenizer.json"))
+    assert template is not None
+    tokenizer = HFTokenizer(str(FIXTURES / "tokenizer.json"))
+    hasher = BlockHasher(tokenizer, block_tokens=PAGE, chat_template=template)
+    entry = fixture("chat")[0]
+    prompt = parse_chat(entry["request"])
+    req = hasher.route_request(prompt, "c1")
+    assert req.prompt_tokens == entry["body"]["usage"]["prompt_tokens"]
+    assert hasher.templated == 1
+    index = PrefixIndex()
+    index.add_backend("b", 20000, PAGE)
+    mirror = EventMirror(index, "b", seeds=[hasher.text_seed(prompt.salt)], block_tokens=PAGE)
+    mirror.start()
+    for seq, payload in kv_batches():
+        for ev in decode_batch(seq, payload).events:
+            if not isinstance(ev, KVCleared):
+                mirror.apply(ev, 0.0)
+    assert index.match(req.blocks) == {"b": req.prompt_tokens // PAGE}
+    # without the template the router's chat blocks are its own segments: no page matches
+    plain = BlockHasher(tokenizer, block_tokens=PAGE).route_request(prompt, "c2")
+    assert index.match(plain.blocks) == {}
 
 
 def test_sim_publisher_sends_the_real_layout() -> None:

@@ -29,10 +29,11 @@ import aiohttp
 from aiohttp import web
 
 from router.core.blocks import BlockHasher
+from router.core.chat_template import load_chat_template
 from router.core.model import Policy
 from router.core.policies import POLICIES, make_policy
 from router.core.routing import RoutingCore
-from router.core.tokens import load_tokenizer
+from router.core.tokens import HFTokenizer, load_tokenizer
 from router.server.admin import AdminApi
 from router.server.config import ServerConfig
 from router.server.errors import error_middleware
@@ -87,7 +88,10 @@ def _make_hasher(config: ServerConfig, policy: Policy) -> BlockHasher | None:
     """Tokenizer and hasher, only for policies that read blocks (loading costs a moment)."""
     if not policy.needs_blocks:
         return None
-    return BlockHasher(load_tokenizer(config.tokenizer), block_tokens=config.block_tokens)
+    tokenizer = load_tokenizer(config.tokenizer)
+    # the model's own tokenizer: chats are rendered by its template, as the engine does
+    template = load_chat_template(config.tokenizer) if isinstance(tokenizer, HFTokenizer) else None
+    return BlockHasher(tokenizer, block_tokens=config.block_tokens, chat_template=template)
 
 
 async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterator[None]:

@@ -95,8 +95,9 @@ class KVEventsManager:
 
         sub = KVEventSubscriber(endpoints, server.kv_events.topic, on_batch, on_disconnect)
         self._backends[backend_id] = _Backend(
-            url=url, mirror=mirror, subscriber=sub, endpoints=endpoints
+            url=url, mirror=mirror, subscriber=sub, endpoints=endpoints, events=True
         )
+        mirror.start()  # from now on only events fill this backend's entries
         sub.start()
         log.info("backend %s: subscribed to KV events at %s", url, ", ".join(endpoints))
 

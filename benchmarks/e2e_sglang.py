@@ -119,7 +119,7 @@ def run_variant(
     exact = sum(abs(p - r) < PAGE_SIZE for p, r in zip(predicted, reported, strict=True))
     row = {
         "name": name,
-        "flags": list(flags),
+        "flags": [f.replace(str(ROOT) + "/", "") for f in flags],  # repository-relative
         "predicted_cached_tokens": sum(predicted),
         "reported_cached_tokens": sum(reported),
         "exact_share": round(exact / len(reported), 4),

@@ -247,5 +247,6 @@ class KVEventSubscriber:
                 await task
         self._tasks.clear()
         if self._ctx is not None:
-            self._ctx.term()
+            # closes the sockets of tasks cancelled before they ever ran, then terminates
+            self._ctx.destroy(linger=0)
             self._ctx = None

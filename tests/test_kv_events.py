@@ -208,3 +208,32 @@ async def test_manager_follows_a_publisher_through_gaps_and_restarts() -> None:
     finally:
         await manager.stop()
         pub.close()
+
+
+async def test_a_publisher_given_by_hand_is_followed() -> None:
+    pytest.importorskip("zmq")
+    from pydantic import ValidationError
+
+    from router.core.tokens import HFTokenizer
+    from router.server.config import load_config
+    from router.server.kv_events import KVEventsManager
+
+    config = load_config(
+        backends=["http://127.0.0.1:1"],
+        kv_event_endpoints=["http://127.0.0.1:1/=tcp://127.0.0.1:5557"],
+    )
+    assert config.kv_event_endpoints == {"http://127.0.0.1:1": "tcp://127.0.0.1:5557"}
+    with pytest.raises(ValidationError):
+        load_config(backends=["http://h:1"], kv_event_endpoints=["http://h:1=h:5557"])
+    policy = make_policy("cost", rng=random.Random(0))
+    core = RoutingCore(policy, [])
+    core.add_backend(BackendSpec(id="http://127.0.0.1:1", page_size=PAGE))
+    hasher = BlockHasher(HFTokenizer(str(FIXTURES / "tokenizer.json")), block_tokens=PAGE)
+    manager = KVEventsManager(policy, hasher, "auto", config.kv_event_endpoints)
+    try:  # the server says nothing of a publisher: the endpoint given by hand is used
+        manager.discovered("http://127.0.0.1:1", "http://127.0.0.1:1", ServerInfo(model="m",
+                           page_size=PAGE))  # fmt: skip
+        row = manager.stats()["backends"]["http://127.0.0.1:1"]
+        assert row["source"] == "events" and row["endpoints"] == ["tcp://127.0.0.1:5557"]
+    finally:
+        await manager.stop()

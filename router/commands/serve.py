@@ -63,6 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "with it and --block-tokens = the backend's page size, KV events give exact cache state",
     )
     a(
+        "--kv-events-endpoint",
+        action="append",
+        dest="kv_event_endpoints",
+        metavar="URL=tcp://HOST:PORT",
+        help="a backend's KV event publisher, for servers whose /server_info does not say "
+        "(repeatable; page size from /server_info, every topic)",
+    )
+    a(
         "--kv-events",
         choices=("auto", "off"),
         help="auto (default): follow the KV events of backends whose /server_info advertises "
@@ -111,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             block_tokens=args.block_tokens,
             tokenizer=args.tokenizer,
             kv_events=args.kv_events,
+            kv_event_endpoints=args.kv_event_endpoints,
             health_interval_s=args.health_interval_s,
             max_attempts=args.max_attempts,
             seed=args.seed,

@@ -142,7 +142,7 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
         sync=sync,
         model_info=ModelInfoRelay(pool, session, config.health_timeout_s),
     )
-    kv_events = KVEventsManager(policy, hasher, config.kv_events)
+    kv_events = KVEventsManager(policy, hasher, config.kv_events, config.kv_event_endpoints)
     pool.observers.append(kv_events)
     state.status.kv_events = kv_events
     app[STATE] = state

@@ -6,7 +6,9 @@ publisher (`kv_events`) and the router can read its blocks, the manager subscrib
 (`router.core.kv_mirror.EventMirror`). Reading the engine's blocks needs the model's own
 tokenizer (`--tokenizer PATH`) and `--block-tokens` equal to the backend's page size; without
 them, or with `--kv-events off`, or a policy without a prefix index, today's modelled cache
-stays, and `/stats` says why under "kv_events".
+stays, and `/stats` says why under "kv_events". A publisher can also be given by hand
+(`--kv-events-endpoint URL=tcp://host:port`, for a server whose `/server_info` does not
+advertise one): every topic, at the server's page size.
 
 Sequence numbers, per backend:
 
@@ -25,11 +27,13 @@ Each router replica subscribes for itself; nothing here is shared through `route
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from backends.sglang import ServerInfo
+from backends.sglang import KVEventsInfo, ServerInfo
 from backends.sglang_kv import KVBatch, KVEventSubscriber, Verdict
 from router.core.blocks import BlockHasher
 from router.core.index import PrefixIndex
@@ -59,8 +63,15 @@ class _Backend:
 class KVEventsManager:
     """Subscriptions of one router process; a `BackendPool` observer."""
 
-    def __init__(self, policy: Policy, hasher: BlockHasher | None, mode: KVEventsMode) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        hasher: BlockHasher | None,
+        mode: KVEventsMode,
+        endpoints: Mapping[str, str] | None = None,
+    ) -> None:
         self.mode = mode
+        self.endpoints = dict(endpoints or {})  # backend URL -> tcp://host:port, by hand
         self.hasher = hasher
         index = getattr(policy, "index", None)
         self.index = index if isinstance(index, PrefixIndex) else None
@@ -72,6 +83,12 @@ class KVEventsManager:
     def discovered(self, backend_id: str, url: str, server: ServerInfo) -> None:
         """(Re)start the backend's subscription after discovery (the index forgot its mode)."""
         self._drop(backend_id)
+        given = self.endpoints.get(url.rstrip("/"))
+        if given is not None:  # --kv-events-endpoint: every topic, the server's page size
+            host, _, port = given[len("tcp://") :].rpartition(":")
+            kv = KVEventsInfo(host=host.strip("[]") or None, port_base=int(port), topic="",
+                              block_size=server.page_size)  # fmt: skip
+            server = dataclasses.replace(server, kv_events=kv)
         reason = self._unusable(server)
         if reason is not None:
             self.skipped[backend_id] = reason

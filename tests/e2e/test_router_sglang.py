@@ -262,14 +262,15 @@ def test_bad_input_gets_the_same_json_errors(router: Router, model_name: str) ->
 def test_zz_sigkill_fails_over_and_a_restarted_server_rejoins_forgotten(
     router: Router, sglang: list[SGLangServer]
 ) -> None:
-    victim = sglang[1]
     text = prompt("sigkill", 200)
-    # put a prefix on the victim (whoever gets it, send until the victim holds some)
     for i in range(6):
         post_json(router.url + "/generate",
                   {"text": f"{i} {text}", "sampling_params": {"max_new_tokens": 2}})  # fmt: skip
     time.sleep(0.5)
-    held_before = router.stats()["kv_events"]["backends"][victim.url]["index_entries"]
+    # the victim: the server the router believes holds the most (whichever got the traffic)
+    held = {u: b["index_entries"] for u, b in router.stats()["kv_events"]["backends"].items()}
+    victim = next(s for s in sglang if s.url == max(held, key=lambda u: held[u]))
+    held_before = held[victim.url]
     assert held_before > 0
     pgid = int(Path(victim.log_path).with_suffix(".pgid").read_text())
     import os

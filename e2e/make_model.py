@@ -1,8 +1,8 @@
 """Makes the tiny model `make e2e` serves with real SGLang: nothing is downloaded.
 
 A `transformers` LlamaConfig (hidden 64, 2 layers, 4 heads) with random weights, and a
-byte-level BPE tokenizer trained here with `tokenizers` on the repository's own text (vocab
-~2k), plus a ChatML-style chat template. The tokenizer adds no special tokens when encoding
+byte-level BPE tokenizer trained here with `tokenizers` on the bundled MT-bench questions
+(vocab 2k), plus a ChatML-style chat template. The tokenizer adds no special tokens when encoding
 (no post-processor), so the router's `--tokenizer` gives the engine's ids exactly.
 Idempotent: an existing model folder with a config and a tokenizer is reused.
 
@@ -25,12 +25,10 @@ CHAT_TEMPLATE = (
 
 
 def corpus() -> list[str]:
-    """Training text: the repository's docs and sources (English and code, like prompts)."""
-    texts: list[str] = []
-    for pattern in ("*.md", "docs/*.md", "router/**/*.py", "backends/**/*.py"):
-        for path in sorted(ROOT.glob(pattern)):
-            texts.append(path.read_text(encoding="utf-8", errors="replace"))
-    return texts
+    """Training text: the bundled MT-bench questions (a fixed, checksummed file, so every
+    clone trains the same tokenizer; English prompts, like the requests it will serve)."""
+    lines = (ROOT / "data" / "traces" / "mtbench_question.jsonl").read_text().splitlines()
+    return [turn for line in lines for turn in json.loads(line)["turns"]]
 
 
 def make_tokenizer(out: Path) -> int:

@@ -479,6 +479,7 @@ class CostPolicy(BasePolicy):
         self.index.insert(
             rec.backend, req.blocks, now, req.block_tokens, prompt_tokens=req.prompt_tokens
         )
+        self.index.expect(rec.backend, req.blocks)  # an event-driven backend: until it ends
 
     def on_first_token(self, rec: RequestRecord, now: float) -> None:
         model = self._models.get(rec.backend)
@@ -491,6 +492,8 @@ class CostPolicy(BasePolicy):
 
     def on_finished(self, rec: RequestRecord, now: float, output_tokens: int) -> None:
         routed = self._routed.pop(rec.request.rid, None)
+        if routed is not None:
+            self.index.settle(rec.backend, rec.request.blocks)
         model = self._models.get(rec.backend)
         self.outputs.observe(output_tokens)
         if model is None or routed is None:
@@ -543,7 +546,8 @@ class CostPolicy(BasePolicy):
             )
 
     def on_failed(self, rec: RequestRecord, now: float) -> None:
-        self._routed.pop(rec.request.rid, None)
+        if self._routed.pop(rec.request.rid, None) is not None:
+            self.index.settle(rec.backend, rec.request.blocks)
         model = self._models.get(rec.backend)
         if model is not None:
             model.failed(rec.request.rid, now)

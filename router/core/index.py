@@ -39,7 +39,11 @@ tokens, is dropped from the backend's least-recently-used beliefs. KV events
 One source of truth per backend: `set_event_driven(backend, True)` drops its modelled entries
 and from then on routing beliefs (`insert`, `touch`'s refresh, `observe_cached`) leave it
 alone and no capacity model evicts for it; only events change it. Switching back drops the
-event-driven entries, and the modelled LRU starts empty.
+event-driven entries, and the modelled LRU starts empty. Events arrive once a prefill is
+done, so a request routed meanwhile would not see the prefix its predecessor is computing:
+`expect` marks a routed chain as coming (counted per request, matched like held blocks, never
+in the LRU or its token count) until `settle`, when the request ends; events have stored the
+blocks by then, or they were never cached.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ class IndexStats:
 
 
 class _Backend:
-    __slots__ = ("bit", "block_tokens", "capacity", "events", "lru", "name", "tokens")
+    __slots__ = ("bit", "block_tokens", "capacity", "events", "lru", "name", "pending", "tokens")
 
     def __init__(self, name: str, bit: int, capacity: int | None, block_tokens: int) -> None:
         self.name = name
@@ -81,6 +85,7 @@ class _Backend:
         self.lru: OrderedDict[int, int] = OrderedDict()
         self.tokens = 0
         self.events = False  # entries come from KV events only (see set_event_driven)
+        self.pending: dict[int, int] = {}  # event-driven: block -> requests computing it
 
 
 class PrefixIndex:
@@ -151,6 +156,37 @@ class PrefixIndex:
 
     def event_driven(self, backend: str) -> bool:
         return self._backend(backend).events
+
+    def expect(self, backend: str, blocks: Sequence[int]) -> None:
+        """An event-driven backend was sent this chain: match it until `settle` (no-op else)."""
+        be = self._backends.get(backend)
+        if be is None or not be.events:
+            return
+        pending = be.pending
+        bit = 1 << be.bit
+        holders = self._holders
+        for b in blocks:
+            count = pending.get(b, 0)
+            if not count and b not in be.lru:
+                holders[b] = holders.get(b, 0) | bit
+            pending[b] = count + 1
+
+    def settle(self, backend: str, blocks: Sequence[int]) -> None:
+        """The request that `expect`ed this chain ended: only events keep its blocks now."""
+        be = self._backends.get(backend)
+        if be is None or not be.pending:
+            return
+        pending = be.pending
+        for b in blocks:
+            count = pending.get(b)
+            if count is None:
+                continue
+            if count > 1:
+                pending[b] = count - 1
+                continue
+            del pending[b]
+            if b not in be.lru:
+                self._unhold(b, be.bit)
 
     # -- lookups ------------------------------------------------------------------------------
     def match(self, blocks: Sequence[int]) -> dict[str, int]:
@@ -421,19 +457,24 @@ class PrefixIndex:
         packed = be.lru.pop(b, None)
         if packed is None:
             return False
-        self._unhold(b, be.bit)
+        if b not in be.pending:  # a request is still computing it: it stays matched
+            self._unhold(b, be.bit)
         be.tokens -= packed & _SIZE_MASK
         self._entries -= 1
         return True
 
     def _unhold(self, b: int, bit_index: int) -> None:
-        mask = self._holders[b] & ~(1 << bit_index)
+        mask = self._holders.get(b, 0) & ~(1 << bit_index)
         if mask:
             self._holders[b] = mask
         else:
-            del self._holders[b]
+            self._holders.pop(b, None)
 
     def _clear(self, be: _Backend) -> None:
+        for b in be.pending:
+            if b not in be.lru:
+                self._unhold(b, be.bit)
+        be.pending.clear()
         for b in be.lru:
             self._unhold(b, be.bit)
         self._entries -= len(be.lru)

@@ -25,7 +25,7 @@ from typing import Any
 
 from backends.sim.api import Aborted, Finished, FirstToken, SimRequest
 from backends.sim.engine import Engine, EngineConfig
-from backends.sim.kvevents import BlockRemoved, BlockStored, KVEvent
+from backends.sim.kvevents import AllBlocksCleared, BlockStored, KVEvent
 from backends.sim.perf import Profile, get_profile
 from router.core.blocks import route_request_from_hash_ids
 from router.core.index import PrefixIndex
@@ -74,22 +74,52 @@ class SimConfig:
             raise ValueError("believed needs one profile per backend")
 
 
-def apply_kv_events(index: PrefixIndex, backend: str, events: list[KVEvent], now: float) -> None:
+def apply_kv_events(
+    index: PrefixIndex,
+    backend: str,
+    events: list[KVEvent],
+    now: float,
+    tiers: dict[int, int] | None = None,
+) -> None:
     """A simulated engine's cache events -> its entries in the index.
 
     The engine's cache units are the requests' blocks (trace hash ids), so its block hashes
     are the router's: no token mapping is needed, unlike SGLang's (router/core/kv_mirror).
-    Only the device tier counts, as `cached_tokens` does.
+    A block counts while either tier holds it (device, or the HiCache host pool it loads back
+    from), as the modelled cache counts both: `tiers` (block -> bit 1 device, bit 2 host, kept
+    by the caller per backend) says which; without it only the device tier counts.
     """
     for event in events:
-        if isinstance(event, BlockStored):
-            if event.medium == "GPU":
-                index.apply_stored(backend, event.block_hashes, now)
-        elif isinstance(event, BlockRemoved):
-            if event.medium == "GPU":
-                index.apply_removed(backend, event.block_hashes)
-        else:
+        if isinstance(event, AllBlocksCleared):
             index.clear_backend(backend)
+            if tiers is not None:
+                tiers.clear()
+            continue
+        bit = 1 if event.medium == "GPU" else 2
+        if tiers is None:
+            if bit != 1:
+                continue
+            if isinstance(event, BlockStored):
+                index.apply_stored(backend, event.block_hashes, now)
+            else:
+                index.apply_removed(backend, event.block_hashes)
+            continue
+        if isinstance(event, BlockStored):
+            new = [b for b in event.block_hashes if not tiers.get(b)]
+            for b in event.block_hashes:
+                tiers[b] = tiers.get(b, 0) | bit
+            if new:
+                index.apply_stored(backend, new, now)
+        else:
+            gone = []
+            for b in event.block_hashes:
+                held = tiers.get(b, 0) & ~bit
+                if held:
+                    tiers[b] = held
+                elif tiers.pop(b, None) is not None:
+                    gone.append(b)
+            if gone:
+                index.apply_removed(backend, gone)
 
 
 def _profile(item: str | Profile) -> Profile:
@@ -181,6 +211,7 @@ def simulate_policy(
     core = RoutingCore(chosen, specs)
     index = getattr(chosen, "index", None)
     events_to = index if config.kv_events and isinstance(index, PrefixIndex) else None
+    tiers: dict[str, dict[int, int]] = {bid: {} for bid in ids}
     if events_to is not None:
         for bid in ids:
             events_to.set_event_driven(bid, True)
@@ -219,7 +250,7 @@ def simulate_policy(
             for event in engine.advance(now):
                 batch.append((event.time, order, event))
             if events_to is not None:
-                apply_kv_events(events_to, bid, engine.take_kv_events(), now)
+                apply_kv_events(events_to, bid, engine.take_kv_events(), now, tiers[bid])
         batch.sort(key=lambda item: (item[0], item[1]))
         for _, _, event in batch:
             if isinstance(event, FirstToken):

@@ -237,3 +237,46 @@ async def test_a_publisher_given_by_hand_is_followed() -> None:
         assert row["source"] == "events" and row["endpoints"] == ["tcp://127.0.0.1:5557"]
     finally:
         await manager.stop()
+
+
+def test_expected_chain_matches_until_its_request_ends() -> None:
+    index, mirror = mirror_with_index()
+    chain = chain_hashes(list(range(8)), PAGE, SEED)
+    index.expect("b", chain)  # routed there; its prefill has not reported yet
+    index.expect("b", chain[:1])  # a second request on the same first page
+    assert index.match(chain) == {"b": 2} and index.held_blocks("b") == 0
+    mirror.apply(stored([1], None, list(range(4))), 0.0)  # the engine cached page 0
+    mirror.apply(KVRemoved(block_hashes=(1,)), 0.0)  # and evicted it: still being computed
+    assert index.match(chain) == {"b": 2}
+    index.settle("b", chain)
+    assert index.match(chain) == {"b": 1}  # the second request still expects page 0
+    index.settle("b", chain[:1])
+    assert index.match(chain) == {}
+    index.expect("b", chain)
+    mirror.apply(KVCleared(), 0.0)  # a flush forgets what was expected too
+    assert index.match(chain) == {}
+    index.settle("b", chain)  # settling after a flush is harmless
+    plain = PrefixIndex()
+    plain.add_backend("m", 1000, PAGE)
+    plain.expect("m", chain)  # a modelled backend learns from insert, not expect
+    assert plain.match(chain) == {}
+
+
+def test_simulated_tiers_count_a_block_held_in_either() -> None:
+    from backends.sim.kvevents import BlockRemoved, BlockStored
+    from router.replay.simulate import apply_kv_events
+
+    index = PrefixIndex()
+    index.add_backend("b", 10_000, 512)
+    index.set_event_driven("b", True)
+    tiers: dict[int, int] = {}
+    gpu = BlockStored(block_hashes=(1, 2), parent_block_hash=None, token_counts=(512, 512))
+    apply_kv_events(index, "b", [gpu], 0.0, tiers)
+    offload = [
+        BlockStored(block_hashes=(2,), parent_block_hash=1, token_counts=(512,), medium="CPU"),
+        BlockRemoved(block_hashes=(2,)),  # moved to the host pool: still loads back
+    ]
+    apply_kv_events(index, "b", offload, 0.0, tiers)
+    assert index.match([1, 2]) == {"b": 2}
+    apply_kv_events(index, "b", [BlockRemoved(block_hashes=(2,), medium="CPU")], 0.0, tiers)
+    assert index.match([1, 2]) == {"b": 1} and tiers == {1: 1}

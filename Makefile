@@ -1,4 +1,5 @@
 # Two commands do all the set-up: `make run` and `make test`. Both create .venv on first use.
+# `make e2e` runs tests/e2e against real SGLang servers in its own environment (.e2e/venv).
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 30000
 BACKENDS ?=
 
-.PHONY: run test lint typecheck bench clean install
+.PHONY: run test lint typecheck bench clean install e2e
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or set PYTHON=...)"; exit 1; }
@@ -29,6 +30,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/sim_compare.py
 	$(PY) benchmarks/tables.py
+
+e2e:
+	bash e2e/run.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -23,12 +23,14 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
 __all__ = [
     "BackendError",
     "BackendLoad",
+    "KVEventsInfo",
     "ServerInfo",
     "TokenUsage",
     "abort_request",
@@ -37,6 +39,7 @@ __all__ = [
     "check_health",
     "fetch_load",
     "fetch_server_info",
+    "parse_kv_events",
     "parse_load",
     "parse_server_info",
     "usage_from_sse_chunk",
@@ -47,6 +50,27 @@ _DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
 
 class BackendError(RuntimeError):
     """A backend did not answer as SGLang does (unreachable, error status, wrong shape)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KVEventsInfo:
+    """Where a backend publishes KV events (`/server_info` `kv_events`, SGLang >= 0.5.2x).
+
+    One ZMQ PUB socket per data-parallel rank, on ports `port_base`..`port_base+dp_size-1`.
+    `host` None: the publisher binds a wildcard, so reach it at the backend's own host.
+    """
+
+    host: str | None
+    port_base: int
+    topic: str = ""
+    block_size: int = 1
+    dp_size: int = 1
+
+    def endpoints(self, backend_url: str) -> list[str]:
+        host = self.host or (urlsplit(backend_url).hostname or "127.0.0.1")
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return [f"tcp://{host}:{self.port_base + rank}" for rank in range(self.dp_size)]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,6 +91,7 @@ class ServerInfo:
     hicache_ratio: float | None = None  # host pool = ratio x device pool (tokens)
     hicache_size_gb: float | None = None  # host pool in GB per rank; > 0 overrides the ratio
     tp_size: int | None = None
+    kv_events: KVEventsInfo | None = None  # the server publishes KV events here
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -178,6 +203,28 @@ def parse_server_info(info: Mapping[str, Any], model_name: str | None = None) ->
         hicache_ratio=_float(info.get("hicache_ratio")),
         hicache_size_gb=_float(info.get("hicache_size")),
         tp_size=_int(info.get("tp_size")),
+        kv_events=parse_kv_events(info),
+    )
+
+
+def parse_kv_events(info: Mapping[str, Any]) -> KVEventsInfo | None:
+    """The `kv_events` block of `/server_info` (None when the server publishes none)."""
+    block = info.get("kv_events")
+    if not isinstance(block, Mapping) or block.get("publisher") != "zmq":
+        return None
+    port = _int(block.get("endpoint_port_base"))
+    if port is None or not 0 < port < 65536:
+        return None
+    host = block.get("endpoint_host")
+    topic = block.get("topic")
+    size = _int(block.get("block_size"))
+    dp = _int(block.get("dp_size"))
+    return KVEventsInfo(
+        host=host if isinstance(host, str) and host not in ("", "*", "0.0.0.0", "::") else None,
+        port_base=port,
+        topic=topic if isinstance(topic, str) else "",
+        block_size=size if size and size > 0 else 1,
+        dp_size=dp if dp and dp > 0 else 1,
     )
 
 

@@ -38,6 +38,10 @@ import pytest_asyncio
 from router.replay.ports import free_port, free_port_block
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# tests/e2e need real SGLang servers and the .e2e environment: only `make e2e` (which sets
+# PREFIX_ROUTER_E2E) collects them; `make test` and CI never do.
+collect_ignore = [] if os.environ.get("PREFIX_ROUTER_E2E") else ["e2e"]
 DEFAULT_TEST_SPEEDUP = 10.0
 
 

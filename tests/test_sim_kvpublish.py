@@ -1,7 +1,8 @@
 """KV events from the simulated server over ZMQ, in SGLang's framing and msgpack layout.
 
-The encoding is checked against the layout of SGLang's `kv_events.py` (msgspec array_like,
-tagged events); then a real simulated server with `enable_kv_events` publishes on a loopback
+The encoding is checked against the layout SGLang 0.5.23 sends (captured batches in
+tests/fixtures/sglang_0.5.23/kv_events.json: an array batch of tagged maps); then a real
+simulated server with `enable_kv_events` publishes on a loopback
 PUB socket while a real SUB socket listens and an HTTP client sends requests.
 """
 
@@ -39,24 +40,29 @@ def test_encode_batch_layout() -> None:
         AllBlocksCleared(),
     ]
     payload = encode_batch(events, ts=1234.5, block_size=16, tokens=None)
-    ts, evs = msgpack.unpackb(payload)
-    assert ts == 1234.5
+    ts, evs, dp_rank = msgpack.unpackb(payload)
+    assert ts == 1234.5 and dp_rank == 0
+    stored = {"token_ids": [], "block_size": 16, "lora_id": None}
     assert evs == [
-        ["BlockStored", [11, 12], None, [], 16, None, "GPU"],
-        ["BlockStored", [13], 12, [], 16, None, "CPU"],
-        ["BlockRemoved", [12, 13], "GPU"],
-        ["AllBlocksCleared"],
-    ]
+        {"type": "BlockStored", "block_hashes": [11, 12], "parent_block_hash": None,
+         **stored, "medium": "GPU"},
+        {"type": "BlockStored", "block_hashes": [13], "parent_block_hash": 12,
+         **stored, "medium": "CPU"},
+        {"type": "BlockRemoved", "block_hashes": [12, 13], "medium": "GPU"},
+        {"type": "AllBlocksCleared"},
+    ]  # fmt: skip
 
 
 def test_encode_token_lookup() -> None:
     known = {11: [1, 2], 12: [3, 4]}
     ev = BlockStored(block_hashes=(11, 12), parent_block_hash=None, token_counts=(2, 2))
-    _, [stored] = msgpack.unpackb(encode_batch([ev], ts=0.0, block_size=2, tokens=known.get))
-    assert stored[3] == [1, 2, 3, 4]
+    _, [stored], _ = msgpack.unpackb(encode_batch([ev], ts=0.0, block_size=2, tokens=known.get))
+    assert stored["token_ids"] == [1, 2, 3, 4]
     ev = BlockStored(block_hashes=(11, 99), parent_block_hash=None, token_counts=(2, 2))
-    _, [stored] = msgpack.unpackb(encode_batch([ev], ts=0.0, block_size=2, tokens=known.get))
-    assert stored[3] == [], "a block with unknown ids makes the list empty, never misaligned"
+    _, [stored], _ = msgpack.unpackb(encode_batch([ev], ts=0.0, block_size=2, tokens=known.get))
+    assert stored["token_ids"] == [], (
+        "a block with unknown ids makes the list empty, never misaligned"
+    )
 
 
 def test_config_from_sglang_json() -> None:
@@ -93,7 +99,7 @@ async def _subscriber(endpoint: str, topic: bytes = b"") -> Any:
 
 async def _recv(sub: Any) -> tuple[bytes, int, float, list[Any]]:
     topic, seq, payload = await asyncio.wait_for(sub.recv_multipart(), 5)
-    ts, events = msgpack.unpackb(payload)
+    ts, events, _dp_rank = msgpack.unpackb(payload)
     return topic, int.from_bytes(seq, "big"), ts, events
 
 
@@ -109,12 +115,13 @@ async def test_pump_frames_and_sequence() -> None:
         assert pump.pump() == 1
         source.pending = [AllBlocksCleared(), BlockRemoved(block_hashes=(2,))]
         assert pump.pump() == 2
-        assert await _recv(sub) == (b"kv", 0, 42.0, [["BlockRemoved", [1], "GPU"]])
+        removed = {"type": "BlockRemoved", "medium": "GPU"}
+        assert await _recv(sub) == (b"kv", 0, 42.0, [{**removed, "block_hashes": [1]}])
         assert await _recv(sub) == (
             b"kv",
             1,
             42.0,
-            [["AllBlocksCleared"], ["BlockRemoved", [2], "GPU"]],
+            [{"type": "AllBlocksCleared"}, {**removed, "block_hashes": [2]}],
         )
         assert pump.events_published == 3
     finally:
@@ -157,11 +164,11 @@ async def test_sim_server_publishes_cache_events(kv_server: SimServerHandle) -> 
                 seqs.append(seq)
                 assert ts > 1e9, "wall-clock seconds, as SGLang's time.time()"
                 for ev in events:
-                    if ev[0] == "BlockStored" and ev[6] == "GPU":
+                    if ev["type"] == "BlockStored" and ev["medium"] == "GPU":
                         if first_parent == "unset":
-                            first_parent = ev[2]
-                        stored += ev[1]
-                        assert ev[4] == PAGE
+                            first_parent = ev["parent_block_hash"]
+                        stored += ev["block_hashes"]
+                        assert ev["block_size"] == PAGE
             assert first_parent is None, "the first stored block starts the prompt"
             assert stored[: len(chain) - 1] == list(chain[: len(chain) - 1])
             assert seqs == list(range(len(seqs)))
@@ -171,7 +178,7 @@ async def test_sim_server_publishes_cache_events(kv_server: SimServerHandle) -> 
             seen: list[str] = []
             while "AllBlocksCleared" not in seen:
                 _, _, _, events = await _recv(sub)
-                seen += [ev[0] for ev in events]
+                seen += [ev["type"] for ev in events]
     finally:
         sub.close()
         await pump.stop()

@@ -325,3 +325,34 @@ def test_a_run_keeps_the_ttft_each_request_was_predicted_where_the_policy_predic
     # a cached question is predicted far faster than its group's first, uncached prompt
     assert min(cost.predicted_ttft.values()) < 0.2 * max(cost.predicted_ttft.values())
     assert simulate_policy(trace, "round_robin", config).predicted_ttft == {}
+
+
+def test_cost_with_kv_events_keeps_groups_together_as_with_its_model(
+    gsp_trace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The simulated engines' KV events drive the cost policy's index (`--kv-events`): a
+    shared-prefix workload still lands group by group, hitting as much as with the model."""
+    modelled = _json_run(capsys, gsp_trace, tmp_path, "--backends", "8", "--policies", "cost")
+    evented = _json_run(
+        capsys, gsp_trace, tmp_path, "--backends", "8", "--policies", "cost", "--kv-events"
+    )
+    m, e = modelled["results"]["cost"], evented["results"]["cost"]
+    assert m["failed"] == e["failed"] == 0
+    assert e["hit_ratio"] >= 0.97 * IDEAL
+    assert e["hit_ratio"] >= m["hit_ratio"] - 0.02
+
+
+def test_apply_kv_events_sets_the_index_from_engine_events() -> None:
+    from backends.sim.kvevents import AllBlocksCleared, BlockRemoved, BlockStored
+    from router.core.index import PrefixIndex
+    from router.replay.simulate import apply_kv_events
+
+    index = PrefixIndex()
+    index.add_backend("b", 10_000, 512)
+    index.set_event_driven("b", True)
+    stored = BlockStored(block_hashes=(1, 2, 3), parent_block_hash=None, token_counts=(512,) * 3)
+    host = BlockStored(block_hashes=(9,), parent_block_hash=3, token_counts=(512,), medium="CPU")
+    apply_kv_events(index, "b", [stored, host, BlockRemoved(block_hashes=(3,))], 0.0)
+    assert index.match([1, 2, 3]) == {"b": 2} and index.match([9]) == {}
+    apply_kv_events(index, "b", [AllBlocksCleared()], 0.0)
+    assert index.match([1, 2, 3]) == {}

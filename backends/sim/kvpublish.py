@@ -6,21 +6,24 @@ PUB message::
 
     [topic (utf-8, default "")] [seq (8 bytes, big-endian, from 0)] [payload (msgpack)]
 
-The payload is msgspec's `array_like` encoding of `KVEventBatch(ts, events)`, where each event
-is a tagged array whose first element is its class name::
+The payload, as SGLang 0.5.23 sends it (tests/fixtures/sglang_0.5.23/kv_events.json), is
+msgspec's `array_like` `KVEventBatch(ts, events, attn_dp_rank)`, and each event a tagged
+map (msgspec `tag=True`, `omit_defaults=True`: optional fields left unset are absent)::
 
-    [ts, [["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium],
-          ["BlockRemoved", block_hashes, medium],
-          ["AllBlocksCleared"]]]
+    [ts, [{"type": "BlockStored", "block_hashes": [...], "parent_block_hash": h | nil,
+           "token_ids": [...], "block_size": n, "lora_id": nil, "medium": "GPU"},
+          {"type": "BlockRemoved", "block_hashes": [...], "medium": "GPU"},
+          {"type": "AllBlocksCleared"}], 0]
 
-`medium` ("GPU" or "CPU") is the optional trailing field newer SGLang and vLLM versions carry;
-array_like decoders without it ignore trailing elements. The simulated engine names blocks
-by its chained cache-unit ids (`kvevents.py`), which is what `block_hashes` carries here.
+Older SGLang sent each event as a tagged array; `backends.sglang_kv` reads both. The
+simulated engine names blocks by its chained cache-unit ids (`kvevents.py`), which is what
+`block_hashes` carries here.
 
 What differs from SGLang: the engine records token counts, not token ids, so `token_ids` is
 empty unless the caller passes a `tokens` lookup (block hash -> that block's ids). Consumers
-that key on `block_hashes` (as the router's index does) lose nothing; consumers that rehash
-token ids (Dynamo) need the lookup. The replay socket (`replay_endpoint`) is not implemented.
+that key on `block_hashes` lose nothing; consumers that map token ids (the router's
+`EventMirror`, Dynamo) need the lookup. The HiCache tier is "CPU" here, "CPU_PINNED" in
+SGLang. The replay socket (`replay_endpoint`) is not implemented.
 
 Pieces: `encode_batch` (pure), `ZmqKVPublisher` (one PUB socket, sequence numbers),
 `KVEventPump` (drains an engine's `take_kv_events()` every `interval_s` on the event loop and
@@ -65,8 +68,8 @@ class KVEventSource(Protocol):
 
 def encode_event(
     event: KVEvent, *, block_size: int, tokens: TokenLookup | None = None
-) -> list[Any]:
-    """One event as SGLang's tagged array (see the module docstring)."""
+) -> dict[str, Any]:
+    """One event as SGLang's tagged map (see the module docstring)."""
     if isinstance(event, BlockStored):
         token_ids: list[int] = []
         if tokens is not None:
@@ -76,19 +79,23 @@ def encode_event(
                     token_ids = []
                     break
                 token_ids.extend(ids)
-        return [
-            "BlockStored",
-            list(event.block_hashes),
-            event.parent_block_hash,
-            token_ids,
-            block_size,
-            None,  # lora_id
-            event.medium,
-        ]
+        return {
+            "type": "BlockStored",
+            "block_hashes": list(event.block_hashes),
+            "parent_block_hash": event.parent_block_hash,
+            "token_ids": token_ids,
+            "block_size": block_size,
+            "lora_id": None,
+            "medium": event.medium,
+        }
     if isinstance(event, BlockRemoved):
-        return ["BlockRemoved", list(event.block_hashes), event.medium]
+        return {
+            "type": "BlockRemoved",
+            "block_hashes": list(event.block_hashes),
+            "medium": event.medium,
+        }
     if isinstance(event, AllBlocksCleared):
-        return ["AllBlocksCleared"]
+        return {"type": "AllBlocksCleared"}
     raise TypeError(f"not a KV event: {event!r}")
 
 
@@ -99,8 +106,8 @@ def encode_batch(
     block_size: int,
     tokens: TokenLookup | None = None,
 ) -> bytes:
-    """The msgpack payload of one `KVEventBatch`."""
-    body = [ts, [encode_event(e, block_size=block_size, tokens=tokens) for e in events]]
+    """The msgpack payload of one `KVEventBatch` (data-parallel rank 0, as one SGLang rank)."""
+    body = [ts, [encode_event(e, block_size=block_size, tokens=tokens) for e in events], 0]
     payload: bytes = msgpack.packb(body, use_bin_type=True)
     return payload
 

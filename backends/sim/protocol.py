@@ -237,20 +237,28 @@ def _finish_reason_native(p: Progress) -> dict[str, Any] | None:
 
 
 def generate_response(p: Progress, *, stream: bool) -> dict[str, Any]:
-    """A `/generate` body or stream chunk; text and output_ids are cumulative."""
-    del stream  # same shape either way: SGLang streams cumulative text by default
+    """A `/generate` body or stream chunk; text and output_ids are cumulative.
+
+    As SGLang 0.5.23: `cached_tokens_details` is null when nothing was cached, and a stream's
+    chunks carry `e2e_latency` only once finished.
+    """
+    meta: dict[str, Any] = {
+        "id": p.rid,
+        "finish_reason": _finish_reason_native(p),
+        "prompt_tokens": p.prompt_tokens,
+        "completion_tokens": p.completion_tokens,
+        "cached_tokens": p.cached_tokens,
+        "cached_tokens_details": {"device": p.cached_tokens, "host": 0}
+        if p.cached_tokens
+        else None,
+        "weight_version": "default",
+    }
+    if not stream or p.state != "running":
+        meta["e2e_latency"] = round(p.e2e_latency, 6)
     return {
         "text": filler_text(p.completion_tokens, p.text_offset),
         "output_ids": filler_ids(p.completion_tokens, p.text_offset),
-        "meta_info": {
-            "id": p.rid,
-            "finish_reason": _finish_reason_native(p),
-            "prompt_tokens": p.prompt_tokens,
-            "completion_tokens": p.completion_tokens,
-            "cached_tokens": p.cached_tokens,
-            "weight_version": "default",
-            "e2e_latency": round(p.e2e_latency, 6),
-        },
+        "meta_info": meta,
     }
 
 
@@ -294,7 +302,6 @@ def chat_response(p: Progress, model: str) -> dict[str, Any]:
         "role": "assistant",
         "content": filler_text(p.completion_tokens, p.text_offset),
         "reasoning_content": None,
-        "tool_calls": None,
     }
     return _openai_body(p, model, "chat.completion", {"message": message}, _usage(p))
 
@@ -310,7 +317,9 @@ def chat_chunk(p: Progress, model: str, *, sent_tokens: int, role: bool = False)
     if role:
         delta["role"] = "assistant"
     delta["content"] = filler_text(p.completion_tokens - sent_tokens, p.text_offset + sent_tokens)
-    return _openai_body(p, model, "chat.completion.chunk", {"delta": delta}, None)
+    chunk = _openai_body(p, model, "chat.completion.chunk", {"delta": delta}, None)
+    del chunk["usage"]  # SGLang's chat chunks have no usage key (completion chunks: null)
+    return chunk
 
 
 def completion_chunk(p: Progress, model: str, *, sent_tokens: int) -> dict[str, Any]:

@@ -57,7 +57,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--admin-key", metavar="KEY", help="key for /admin/ (admin API off without it)")
     a("--max-body-bytes", type=int, help="largest request body accepted (413 above)")
     a("--block-tokens", type=int, help="tokens per routing block (default 64)")
-    a("--tokenizer", help="cl100k_base (offline) or a path to tokenizer.json")
+    a(
+        "--tokenizer",
+        help="cl100k_base (offline) or the model's tokenizer.json (or its folder; the hf extra): "
+        "with it and --block-tokens = the backend's page size, KV events give exact cache state",
+    )
+    a(
+        "--kv-events-endpoint",
+        action="append",
+        dest="kv_event_endpoints",
+        metavar="URL=tcp://HOST:PORT",
+        help="a backend's KV event publisher, for servers whose /server_info does not say "
+        "(repeatable; page size from /server_info, every topic)",
+    )
+    a(
+        "--kv-events",
+        choices=("auto", "off"),
+        help="auto (default): follow the KV events of backends whose /server_info advertises "
+        "a publisher, when the router can read their blocks; off: modelled cache only",
+    )
     a("--health-interval", type=float, dest="health_interval_s", metavar="S")
     a("--max-attempts", type=int, help="backends tried per request before 503")
     a("--seed", type=int, help="random seed of the policy")
@@ -100,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             block_tokens=args.block_tokens,
             tokenizer=args.tokenizer,
+            kv_events=args.kv_events,
+            kv_event_endpoints=args.kv_event_endpoints,
             health_interval_s=args.health_interval_s,
             max_attempts=args.max_attempts,
             seed=args.seed,

@@ -64,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.05,
         help="stop the capacity search when hi/lo <= 1 + this (default 0.05)",
     )
+    parser.add_argument(
+        "--kv-events",
+        action="store_true",
+        help="the engines publish KV events and the router's index follows them (as serve "
+        "does with SGLang's) instead of modelling each cache",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write results JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="write a TTFT CDF PNG here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -125,7 +131,13 @@ def run(args: argparse.Namespace) -> int:
     )
 
     def one_run(policy: str, load: float, desc: str) -> Any:
-        cfg = SimConfig(profiles=profiles, load=load, seed=args.seed, engine=engine_cfg)
+        cfg = SimConfig(
+            profiles=profiles,
+            load=load,
+            seed=args.seed,
+            engine=engine_cfg,
+            kv_events=args.kv_events,
+        )
         with tqdm(
             total=len(trace.requests), desc=desc, unit="req", disable=args.quiet, leave=False
         ) as bar:

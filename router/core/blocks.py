@@ -42,6 +42,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from router.core.chat_template import ChatTemplate, ChatTemplateError
 from router.core.model import RouteRequest
 from router.core.prompt import Prompt
 from router.core.tokens import SegmentTokenCache, Tokenizer
@@ -130,6 +131,7 @@ class BlockHasher:
         *,
         state_entries: int = 4096,
         state_blocks: int = 1_000_000,
+        chat_template: ChatTemplate | None = None,
     ) -> None:
         if block_tokens <= 0:
             raise ValueError("block_tokens must be positive")
@@ -137,6 +139,9 @@ class BlockHasher:
             raise ValueError("state_entries and state_blocks must be positive")
         self.tokenizer = tokenizer
         self.block_tokens = block_tokens
+        # chat requests rendered as the engine renders them (exact pages for KV events)
+        self.chat_template = chat_template
+        self.templated = 0  # chat requests hashed through the chat template
         self.segments = SegmentTokenCache(tokenizer, max_entries=cache_entries)
         self.state_entries = state_entries
         self.state_blocks = state_blocks
@@ -156,12 +161,18 @@ class BlockHasher:
             self._seeds[salt] = seed
         return seed
 
+    def ids_seed(self, salt: str) -> int:
+        """The chain seed of token-id prompts under `salt` (no tokenizer involved)."""
+        return salt_seed(f"ids\x1f{self.block_tokens}\x1f{salt}")
+
     def route_request(self, prompt: Prompt, rid: str) -> RouteRequest:
         """The request the routing core sees: blocks, sizes, max_tokens, session key."""
         if prompt.input_ids is not None:
-            seed = salt_seed(f"ids\x1f{self.block_tokens}\x1f{prompt.salt}")
+            seed = self.ids_seed(prompt.salt)
             blocks = chain_hashes(prompt.input_ids, self.block_tokens, seed)
             n = len(prompt.input_ids)
+        elif self.chat_template is not None and prompt.chat is not None:
+            blocks, n = self._templated_blocks(prompt)
         else:
             blocks, n = self._text_blocks(prompt)
         return RouteRequest(
@@ -172,6 +183,22 @@ class BlockHasher:
             max_tokens=prompt.max_tokens,
             session_key=prompt.session_key,
         )
+
+    def _templated_blocks(self, prompt: Prompt) -> tuple[tuple[int, ...], int]:
+        """A chat rendered by the model's template and tokenized whole, as SGLang does.
+
+        No per-message reuse here: the template may join messages in ways segments cannot
+        see. A conversation the template cannot render falls back to the segment blocks.
+        """
+        assert self.chat_template is not None and prompt.chat is not None
+        messages, tools = prompt.chat
+        try:
+            text = self.chat_template.render(messages, tools)
+        except ChatTemplateError:
+            return self._text_blocks(prompt)
+        ids = self.tokenizer.encode(text)
+        self.templated += 1
+        return chain_hashes(ids, self.block_tokens, self.text_seed(prompt.salt)), len(ids)
 
     def _text_blocks(self, prompt: Prompt) -> tuple[tuple[int, ...], int]:
         seed = self.text_seed(prompt.salt)

@@ -375,7 +375,14 @@ class CostPolicy(BasePolicy):
 
     # -- the decision ---------------------------------------------------------------------
     def _cached_tokens(self, req: RouteRequest, backend: str, matches: dict[str, int]) -> int:
-        return min(req.tokens_in_blocks(matches.get(backend, 0)), max(req.prompt_tokens - 1, 0))
+        held = matches.get(backend, 0)
+        if not held:
+            return 0
+        cap = max(req.prompt_tokens - 1, 0)
+        if backend in self.index.event_backends:
+            # the router's blocks are the engine's pages: SGLang reuses whole pages of n-1
+            cap -= cap % req.block_tokens
+        return min(req.tokens_in_blocks(held), cap)
 
     def _queue_s(self, state: BackendState, model: _BackendModel, now: float) -> float:
         return model.backlog.remaining(now)
@@ -396,6 +403,10 @@ class CostPolicy(BasePolicy):
         best_parts = (0.0, 0.0, 0.0, 0)  # queue_s, prefill_s, mixed_s, kv_tokens
         block_tokens = req.block_tokens
         cap = max(n - 1, 0)
+        # backends whose entries come from KV events: the router's blocks are their pages, and
+        # SGLang reuses whole pages of the prompt's first n-1 tokens
+        evented = self.index.event_backends
+        paged_cap = cap - cap % block_tokens
         models = self._models
         exact = self._exact
         for state in backends:
@@ -410,7 +421,10 @@ class CostPolicy(BasePolicy):
                 queue_s = self._queue_s(state, model, now)
             else:  # the same as _cached_tokens and _queue_s, inlined: this loop is the hot path
                 held = matches.get(backend)
-                cached = 0 if held is None else min(held * block_tokens, cap)
+                if held is None:
+                    cached = 0
+                else:
+                    cached = min(held * block_tokens, paged_cap if backend in evented else cap)
                 queue_s = backlog.work_s - (now - backlog.since)
                 if queue_s < 0.0:
                     queue_s = 0.0
@@ -465,6 +479,7 @@ class CostPolicy(BasePolicy):
         self.index.insert(
             rec.backend, req.blocks, now, req.block_tokens, prompt_tokens=req.prompt_tokens
         )
+        self.index.expect(rec.backend, req.blocks)  # an event-driven backend: until it ends
 
     def on_first_token(self, rec: RequestRecord, now: float) -> None:
         model = self._models.get(rec.backend)
@@ -477,6 +492,8 @@ class CostPolicy(BasePolicy):
 
     def on_finished(self, rec: RequestRecord, now: float, output_tokens: int) -> None:
         routed = self._routed.pop(rec.request.rid, None)
+        if routed is not None:
+            self.index.settle(rec.backend, rec.request.blocks)
         model = self._models.get(rec.backend)
         self.outputs.observe(output_tokens)
         if model is None or routed is None:
@@ -529,7 +546,8 @@ class CostPolicy(BasePolicy):
             )
 
     def on_failed(self, rec: RequestRecord, now: float) -> None:
-        self._routed.pop(rec.request.rid, None)
+        if self._routed.pop(rec.request.rid, None) is not None:
+            self.index.settle(rec.backend, rec.request.blocks)
         model = self._models.get(rec.backend)
         if model is not None:
             model.failed(rec.request.rid, now)

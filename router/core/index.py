@@ -35,6 +35,15 @@ prompt (it just prefilled it), so the chain is refreshed. If it had less than th
 predicted, the backend has evicted more than our capacity model did: the shortfall, in
 tokens, is dropped from the backend's least-recently-used beliefs. KV events
 (`apply_stored`, `apply_removed`, `clear_backend`) set beliefs exactly.
+
+One source of truth per backend: `set_event_driven(backend, True)` drops its modelled entries
+and from then on routing beliefs (`insert`, `touch`'s refresh, `observe_cached`) leave it
+alone and no capacity model evicts for it; only events change it. Switching back drops the
+event-driven entries, and the modelled LRU starts empty. Events arrive once a prefill is
+done, so a request routed meanwhile would not see the prefix its predecessor is computing:
+`expect` marks a routed chain as coming (counted per request, matched like held blocks, never
+in the LRU or its token count) until `settle`, when the request ends; events have stored the
+blocks by then, or they were never cached.
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ class IndexStats:
 
 
 class _Backend:
-    __slots__ = ("bit", "block_tokens", "capacity", "lru", "name", "tokens")
+    __slots__ = ("bit", "block_tokens", "capacity", "events", "lru", "name", "pending", "tokens")
 
     def __init__(self, name: str, bit: int, capacity: int | None, block_tokens: int) -> None:
         self.name = name
@@ -75,6 +84,8 @@ class _Backend:
         self.block_tokens = block_tokens
         self.lru: OrderedDict[int, int] = OrderedDict()
         self.tokens = 0
+        self.events = False  # entries come from KV events only (see set_event_driven)
+        self.pending: dict[int, int] = {}  # event-driven: block -> requests computing it
 
 
 class PrefixIndex:
@@ -90,6 +101,7 @@ class PrefixIndex:
         self._free_bits: list[int] = []
         self._entries = 0
         self._stamp = 0
+        self.event_backends: set[str] = set()  # backends whose entries come from KV events
         self.evicted_capacity = 0  # entries dropped by a backend's capacity model
         self.evicted_global = 0  # entries dropped by the max_blocks bound
         self.dropped_feedback = 0  # entries dropped because a backend had less than believed
@@ -119,12 +131,62 @@ class PrefixIndex:
         be = self._backends.pop(backend, None)
         if be is None:
             return
+        self.event_backends.discard(backend)
         self._clear(be)
         self._names[be.bit] = None
         heapq.heappush(self._free_bits, be.bit)
 
     def backends(self) -> list[str]:
         return list(self._backends)
+
+    def set_event_driven(self, backend: str, on: bool) -> None:
+        """Make KV events the backend's only source of entries (or go back to the model).
+
+        Either switch drops what the backend was believed to hold: the two sources are never
+        mixed.
+        """
+        be = self._backend(backend)
+        if be.events != on:
+            self._clear(be)
+            be.events = on
+            if on:
+                self.event_backends.add(backend)
+            else:
+                self.event_backends.discard(backend)
+
+    def event_driven(self, backend: str) -> bool:
+        return self._backend(backend).events
+
+    def expect(self, backend: str, blocks: Sequence[int]) -> None:
+        """An event-driven backend was sent this chain: match it until `settle` (no-op else)."""
+        be = self._backends.get(backend)
+        if be is None or not be.events:
+            return
+        pending = be.pending
+        bit = 1 << be.bit
+        holders = self._holders
+        for b in blocks:
+            count = pending.get(b, 0)
+            if not count and b not in be.lru:
+                holders[b] = holders.get(b, 0) | bit
+            pending[b] = count + 1
+
+    def settle(self, backend: str, blocks: Sequence[int]) -> None:
+        """The request that `expect`ed this chain ended: only events keep its blocks now."""
+        be = self._backends.get(backend)
+        if be is None or not be.pending:
+            return
+        pending = be.pending
+        for b in blocks:
+            count = pending.get(b)
+            if count is None:
+                continue
+            if count > 1:
+                pending[b] = count - 1
+                continue
+            del pending[b]
+            if b not in be.lru:
+                self._unhold(b, be.bit)
 
     # -- lookups ------------------------------------------------------------------------------
     def match(self, blocks: Sequence[int]) -> dict[str, int]:
@@ -205,7 +267,7 @@ class PrefixIndex:
         """
         be = self._backend(backend)
         _check_block_tokens(block_tokens)
-        if not blocks:
+        if not blocks or be.events:
             return
         last = _last_block_size(len(blocks), block_tokens, prompt_tokens)
         self._refresh(be, blocks, len(blocks), block_tokens, last)
@@ -224,7 +286,7 @@ class PrefixIndex:
             if b not in lru:
                 break
             depth += 1
-        if depth:
+        if depth and not be.events:
             self._refresh(be, blocks, depth, be.block_tokens, None)
         return depth
 
@@ -256,7 +318,7 @@ class PrefixIndex:
             raise ValueError("cached_tokens must be non-negative")
         _check_block_tokens(block_tokens)
         be = self._backend(backend)
-        if not blocks:
+        if not blocks or be.events:
             return
         n = len(blocks)
         if prompt_tokens is not None and cached_tokens >= prompt_tokens - 1:
@@ -283,11 +345,16 @@ class PrefixIndex:
 
     # -- exact beliefs from KV events ---------------------------------------------------------
     def apply_stored(self, backend: str, blocks: Sequence[int], now: float) -> None:
-        """KV event: the backend stored this chain (each block of its `block_tokens`)."""
+        """KV event: the backend stored this chain (each block of its `block_tokens`).
+
+        An event-driven backend is not fitted to a capacity: its own evictions arrive as
+        `apply_removed`.
+        """
         be = self._backend(backend)
         if blocks:
             self._refresh(be, blocks, len(blocks), be.block_tokens, None)
-            self._fit(be)
+            if not be.events:
+                self._fit(be)
             self._bound()
 
     def apply_removed(self, backend: str, blocks: Sequence[int]) -> None:
@@ -352,7 +419,7 @@ class PrefixIndex:
         self._entries += added
 
     def _fit(self, be: _Backend) -> None:
-        if be.capacity is None:
+        if be.capacity is None or be.events:
             return
         while be.tokens > be.capacity and be.lru:
             self._evict_front(be)
@@ -390,19 +457,24 @@ class PrefixIndex:
         packed = be.lru.pop(b, None)
         if packed is None:
             return False
-        self._unhold(b, be.bit)
+        if b not in be.pending:  # a request is still computing it: it stays matched
+            self._unhold(b, be.bit)
         be.tokens -= packed & _SIZE_MASK
         self._entries -= 1
         return True
 
     def _unhold(self, b: int, bit_index: int) -> None:
-        mask = self._holders[b] & ~(1 << bit_index)
+        mask = self._holders.get(b, 0) & ~(1 << bit_index)
         if mask:
             self._holders[b] = mask
         else:
-            del self._holders[b]
+            self._holders.pop(b, None)
 
     def _clear(self, be: _Backend) -> None:
+        for b in be.pending:
+            if b not in be.lru:
+                self._unhold(b, be.bit)
+        be.pending.clear()
         for b in be.lru:
             self._unhold(b, be.bit)
         self._entries -= len(be.lru)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
@@ -80,6 +80,10 @@ class Prompt:
     salt: str = ""
     max_tokens: int | None = None
     session_key: str | None = None
+    # a chat request's (messages, tools) as sent, for a model's own chat template (blocks.py)
+    chat: tuple[Sequence[Any], Sequence[Any] | None] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if self.input_ids is None and not self.segments:
@@ -122,6 +126,7 @@ def parse_chat(body: Mapping[str, Any]) -> Prompt:
         salt=_salt(body, _optional_str(body, "model")),
         max_tokens=max_tokens,
         session_key=_session_key(body),
+        chat=(messages, tools or None),
     )
 
 

@@ -15,6 +15,7 @@ tokens), so the policy's decisions here are the decisions it makes in production
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -24,8 +25,10 @@ from typing import Any
 
 from backends.sim.api import Aborted, Finished, FirstToken, SimRequest
 from backends.sim.engine import Engine, EngineConfig
+from backends.sim.kvevents import AllBlocksCleared, BlockStored, KVEvent
 from backends.sim.perf import Profile, get_profile
 from router.core.blocks import route_request_from_hash_ids
+from router.core.index import PrefixIndex
 from router.core.model import BackendSpec, RouteRequest
 from router.core.policies import make_policy
 from router.core.routing import RoutingCore
@@ -58,6 +61,9 @@ class SimConfig:
     seed: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
     policy_options: dict[str, Any] = field(default_factory=dict)
+    # the engines publish KV events and the policy's prefix index follows them (as `serve` does
+    # with SGLang's), instead of its modelled LRU
+    kv_events: bool = False
 
     def __post_init__(self) -> None:
         if not self.profiles:
@@ -66,6 +72,54 @@ class SimConfig:
             raise ValueError("load must be positive")
         if self.believed is not None and len(self.believed) != len(self.profiles):
             raise ValueError("believed needs one profile per backend")
+
+
+def apply_kv_events(
+    index: PrefixIndex,
+    backend: str,
+    events: list[KVEvent],
+    now: float,
+    tiers: dict[int, int] | None = None,
+) -> None:
+    """A simulated engine's cache events -> its entries in the index.
+
+    The engine's cache units are the requests' blocks (trace hash ids), so its block hashes
+    are the router's: no token mapping is needed, unlike SGLang's (router/core/kv_mirror).
+    A block counts while either tier holds it (device, or the HiCache host pool it loads back
+    from), as the modelled cache counts both: `tiers` (block -> bit 1 device, bit 2 host, kept
+    by the caller per backend) says which; without it only the device tier counts.
+    """
+    for event in events:
+        if isinstance(event, AllBlocksCleared):
+            index.clear_backend(backend)
+            if tiers is not None:
+                tiers.clear()
+            continue
+        bit = 1 if event.medium == "GPU" else 2
+        if tiers is None:
+            if bit != 1:
+                continue
+            if isinstance(event, BlockStored):
+                index.apply_stored(backend, event.block_hashes, now)
+            else:
+                index.apply_removed(backend, event.block_hashes)
+            continue
+        if isinstance(event, BlockStored):
+            new = [b for b in event.block_hashes if not tiers.get(b)]
+            for b in event.block_hashes:
+                tiers[b] = tiers.get(b, 0) | bit
+            if new:
+                index.apply_stored(backend, new, now)
+        else:
+            gone = []
+            for b in event.block_hashes:
+                held = tiers.get(b, 0) & ~bit
+                if held:
+                    tiers[b] = held
+                elif tiers.pop(b, None) is not None:
+                    gone.append(b)
+            if gone:
+                index.apply_removed(backend, gone)
 
 
 def _profile(item: str | Profile) -> Profile:
@@ -136,7 +190,10 @@ def simulate_policy(
         bid: _profile(item)
         for bid, item in zip(ids, config.believed or config.profiles, strict=True)
     }
-    engines = {bid: Engine(profiles[bid], config.engine) for bid in ids}
+    engine_config = config.engine
+    if config.kv_events and not engine_config.enable_kv_events:
+        engine_config = dataclasses.replace(engine_config, enable_kv_events=True)
+    engines = {bid: Engine(profiles[bid], engine_config) for bid in ids}
     specs = [
         BackendSpec(
             id=bid,
@@ -152,6 +209,12 @@ def simulate_policy(
     if bind is not None:
         bind(EngineProbe(engines))
     core = RoutingCore(chosen, specs)
+    index = getattr(chosen, "index", None)
+    events_to = index if config.kv_events and isinstance(index, PrefixIndex) else None
+    tiers: dict[str, dict[int, int]] = {bid: {} for bid in ids}
+    if events_to is not None:
+        for bid in ids:
+            events_to.set_event_driven(bid, True)
 
     live: dict[str, _Live] = {}
     outcomes: list[RequestOutcome] = []
@@ -183,9 +246,11 @@ def simulate_policy(
 
     def deliver(now: float) -> None:
         batch: list[tuple[float, int, FirstToken | Finished | Aborted]] = []
-        for order, engine in enumerate(engines.values()):
+        for order, (bid, engine) in enumerate(engines.items()):
             for event in engine.advance(now):
                 batch.append((event.time, order, event))
+            if events_to is not None:
+                apply_kv_events(events_to, bid, engine.take_kv_events(), now, tiers[bid])
         batch.sort(key=lambda item: (item[0], item[1]))
         for _, _, event in batch:
             if isinstance(event, FirstToken):

@@ -29,16 +29,19 @@ import aiohttp
 from aiohttp import web
 
 from router.core.blocks import BlockHasher
+from router.core.chat_template import load_chat_template
 from router.core.model import Policy
 from router.core.policies import POLICIES, make_policy
 from router.core.routing import RoutingCore
-from router.core.tokens import load_tokenizer
+from router.core.tokens import HFTokenizer, load_tokenizer
 from router.server.admin import AdminApi
 from router.server.config import ServerConfig
 from router.server.errors import error_middleware
+from router.server.kv_events import KVEventsManager
 from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
 from router.server.proxy import Proxy
+from router.server.sglang_compat import ModelInfoRelay
 from router.server.status import StatusApi
 from router.state import StateSync, open_state
 
@@ -69,6 +72,7 @@ class RouterState:
     admin: AdminApi
     metrics: RouterMetrics
     sync: StateSync
+    model_info: ModelInfoRelay
 
 
 STATE = web.AppKey("prefix_router_state", RouterState)
@@ -84,7 +88,10 @@ def _make_hasher(config: ServerConfig, policy: Policy) -> BlockHasher | None:
     """Tokenizer and hasher, only for policies that read blocks (loading costs a moment)."""
     if not policy.needs_blocks:
         return None
-    return BlockHasher(load_tokenizer(config.tokenizer), block_tokens=config.block_tokens)
+    tokenizer = load_tokenizer(config.tokenizer)
+    # the model's own tokenizer: chats are rendered by its template, as the engine does
+    template = load_chat_template(config.tokenizer) if isinstance(tokenizer, HFTokenizer) else None
+    return BlockHasher(tokenizer, block_tokens=config.block_tokens, chat_template=template)
 
 
 async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterator[None]:
@@ -133,7 +140,11 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
         admin=AdminApi(config, pool),
         metrics=metrics,
         sync=sync,
+        model_info=ModelInfoRelay(pool, session, config.health_timeout_s),
     )
+    kv_events = KVEventsManager(policy, hasher, config.kv_events, config.kv_event_endpoints)
+    pool.observers.append(kv_events)
+    state.status.kv_events = kv_events
     app[STATE] = state
     for url in config.backends:
         pool.add(url)
@@ -142,6 +153,7 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
         await sync.start()
     except BaseException:
         await pool.stop()
+        await kv_events.stop()
         await sync.stop()  # closes the store's connections
         await session.close()
         raise
@@ -155,6 +167,7 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
         yield
     finally:
         await pool.stop()
+        await kv_events.stop()
         await sync.stop()
         if proxy.background:
             await asyncio.wait(set(proxy.background), timeout=config.abort_timeout_s)
@@ -188,6 +201,8 @@ def create_app(config: ServerConfig) -> web.Application:
     r.add_post("/v1/completions", _late(lambda s: s.proxy.completions))
     r.add_post("/generate", _late(lambda s: s.proxy.generate))
     r.add_get("/v1/models", _late(lambda s: s.proxy.models))
+    for path in ("/get_model_info", "/model_info"):  # what sglang.RuntimeEndpoint asks first
+        r.add_get(path, _late(lambda s: s.model_info.model_info))
     r.add_get("/health", _late(lambda s: s.status.health))
     r.add_get("/readiness", _late(lambda s: s.status.readiness))
     r.add_get("/stats", _late(lambda s: s.status.stats))

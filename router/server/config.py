@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -60,6 +60,10 @@ class ServerConfig(BaseSettings):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     block_tokens: int = Field(default=64, gt=0)
     tokenizer: str = "cl100k_base"
+    # KV events from backends that advertise a publisher (router/server/kv_events.py)
+    kv_events: Literal["auto", "off"] = "auto"
+    # a backend's publisher given by hand, URL -> tcp://host:port (`--kv-events-endpoint`)
+    kv_event_endpoints: AssignmentMap = Field(default_factory=dict)
     # prompts longer than this (characters) are tokenized in the default executor
     executor_tokenize_chars: int = Field(default=32_768, ge=0)
     health_interval_s: float = Field(default=5.0, gt=0)
@@ -125,7 +129,7 @@ class ServerConfig(BaseSettings):
                 out.append(url)
         return out
 
-    @field_validator("backend_profiles", mode="before")
+    @field_validator("backend_profiles", "kv_event_endpoints", mode="before")
     @classmethod
     def _parse_backend_profiles(cls, value: Any) -> Any:
         """Accept `URL=NAME,URL=NAME` (env) or a JSON object string, as well as a mapping."""
@@ -146,6 +150,15 @@ class ServerConfig(BaseSettings):
         out = {normalise_url(url): name for url, name in value.items()}
         for name in out.values():
             _check_profile(name)
+        return out
+
+    @field_validator("kv_event_endpoints")
+    @classmethod
+    def _check_kv_event_endpoints(cls, value: dict[str, str]) -> dict[str, str]:
+        out = {normalise_url(url): endpoint for url, endpoint in value.items()}
+        for endpoint in out.values():
+            if not endpoint.startswith("tcp://") or ":" not in endpoint[6:]:
+                raise ValueError(f"a KV event endpoint is tcp://host:port, got {endpoint!r}")
         return out
 
     @field_validator("profile")

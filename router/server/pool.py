@@ -33,6 +33,7 @@ import enum
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 
@@ -49,10 +50,19 @@ __all__ = [
     "BreakerState",
     "CircuitBreaker",
     "PoolEntry",
+    "PoolObserver",
     "host_cache_tokens",
 ]
 
 log = logging.getLogger("router.server.pool")
+
+
+class PoolObserver(Protocol):
+    """Hears of each backend discovery (with what it said) and removal."""
+
+    def discovered(self, backend_id: str, url: str, server: ServerInfo) -> None: ...
+
+    def removed(self, backend_id: str) -> None: ...
 
 
 class BreakerState(enum.Enum):
@@ -158,6 +168,8 @@ class BackendPool:
         self.breaker_failures = breaker_failures
         self.breaker_cooldown_s = breaker_cooldown_s
         self.entries: dict[str, PoolEntry] = {}
+        # told of each discovery and removal (the KV event subscriptions, router/server/kv_events)
+        self.observers: list[PoolObserver] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -189,6 +201,8 @@ class BackendPool:
             return False
         if entry.discovered:
             self.core.remove_backend(entry.id)
+        for observer in self.observers:
+            observer.removed(entry.id)
         return True
 
     def drain(self, url: str, draining: bool = True) -> bool:
@@ -276,6 +290,8 @@ class BackendPool:
         self.core.set_healthy(entry.id, False)
         if entry.draining:
             self.core.set_draining(entry.id, True)
+        for observer in self.observers:
+            observer.discovered(entry.id, entry.url, server)
         log.info(
             "backend %s discovered: models=%s kv=%s host=%s page=%s profile=%s",
             entry.url,

@@ -292,13 +292,15 @@ class Proxy:
         ttft = f"{flight.ttft_s * 1000:.1f}ms" if flight.ttft_s is not None else "-"
         cached = flight.usage.cached_tokens if flight.usage else None
         log.info(
-            "rid=%s endpoint=%s backend=%s status=%s ttft=%s cached=%s attempts=%d e2e=%.1fms",
+            "rid=%s endpoint=%s backend=%s status=%s ttft=%s cached=%s predicted=%d attempts=%d "
+            "e2e=%.1fms",
             flight.rid,
             endpoint.path,
             flight.backend or "-",
             flight.status,
             ttft,
             cached if cached is not None else "-",
+            flight.predicted_cached,
             flight.attempts,
             (now - flight.started) * 1000,
         )

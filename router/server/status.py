@@ -77,6 +77,7 @@ class StatusApi:
         self.pool = pool
         self.metrics = metrics
         self.policy_name = policy_name
+        self.kv_events: Any = None  # the KV event subscriptions, when the app has them
         metrics.registry.collectors.append(self._collect)
 
     def _states(self) -> dict[str, BackendState]:
@@ -145,6 +146,7 @@ class StatusApi:
             "backends": backends,
             "core": core_stats,
             "replicas": self.sync.stats(),
+            "kv_events": self.kv_events.stats() if self.kv_events is not None else None,
         }
 
     async def stats(self, request: web.Request) -> web.StreamResponse:

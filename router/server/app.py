@@ -39,6 +39,7 @@ from router.server.errors import error_middleware
 from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
 from router.server.proxy import Proxy
+from router.server.record_admin import RecordControl
 from router.server.status import StatusApi
 from router.state import StateSync, open_state
 
@@ -69,6 +70,7 @@ class RouterState:
     admin: AdminApi
     metrics: RouterMetrics
     sync: StateSync
+    record: RecordControl
 
 
 STATE = web.AppKey("prefix_router_state", RouterState)
@@ -82,7 +84,7 @@ def build_policy(config: ServerConfig) -> tuple[str, Policy]:
 
 def _make_hasher(config: ServerConfig, policy: Policy) -> BlockHasher | None:
     """Tokenizer and hasher, only for policies that read blocks (loading costs a moment)."""
-    if not policy.needs_blocks:
+    if not policy.needs_blocks and config.record is None:  # a recording needs blocks too
         return None
     return BlockHasher(load_tokenizer(config.tokenizer), block_tokens=config.block_tokens)
 
@@ -133,6 +135,7 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
         admin=AdminApi(config, pool),
         metrics=metrics,
         sync=sync,
+        record=RecordControl(config, proxy, policy_name=policy_name, replica=sync.replica),
     )
     app[STATE] = state
     for url in config.backends:
@@ -140,6 +143,8 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
     try:
         await pool.start()
         await sync.start()
+        if config.record is not None:
+            state.record.start(config.record)
     except BaseException:
         await pool.stop()
         await sync.stop()  # closes the store's connections
@@ -154,6 +159,7 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
     try:
         yield
     finally:
+        await state.record.stop()
         await pool.stop()
         await sync.stop()
         if proxy.background:
@@ -196,6 +202,9 @@ def create_app(config: ServerConfig) -> web.Application:
     r.add_post("/admin/backends", _late(lambda s: s.admin.add))
     r.add_delete("/admin/backends", _late(lambda s: s.admin.remove))
     r.add_post("/admin/backends/drain", _late(lambda s: s.admin.drain))
+    r.add_get("/admin/record", _late(lambda s: s.record.get))
+    r.add_post("/admin/record", _late(lambda s: s.record.post))
+    r.add_delete("/admin/record", _late(lambda s: s.record.delete))
     return app
 
 

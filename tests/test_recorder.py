@@ -112,7 +112,7 @@ async def test_recording_replays_and_simulates_like_the_original(tmp_path: Path)
     assert abs(orig - again) < 0.02
 
     live = live_view(first)
-    assert live.backends == len({o.backend for o in outcomes}) >= 1
+    assert live.backends == 2  # the pool recorded, whether or not the policy used it all
     assert live.policy == cache_policy() and live.failed == 0
     assert len(live.ttfts) == len(trace.requests)
 

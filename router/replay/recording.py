@@ -80,7 +80,7 @@ class LiveView:
     """What the router measured while recording."""
 
     ttfts: tuple[float, ...]  # streamed requests that succeeded, in seconds
-    backends: int  # distinct backends that served a request
+    backends: int  # the pool's size as recorded (else: distinct backends that served one)
     policy: str | None  # the recorded policy (the most common, if files disagree)
     requests: int
     failed: int  # status other than 200
@@ -93,14 +93,15 @@ def live_view(path: Path) -> LiveView:
         for o in lines
         if o.get("status") == 200 and isinstance(o.get("ttft"), int | float)
     )
-    backends = {o["backend"] for o in lines if o.get("status") == 200 and o.get("backend")}
+    used = {o["backend"] for o in lines if o.get("status") == 200 and o.get("backend")}
+    pools = [o["pool"] for o in lines if isinstance(o.get("pool"), int)]
     policies: dict[str, int] = {}
     for o in lines:
         if isinstance(o.get("policy"), str) and o["policy"]:
             policies[o["policy"]] = policies.get(o["policy"], 0) + 1
     return LiveView(
         ttfts=ttfts,
-        backends=len(backends),
+        backends=max(pools) if pools else len(used),
         policy=max(policies, key=lambda k: policies[k]) if policies else None,
         requests=len(lines),
         failed=sum(1 for o in lines if o.get("status") not in (None, 200)),

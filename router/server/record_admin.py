@@ -63,6 +63,7 @@ class RecordControl:
                 time_scale=config.speedup if config.embedded else 1.0,
             ),
             clock_start=asyncio.get_running_loop().time(),
+            pool_size=lambda: len(self.proxy.pool.entries),
         )
         self.proxy.recorder = recorder
         return recorder

@@ -16,7 +16,8 @@ and `analyze` read) and what the router saw after them (which they ignore)::
      "hash_ids": [one id per block], "block_size": tokens per block (the router's, 64 by
      default; the loader honours it), "endpoint", "model", "backend" (salted: "b-" + 8 hex),
      "status", "ttft" (s, streams only), "cached_tokens" (as the backend reported),
-     "prompt_tokens" (as the backend reported), "policy", "unix_ms" (arrival, wall clock)}
+     "prompt_tokens" (as the backend reported), "policy", "pool" (backends in the pool),
+     "unix_ms" (arrival, wall clock)}
 
 Block ids: the router's chained 64-bit block hash (equal hash at depth k <=> equal prefix up to
 block k) is keyed with a secret through BLAKE2b and cut to 53 bits (exact in any JSON reader).
@@ -127,9 +128,15 @@ class Recorder:
     """A bounded queue of finished flights and the thread that writes them as trace lines."""
 
     def __init__(
-        self, config: RecorderConfig, *, clock_start: float, opener: Opener = _open_append
+        self,
+        config: RecorderConfig,
+        *,
+        clock_start: float,
+        opener: Opener = _open_append,
+        pool_size: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
+        self._pool_size = pool_size  # backends in the pool, read when a line is written
         self._t0 = clock_start  # the proxy's loop time at the start: timestamp 0
         self._unix0 = time.time()
         self._opener = opener
@@ -314,6 +321,7 @@ class Recorder:
             "cached_tokens": usage.cached_tokens if usage is not None else None,
             "prompt_tokens": usage.prompt_tokens if usage is not None else None,
             "policy": self.config.policy,
+            "pool": self._pool_size() if self._pool_size is not None else None,
             "unix_ms": round((self._unix0 + since) * 1000),
         }
         if scale != 1.0:

@@ -23,12 +23,13 @@ prompt and `max_tokens` 1-8; "stream" is a streaming chat completion of 256 toke
 "short" with a ~4k-token prompt (a shared 3k-token system message and a unique user message).
 `--targets` picks the targets; "prefix-router+record" is a second prefix-router with
 `--record` to a temporary file, so record on/off is measured side by side in the same rounds.
-Each cell runs a closed loop (`concurrency` workers, each sending its next request when the previous one
-ended) against each target in turn, split into rounds whose target order rotates, so slow
-drifts of a shared machine hit every target alike; latencies of a cell's rounds are pooled.
-Latency is from just before the request is sent to the last byte read (for streams also the
-time to the first byte, TTFT). Every target gets the same generator, backend and requests;
-"added" is a router's percentile minus direct's in the same cell. Each target is warmed first.
+Each cell runs a closed loop (`concurrency` workers, each sending its next request when the
+previous one ended) against each target in turn, split into rounds whose target order
+rotates, so slow drifts of a shared machine hit every target alike; latencies of a cell's
+rounds are pooled. Latency is from just before the request is sent to the last byte read
+(for streams also the time to the first byte, TTFT). Every target gets the same generator,
+backend and requests; "added" is a router's percentile minus direct's in the same cell.
+Each target is warmed first.
 
 Every process is started in its own session and stopped (SIGTERM, then SIGKILL) in a
 `finally`, also on errors and Ctrl-C. `--cprofile FILE` runs prefix-router under cProfile for

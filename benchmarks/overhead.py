@@ -19,13 +19,17 @@ queueing for the CPU). `--generator-cpus` pins this process (sched_setaffinity) 
 backend from another source tree (e.g. a `git archive HEAD` snapshot).
 
 Cells are (mode, concurrency): "short" is a non-streaming chat completion with a one-line
-prompt and `max_tokens` 1-8; "stream" is a streaming chat completion of 256 tokens. Each cell
-runs a closed loop (`concurrency` workers, each sending its next request when the previous one
-ended) against each target in turn, split into rounds whose target order rotates, so slow
-drifts of a shared machine hit every target alike; latencies of a cell's rounds are pooled.
-Latency is from just before the request is sent to the last byte read (for streams also the
-time to the first byte, TTFT). Every target gets the same generator, backend and requests;
-"added" is a router's percentile minus direct's in the same cell. Each target is warmed first.
+prompt and `max_tokens` 1-8; "stream" is a streaming chat completion of 256 tokens; "long" is
+"short" with a ~4k-token prompt (a shared 3k-token system message and a unique user message).
+`--targets` picks the targets; "prefix-router+record" is a second prefix-router with
+`--record` to a temporary file, so record on/off is measured side by side in the same rounds.
+Each cell runs a closed loop (`concurrency` workers, each sending its next request when the
+previous one ended) against each target in turn, split into rounds whose target order
+rotates, so slow drifts of a shared machine hit every target alike; latencies of a cell's
+rounds are pooled. Latency is from just before the request is sent to the last byte read
+(for streams also the time to the first byte, TTFT). Every target gets the same generator,
+backend and requests; "added" is a router's percentile minus direct's in the same cell.
+Each target is warmed first.
 
 Every process is started in its own session and stopped (SIGTERM, then SIGKILL) in a
 `finally`, also on errors and Ctrl-C. `--cprofile FILE` runs prefix-router under cProfile for
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -63,7 +68,10 @@ from router.replay.compare import sglang_router_argv
 __all__ = ["CellResult", "Samples", "main", "markdown_table", "percentile"]
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-TARGETS = ("direct", "prefix-router", "sglang-router")
+TARGETS = ("direct", "prefix-router", "prefix-router+record", "sglang-router")
+# "long": a ~4k-token chat prompt (a shared 3k-token system message, a unique user message),
+# what `serve --record` pays for per block (keyed BLAKE2b per new block, ~65 ids per line)
+_SYSTEM = " ".join(f"rule{k % 997}" for k in range(1500))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -238,8 +246,12 @@ async def _wait_ready(
 
 def _body(mode: str, i: int) -> dict[str, Any]:
     prompt = f"Request {i}: say something short about routers."
-    body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": prompt}]}
-    if mode == "short":
+    messages: list[dict[str, str]] = [{"role": "user", "content": prompt}]
+    if mode == "long":
+        user = " ".join(f"w{(i * 7919 + k) % 99991}" for k in range(350))
+        messages = [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}]
+    body: dict[str, Any] = {"model": MODEL, "messages": messages}
+    if mode != "stream":
         body["max_tokens"] = 1 + i % 8
     else:
         body["max_tokens"] = 256
@@ -253,7 +265,7 @@ async def _one(session: aiohttp.ClientSession, url: str, mode: str, i: int, out:
     t0 = time.perf_counter()
     try:
         async with session.post(url, data=payload, headers=headers) as r:
-            if mode == "short":
+            if mode != "stream":
                 data = await r.read()
                 ok = r.status == 200 and b'"choices"' in data
                 ttft = None
@@ -315,6 +327,8 @@ class BenchConfig:
     policy: str
     warmup: int
     log_level: str
+    targets: tuple[str, ...] = ("direct", "prefix-router", "sglang-router")
+    record_path: str = ""  # the prefix-router+record target's --record file
     generator_cpus: frozenset[int] | None = None
     server_cpus: frozenset[int] | None = None
 
@@ -345,8 +359,10 @@ def _start_backend(procs: Processes, cfg: BenchConfig, port: int) -> _Proc:
     return procs.spawn("backend", argv)
 
 
-def _prefix_router_argv(cfg: BenchConfig, backend: str, port: int) -> list[str]:
-    return [
+def _prefix_router_argv(
+    cfg: BenchConfig, backend: str, port: int, *, record: bool = False
+) -> list[str]:
+    argv = [
         "-m",
         "router.cli",
         "serve",
@@ -359,6 +375,7 @@ def _prefix_router_argv(cfg: BenchConfig, backend: str, port: int) -> list[str]:
         "--log-level",
         cfg.log_level.upper(),
     ]
+    return [*argv, "--record", cfg.record_path] if record else argv
 
 
 def _sglang_router_argv(cfg: BenchConfig, backend: str, port: int) -> list[str]:
@@ -381,7 +398,7 @@ async def _warm(session: aiohttp.ClientSession, base: str, mode: str, n: int) ->
 
 
 def _requests_for(cfg: BenchConfig, mode: str, c: int) -> int:
-    table = cfg.short_requests if mode == "short" else cfg.stream_requests
+    table = cfg.short_requests if mode != "stream" else cfg.stream_requests
     return table.get(c, max(table.values()))
 
 
@@ -395,7 +412,7 @@ async def _measure(
     samples: dict[tuple[str, str, int], Samples] = {}
     for mode in cfg.modes:
         # a real-time 256-token stream takes ~2 s: two waves of 8 warm a stream path enough
-        n_warm = cfg.warmup if mode == "short" or cfg.speedup >= 10 else min(cfg.warmup, 16)
+        n_warm = cfg.warmup if mode != "stream" or cfg.speedup >= 10 else min(cfg.warmup, 16)
         for name in bases:
             w = await _warm(sessions[name], bases[name], mode, n_warm)
             if w.errors:
@@ -469,21 +486,28 @@ async def _stats_policy(session: aiohttp.ClientSession, base: str) -> str | None
 
 
 async def _run(cfg: BenchConfig, procs: Processes, cprofile: Path | None) -> dict[str, Any]:
-    backend_port, pr_port, sg_port = _free_port(), _free_port(), _free_port()
+    backend_port = _free_port()
     backend = f"http://127.0.0.1:{backend_port}"
-    bases = {
-        "direct": backend,
-        "prefix-router": f"http://127.0.0.1:{pr_port}",
-        "sglang-router": f"http://127.0.0.1:{sg_port}",
-    }
+    bases = {"direct": backend}
+    pids: dict[str, int | None] = {"generator": None}
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(timeout=timeout) as probe:
         b = _start_backend(procs, cfg, backend_port)
         await _wait_ready(probe, b, backend + "/health")
-        pr = procs.spawn("prefix-router", [_python(), *_prefix_router_argv(cfg, backend, pr_port)])
-        sg = procs.spawn("sglang-router", _sglang_router_argv(cfg, backend, sg_port))
-        await _wait_ready(probe, pr, bases["prefix-router"] + "/readiness")
-        await _wait_ready(probe, sg, bases["sglang-router"] + "/health")
+        pids["backend"] = b.popen.pid
+        for name in cfg.targets:
+            if name == "direct":
+                continue
+            port = _free_port()
+            bases[name] = f"http://127.0.0.1:{port}"
+            if name == "sglang-router":
+                proc = procs.spawn(name, _sglang_router_argv(cfg, backend, port))
+                await _wait_ready(probe, proc, bases[name] + "/health")
+            else:
+                argv = _prefix_router_argv(cfg, backend, port, record=name.endswith("+record"))
+                proc = procs.spawn(name, [_python(), *argv])
+                await _wait_ready(probe, proc, bases[name] + "/readiness")
+            pids[name] = proc.popen.pid
         policy_seen = await _stats_policy(probe, bases["prefix-router"])
     if cfg.generator_cpus:
         os.sched_setaffinity(0, cfg.generator_cpus)
@@ -496,12 +520,6 @@ async def _run(cfg: BenchConfig, procs: Processes, cprofile: Path | None) -> dic
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     try:
-        pids: dict[str, int | None] = {
-            "generator": None,
-            "backend": b.popen.pid,
-            "prefix-router": pr.popen.pid,
-            "sglang-router": sg.popen.pid,
-        }
         samples = await _measure(cfg, bases, sessions, pids)
     finally:
         for s in sessions.values():
@@ -526,6 +544,7 @@ async def _run(cfg: BenchConfig, procs: Processes, cprofile: Path | None) -> dic
             "prefix_router": f"prefix-router serve --policy {cfg.policy}"
             + (f" (/stats policy: {policy_seen})" if policy_seen else ""),
             "sglang_router": "sglang-router 0.3.2 --policy round_robin",
+            "targets": list(cfg.targets),
             "log_level": cfg.log_level,
             "rounds": cfg.rounds,
             "warmup_requests": cfg.warmup,
@@ -672,7 +691,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--concurrency", type=_ints, default=(1, 32, 128), help="e.g. 1,32,128")
-    p.add_argument("--modes", default="short,stream", help="short,stream")
+    p.add_argument("--modes", default="short,stream", help="short,stream,long")
+    p.add_argument(
+        "--targets",
+        default="direct,prefix-router,sglang-router",
+        help="of direct, prefix-router, prefix-router+record (serve --record to a temp file), "
+        "sglang-router",
+    )
     p.add_argument(
         "--short-requests",
         type=_ints,
@@ -762,18 +787,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         policy=args.policy,
         warmup=10 if args.quick else args.warmup,
         log_level=args.log_level,
+        targets=tuple(t for t in args.targets.split(",") if t),
         generator_cpus=args.generator_cpus,
         # children started after the generator pinned itself would inherit its CPUs
         server_cpus=args.server_cpus
         or (frozenset(os.sched_getaffinity(0)) if args.generator_cpus else None),
     )
     for m in cfg.modes:
-        if m not in ("short", "stream"):
+        if m not in ("short", "stream", "long"):
             raise SystemExit(f"unknown mode {m!r}")
+    for t in cfg.targets:
+        if t not in TARGETS:
+            raise SystemExit(f"unknown target {t!r}; known: {', '.join(TARGETS)}")
+    if "direct" not in cfg.targets or "prefix-router" not in cfg.targets:
+        raise SystemExit("--targets needs direct and prefix-router (the baselines)")
     _install_uvloop()
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp, _sigterm_as_interrupt():
         source = args.source.resolve() if args.source else None
         procs = Processes(Path(tmp), cfg.server_cpus, source)
+        cfg = dataclasses.replace(cfg, record_path=str(Path(tmp) / "record.jsonl"))
         try:
             report = asyncio.run(_run(cfg, procs, args.cprofile))
         except KeyboardInterrupt:

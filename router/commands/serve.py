@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 __all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
@@ -23,6 +24,9 @@ Several router replicas behind one load balancer share their routing state (whic
 where, each backend's queued prefill) through Redis: give every replica the same
 --state redis://HOST:6379/0 and --cluster NAME (docs/replicas.md). The default, --state memory,
 shares nothing. If Redis goes away, each replica routes on its own state until it returns.
+--record PATH writes the traffic it routes as a Mooncake trace (sizes, arrival times, salted
+prefix block ids; never prompt text) that `simulate`, `analyze` and `plan` read; the admin API
+starts and stops it at run time (POST/DELETE /admin/record).
 Every option can also be set in a YAML file (--config) or as PREFIX_ROUTER_<NAME>.
 
 examples:
@@ -89,6 +93,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--cluster", metavar="NAME", help="fleet name within the shared state (default: default)")
     a("--replica-id", metavar="ID", help="this replica's id in the cluster (default: random)")
+    a(
+        "--record",
+        metavar="PATH",
+        help="record the routed traffic as a Mooncake trace (no prompt text; {pid} and "
+        "{replica} in PATH are filled in); see `prefix-router plan`",
+    )
+    a("--record-secret", metavar="S", help="key of the recorded block ids (default: random)")
+    a("--record-max-mb", type=float, metavar="MB", help="rotate the file past this size")
+
+
+def _megabytes(mb: float | None) -> int | None:
+    return None if mb is None else int(mb * 2**20)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,11 +144,17 @@ def run(args: argparse.Namespace) -> int:
             state=args.state,
             cluster=args.cluster,
             replica_id=args.replica_id,
+            record=args.record,
+            record_secret=args.record_secret,
+            record_max_bytes=_megabytes(args.record_max_mb),
         )
     except (ValidationError, FileNotFoundError) as exc:
         print(f"bad configuration: {exc}", file=sys.stderr)
         return 2
     if not config.backends and not config.embedded:
         print("no backends: pass --backend URL, --backends URL,URL or --embedded K")
+        return 2
+    if config.record is not None and not Path(config.record).parent.is_dir():
+        print(f"--record: no folder {Path(config.record).parent}", file=sys.stderr)
         return 2
     return serve(config)

@@ -7,6 +7,8 @@ to the end of block k, which is all the simulator and the routing core need to k
 
     Mooncake JSONL  {"timestamp": ms, "input_length": n, "output_length": m, "hash_ids": [...]}
                     ids are used as they are; len(hash_ids) must be ceil(n / block_size).
+                    A "block_size" key (ours: `serve --record` writes the router's 64) gives
+                    the tokens per id instead of 512; every line of a file must agree.
                     An optional "session" key (ours; `gentrace` writes it) is kept.
     Azure 2023 CSV  TIMESTAMP,ContextTokens,GeneratedTokens with wall-clock times
                     ("2023-11-16 18:17:03.9799600"); no prefix information, so each request
@@ -162,8 +164,9 @@ def load_trace(
         raise ValueError("block_size must be positive")
     kind = _detect(p) if fmt == "auto" else fmt
     if kind == "mooncake":
-        bs = block_size or MOONCAKE_BLOCK
-        reqs = [_mooncake_request(obj, i, bs, p, line) for i, (line, obj) in enumerate(_jsonl(p))]
+        rows = list(_jsonl(p))
+        bs = block_size or _declared_block_size(rows, p) or MOONCAKE_BLOCK
+        reqs = [_mooncake_request(obj, i, bs, p, line) for i, (line, obj) in enumerate(rows)]
     elif kind == "azure":
         bs = block_size or MOONCAKE_BLOCK
         reqs = _azure(p, bs)
@@ -218,6 +221,8 @@ def write_mooncake(trace: Trace, path: str | Path) -> None:
             }
             if r.session is not None:
                 obj["session"] = r.session
+            if trace.block_size != MOONCAKE_BLOCK:
+                obj["block_size"] = trace.block_size
             f.write(json.dumps(obj, separators=(", ", ": ")) + "\n")
 
 
@@ -249,6 +254,21 @@ def _jsonl(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(obj, dict):
                 raise TraceError(f"{p}:{number}: expected a JSON object")
             yield number, obj
+
+
+def _declared_block_size(rows: list[tuple[int, dict[str, Any]]], p: Path) -> int | None:
+    """The file's own "block_size" (a recording's), the same on every line, else None."""
+    declared: int | None = None
+    for line, obj in rows:
+        if "block_size" not in obj:
+            value = None
+        else:
+            value = _int_field(obj, "block_size", f"{p}:{line}", minimum=1)
+        if line == rows[0][0]:
+            declared = value
+        elif value != declared:
+            raise TraceError(f"{p}:{line}: block_size {value} differs from the first line's")
+    return declared
 
 
 def _int_field(obj: Mapping[str, Any], key: str, where: str, *, minimum: int = 0) -> int:

@@ -42,6 +42,7 @@ from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
 from router.server.proxy import Proxy
 from router.server.sglang_compat import ModelInfoRelay
+from router.server.record_admin import RecordControl
 from router.server.status import StatusApi
 from router.state import StateSync, open_state
 
@@ -73,6 +74,7 @@ class RouterState:
     metrics: RouterMetrics
     sync: StateSync
     model_info: ModelInfoRelay
+    record: RecordControl
 
 
 STATE = web.AppKey("prefix_router_state", RouterState)
@@ -86,7 +88,7 @@ def build_policy(config: ServerConfig) -> tuple[str, Policy]:
 
 def _make_hasher(config: ServerConfig, policy: Policy) -> BlockHasher | None:
     """Tokenizer and hasher, only for policies that read blocks (loading costs a moment)."""
-    if not policy.needs_blocks:
+    if not policy.needs_blocks and config.record is None:  # a recording needs blocks too
         return None
     tokenizer = load_tokenizer(config.tokenizer)
     # the model's own tokenizer: chats are rendered by its template, as the engine does
@@ -141,6 +143,7 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
         metrics=metrics,
         sync=sync,
         model_info=ModelInfoRelay(pool, session, config.health_timeout_s),
+        record=RecordControl(config, proxy, policy_name=policy_name, replica=sync.replica),
     )
     kv_events = KVEventsManager(policy, hasher, config.kv_events, config.kv_event_endpoints)
     pool.observers.append(kv_events)
@@ -151,6 +154,8 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
     try:
         await pool.start()
         await sync.start()
+        if config.record is not None:
+            state.record.start(config.record)
     except BaseException:
         await pool.stop()
         await kv_events.stop()
@@ -166,6 +171,7 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
     try:
         yield
     finally:
+        await state.record.stop()
         await pool.stop()
         await kv_events.stop()
         await sync.stop()
@@ -211,6 +217,9 @@ def create_app(config: ServerConfig) -> web.Application:
     r.add_post("/admin/backends", _late(lambda s: s.admin.add))
     r.add_delete("/admin/backends", _late(lambda s: s.admin.remove))
     r.add_post("/admin/backends/drain", _late(lambda s: s.admin.drain))
+    r.add_get("/admin/record", _late(lambda s: s.record.get))
+    r.add_post("/admin/record", _late(lambda s: s.record.post))
+    r.add_delete("/admin/record", _late(lambda s: s.record.delete))
     return app
 
 

@@ -86,6 +86,12 @@ class ServerConfig(BaseSettings):
     # several independent fleets may share one Redis: each is a cluster name
     cluster: str = "default"
     replica_id: str | None = None  # None: random per process
+    # Record the routed traffic as a trace (router/server/recorder.py): a path, `{pid}` and
+    # `{replica}` filled in; the block ids' secret (None: random per process); rotation.
+    record: str | None = None
+    record_secret: str | None = None
+    record_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    record_keep: int = Field(default=10, ge=0)
 
     @field_validator("state")
     @classmethod

@@ -78,6 +78,7 @@ from router.server.config import ServerConfig
 from router.server.errors import REQUEST_ID_KEY, ApiError, sse_error_event
 from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
+from router.server.recorder import Recorder
 from router.state import StateSync
 
 __all__ = ["Endpoint", "Proxy"]
@@ -130,6 +131,8 @@ class _Flight:
     usage: TokenUsage | None = None
     attempts: int = 0
     ended: bool = False
+    route: RouteRequest | None = None  # what was routed (the recorder's blocks and sizes)
+    model: str | None = None
 
 
 class Proxy:
@@ -157,6 +160,7 @@ class Proxy:
         self.session = session
         self.metrics = metrics
         self.hasher = hasher
+        self.recorder: Recorder | None = None  # `--record` / POST /admin/record
         # one thread: the hasher's caches are not thread-safe (see the module docstring)
         self._hash_executor: ThreadPoolExecutor | None = None
         self.live: set[str] = set()
@@ -213,7 +217,7 @@ class Proxy:
 
     async def _route_request(self, prompt: Prompt, rid: str, body_chars: int) -> RouteRequest:
         """Blocks only when the policy reads them; big prompts tokenize off the event loop."""
-        if self.hasher is None or not self.policy.needs_blocks:
+        if self.hasher is None or not (self.policy.needs_blocks or self.recorder is not None):
             return RouteRequest(
                 rid=rid,
                 blocks=(),
@@ -284,6 +288,8 @@ class Proxy:
             self.metrics.requests.inc(endpoint.path, str(flight.status))
             self._end(flight, ok=False)  # no-op when the request already ended
             self.live.discard(flight.rid)
+            if self.recorder is not None and flight.route is not None:
+                self.recorder.offer(flight)  # a put_nowait: written off the request path
             if log.isEnabledFor(logging.INFO):
                 self._log_flight(flight, endpoint, loop.time())
 
@@ -330,6 +336,7 @@ class Proxy:
         route_req = await self._route_request(prompt, rid, request.content_length or 0)
         if not stream:
             route_req = replace(route_req, first_token_seen=False)
+        flight.route, flight.model = route_req, model
         payload, strip_usage = self._upstream_payload(raw, body, endpoint, rid, stream)
         self.live.add(rid)
         last: _UpstreamFailed | None = None

@@ -41,8 +41,8 @@ from router.server.kv_events import KVEventsManager
 from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
 from router.server.proxy import Proxy
-from router.server.sglang_compat import ModelInfoRelay
 from router.server.record_admin import RecordControl
+from router.server.sglang_compat import ModelInfoRelay
 from router.server.status import StatusApi
 from router.state import StateSync, open_state
 

@@ -39,6 +39,7 @@ from router.server.errors import error_middleware
 from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
 from router.server.proxy import Proxy
+from router.server.scheduling import SchedulerDriver, scheduler_config
 from router.server.status import StatusApi
 from router.state import StateSync, open_state
 
@@ -134,6 +135,9 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
         metrics=metrics,
         sync=sync,
     )
+    if config.scheduler:
+        proxy.scheduling = SchedulerDriver.build(core, scheduler_config(config), metrics)
+        state.status.scheduler_stats = proxy.scheduling.stats
     app[STATE] = state
     for url in config.backends:
         pool.add(url)
@@ -159,6 +163,8 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
         if proxy.background:
             await asyncio.wait(set(proxy.background), timeout=config.abort_timeout_s)
         proxy.close()
+        if proxy.scheduling is not None:
+            proxy.scheduling.close()
         await session.close()
 
 

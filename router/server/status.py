@@ -77,6 +77,7 @@ class StatusApi:
         self.pool = pool
         self.metrics = metrics
         self.policy_name = policy_name
+        self.scheduler_stats: Callable[[], Any] | None = None  # set with --scheduler on
         metrics.registry.collectors.append(self._collect)
 
     def _states(self) -> dict[str, BackendState]:
@@ -145,6 +146,7 @@ class StatusApi:
             "backends": backends,
             "core": core_stats,
             "replicas": self.sync.stats(),
+            "scheduler": self.scheduler_stats() if self.scheduler_stats is not None else None,
         }
 
     async def stats(self, request: web.Request) -> web.StreamResponse:

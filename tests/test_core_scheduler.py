@@ -275,3 +275,17 @@ def test_the_simulator_drives_the_scheduler_and_every_request_ends_once() -> Non
     assert set(summary["tenants"]) == {"a", "b"}
     unscheduled = simulate_policy(trace, "cost", SimConfig(profiles=("llama3-8b-h100",) * 2))
     assert unscheduled.summary["shed"] == 0 and unscheduled.summary["router_wait_p90"] == 0.0
+
+
+def test_with_a_target_a_request_already_past_it_goes_after_those_that_can_still_meet_it() -> None:
+    def first_released(late_last_s: float | None) -> str:
+        s = _sched(budget_s=0.1, aging=0.0, late_last_s=late_last_s)
+        s.submit(_ticket("busy", 8000), 0.0)
+        s.step(0.0)
+        s.submit(_ticket("late", 3000, 0.0), 0.0)  # at 0.8 s: waited 0.8 + 0.3 > 1.0
+        s.submit(_ticket("on_time", 5000, 0.7), 0.7)  # waited 0.1 + 0.5 <= 1.0
+        s.core.on_first_token("busy", 0.8, cached_tokens=0)
+        return _bound(s, 0.8)[0]
+
+    assert first_released(None) == "late"  # shortest first
+    assert first_released(1.0) == "on_time"

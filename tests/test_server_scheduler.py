@@ -9,7 +9,7 @@ import pytest
 from server_fixtures import serving
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-LONG = " ".join(f"Clause {i}: the tenant shall keep the premises in good order." for i in range(200))
+LONG = " ".join(f"Clause {i}: the tenant shall keep the premises tidy." for i in range(200))
 
 
 async def _chat(client: openai.AsyncOpenAI, text: str, **extra: object) -> str:

@@ -21,7 +21,10 @@ far (virtual-time fair queueing: each bound request charges its tenant its predi
 seconds, and a tenant that comes back from idle starts at the least active tenant's count, so
 it cannot bank credit); within a tenant, shortest predicted prefill first with aging: the key
 is ``prefill_s + aging * arrival``, i.e. ``prefill_s - aging * waited`` plus a constant, so
-the order of two waiting requests never changes and a sorted list keeps it.
+the order of two waiting requests never changes and a sorted list keeps it. With a TTFT target
+(`late_last_s`, else `slo_ttft_s`), requests that can no longer meet it (waited + predicted
+prefill past it) go after all that still can: the order that maximises requests within the
+SLO, at the price of a longer tail for the ones already late (bounded by `queue_timeout_s`).
 
 **Locality.** Each request in that order is priced by the policy over every routable backend,
 with the work held ahead of it added to each backend's queue (`ahead`). If its best backend
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -82,7 +86,7 @@ class SchedulerConfig:
     # Predicted prefill seconds a backend may have queued before the router holds the rest.
     budget_s: float = 0.5
     # Seconds of predicted prefill a waiting request gains per second waited (0: pure SPT).
-    aging: float = 1.0
+    aging: float = 0.0
     # Hold requests sharing this many uncached prefix tokens with a prefilling one (0: off).
     coalesce_tokens: int = 1024
     # Deployment TTFT deadline (s); None: no admission by deadline (tickets may carry one).
@@ -93,6 +97,9 @@ class SchedulerConfig:
     queue_timeout_s: float = 60.0
     # Waiting requests priced per step (the front of the order); the rest wait a step.
     scan: int = 64
+    # Requests that can no longer meet this TTFT (waited + predicted prefill past it) go
+    # after those that still can; None: slo_ttft_s (and no such rule without one either).
+    late_last_s: float | None = None
 
     def __post_init__(self) -> None:
         if not self.budget_s > 0:
@@ -105,6 +112,8 @@ class SchedulerConfig:
             raise ValueError("slo_ttft_s must be positive")
         if not self.shed_factor > 0:
             raise ValueError("shed_factor must be positive")
+        if self.late_last_s is not None and not self.late_last_s > 0:
+            raise ValueError("late_last_s must be positive")
         if self.max_queue < 1 or self.scan < 1:
             raise ValueError("max_queue and scan must be at least 1")
         if not self.queue_timeout_s > 0:
@@ -233,6 +242,8 @@ class Scheduler:
         )
         self._lanes: dict[tuple[int, str], _Lane] = {}  # (priority, tenant)
         self._items: dict[str, _Waiting] = {}
+        # Arrival order, for timeouts; entries of requests that left are skipped lazily.
+        self._arrivals: deque[_Waiting] = deque()
         self._served: dict[str, float] = {}  # tenant -> predicted prefill seconds bound
         self._seq = 0
         # Prefix coalescing: block hash -> the leader computing it; leader -> its blocks.
@@ -288,6 +299,7 @@ class Scheduler:
             self._served[ticket.tenant] = max(self._served.get(ticket.tenant, 0.0), floor)
         lane.add(item)
         self._items[rid] = item
+        self._arrivals.append(item)
         return None
 
     def cancel(self, rid: str) -> bool:
@@ -312,7 +324,7 @@ class Scheduler:
         bound: list[Bound] = []
         scanned = 0
         more = False  # stopped at the scan limit with room left: step again soon
-        for item in self._release_order():
+        for item in self._release_order(now):
             if scanned >= self.config.scan:
                 more = True
                 break
@@ -426,7 +438,7 @@ class Scheduler:
                 out[tenant] = out.get(tenant, 0) + len(lane.items)
         return out
 
-    def _release_order(self) -> Iterator[_Waiting]:
+    def _release_order(self, now: float) -> Iterator[_Waiting]:
         """Waiting requests in the order they may bind: priority, fair share, aged SPT.
 
         Within a priority the next request comes from the tenant with the least service,
@@ -442,7 +454,21 @@ class Scheduler:
             }
             offered = {tenant: self._served.get(tenant, 0.0) for tenant in lanes}
             positions = dict.fromkeys(lanes, 0)
-            snapshot = {tenant: list(lane.items) for tenant, lane in lanes.items()}
+            # A step looks at no more than `scan` requests, so no lane gives more than that
+            # (a copy: binding removes items from the lanes while this generator runs).
+            scan = self.config.scan
+            target = self.config.late_last_s or self.config.slo_ttft_s
+            if target is None:
+                snapshot = {tenant: lane.items[:scan] for tenant, lane in lanes.items()}
+            else:
+                snapshot = {}
+                for tenant, lane in lanes.items():
+                    front = lane.items[: 4 * scan]
+                    lost = [w for w in front if now - w.ticket.arrival + w.prefill_s > target]
+                    if lost:
+                        ids = {id(w) for w in lost}
+                        front = [w for w in front if id(w) not in ids] + lost
+                    snapshot[tenant] = front[:scan]
             while positions:
                 tenant = min(positions, key=lambda t: (offered[t], t))
                 i = positions[tenant]
@@ -532,11 +558,17 @@ class Scheduler:
             self._predictor.forget(shed.ticket.req.rid)
         return shed
 
+    def _oldest(self) -> _Waiting | None:
+        """The longest-waiting request still waiting (drops the departed from the front)."""
+        arrivals = self._arrivals
+        while arrivals and self._items.get(arrivals[0].ticket.req.rid) is not arrivals[0]:
+            arrivals.popleft()
+        return arrivals[0] if arrivals else None
+
     def _expire(self, now: float) -> list[Shed]:
         timeout = self.config.queue_timeout_s
-        late = [w for w in self._items.values() if now - w.ticket.arrival >= timeout]
         out = []
-        for item in late:
+        while (item := self._oldest()) is not None and now - item.ticket.arrival >= timeout:
             self._drop(item)
             out.append(self._count(Shed(ticket=item.ticket, reason="timeout", retry_after_s=1.0)))
         if len(self._leader_blocks) > 4 * self.config.scan:  # leaders no one asked about
@@ -547,10 +579,8 @@ class Scheduler:
         return out
 
     def _next_timeout(self) -> float | None:
-        if not self._items:
-            return None
-        oldest = min(w.ticket.arrival for w in self._items.values())
-        return oldest + self.config.queue_timeout_s
+        oldest = self._oldest()
+        return None if oldest is None else oldest.ticket.arrival + self.config.queue_timeout_s
 
     def _wake_at(self, queue: Mapping[str, float], now: float) -> float | None:
         """When a backend's predicted queue falls under the budget (or a wait times out)."""

@@ -15,6 +15,7 @@ Three measurements, 8 x llama3-8b-h100 (conv-hicache: the HiCache profile), SLO 
 
 Run:  flock /tmp/prefix-router-heavy.lock python benchmarks/scheduler.py   (~25 min, 2 cores)
       python benchmarks/scheduler.py --parts a --workloads multi-turn --precision 0.05
+      python benchmarks/scheduler.py --tables          (the README's tables from the JSON)
 Writes benchmarks/results/scheduler.json and scheduler.png.
 """
 
@@ -69,13 +70,35 @@ def _capacity(job: tuple[str, int, bool, float, float]) -> dict[str, Any]:
         run = simulate_policy(trace, "cost", _config(workload, load, scheduler))
         return capacity_p90(run.summary)
 
-    found = find_capacity(p90_at, slo=SLO, start=start, precision=precision)
+    if not on:
+        found = find_capacity(p90_at, slo=SLO, start=start, precision=precision)
+        probes, capacity = list(found.probes), found.max_load
+    else:
+        # From the capacity without the scheduler (`start`), in steps of `precision`: a
+        # doubling bracket would run it at 2x capacity, where holding thousands of requests
+        # makes a run take many minutes on this box and says nothing about the answer.
+        probes, capacity = [], 0.0
+        load = start
+        passed = (p90 := p90_at(load)) <= SLO
+        probes.append((load, p90))
+        step = 1 + precision if passed else 1 / (1 + precision)
+        while len(probes) < 12:
+            if passed:
+                capacity = max(capacity, load)
+            elif capacity > 0:
+                break
+            load *= step
+            passed = (p90 := p90_at(load)) <= SLO
+            probes.append((load, p90))
+            if passed and step < 1:
+                capacity = load
+                break
     return {
         "workload": workload,
         "seed": seed,
         "scheduler": on,
-        "capacity": found.max_load,
-        "probes": [list(p) for p in found.probes],
+        "capacity": capacity,
+        "probes": [list(p) for p in probes],
     }
 
 
@@ -202,6 +225,47 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def tables(doc: dict[str, Any]) -> str:
+    """The README's markdown tables, from the committed JSON (figures are never typed)."""
+    out: list[str] = []
+    caps = doc.get("capacity", [])
+    if caps:
+        out += ["| workload | seed | cost | cost + scheduler | ratio | oracle (sim_*.json) |",
+                "|---|---|---|---|---|---|"]  # fmt: skip
+        for w, seed in sorted({(r["workload"], r["seed"]) for r in caps}):
+            rows = {r["scheduler"]: r for r in caps if (r["workload"], r["seed"]) == (w, seed)}
+            if False not in rows or True not in rows:
+                continue
+            off, on = rows[False]["capacity"], rows[True]["capacity"]
+            oracle = rows[False].get("oracle") if seed == 1 else None
+            shown = f"{oracle:.2f}" if oracle else "-"
+            out.append(f"| {w} | {seed} | {off:.2f} | {on:.2f} | {on / off:.3f}x | {shown} |")
+    over = doc.get("overload", [])
+    if over:
+        out += ["", "| workload | x capacity | scheduler | goodput req/s | within 2 s | shed | "
+                "p90 TTFT admitted | p99 | router wait p90 | slowest shed answer |",
+                "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in sorted(over, key=lambda r: (r["workload"], r["multiple"], r["scheduler"])):
+            out.append(
+                f"| {r['workload']} | {r['multiple']:g} | {'on' if r['scheduler'] else 'off'} | "
+                f"{r['goodput_rps']:.2f} | {r['goodput_share']:.3f} | {r['shed']} | "
+                f"{r['ttft_p90']:.2f} | {r['ttft_p99']:.2f} | {r['router_wait_p90']:.2f} | "
+                f"{r['shed_answer_max_s'] * 1000:.0f} ms |"
+            )
+    fair = doc.get("fairness", [])
+    if fair:
+        out += ["", "| run | scheduler | tenant | requests | shed | p90 TTFT | goodput share |",
+                "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in fair:
+            for tenant, f in r["tenants"].items():
+                out.append(
+                    f"| {r['trace']} | {'on' if r['scheduler'] else 'off'} | {tenant} | "
+                    f"{f['requests']} | {f['shed']} | {f['ttft_p90']:.3f} | "
+                    f"{f['goodput_share']:.3f} |"
+                )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--parts", default="a,b,c", help="which measurements (a, b, c)")
@@ -211,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", type=Path, default=RESULTS / "scheduler.json")
     p.add_argument("--plot", type=Path, default=RESULTS / "scheduler.png")
+    p.add_argument("--tables", action="store_true", help="print the tables of --json and stop")
     args = p.parse_args(argv)
+    if args.tables:
+        print(tables(json.loads(args.json.read_text())))
+        return 0
     parts = set(args.parts.split(","))
     workloads = [w for w in args.workloads.split(",") if w]
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -224,23 +292,30 @@ def main(argv: list[str] | None = None) -> int:
         "admission_scheduler": repr(ADMISSION_SCHEDULER),
         "precision": args.precision,
     }
+
+    def save() -> None:  # after each part, so a cut-short run still leaves its figures
+        doc["wall_s"] = time.perf_counter() - started
+        write_json(args.json, doc)
+
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         if "a" in parts or "b" in parts:
-            jobs = [(w, 1, on, args.precision, 2.5 if w.startswith("conv") else 8.0)
-                    for w in workloads for on in (False, True)]  # fmt: skip
-            jobs += [(w, s, on, args.precision, 8.0) for w in ("multi-turn", "shared-prefix")
-                     if w in workloads for s in seeds for on in (False, True)]  # fmt: skip
-            if "a" not in parts:
-                jobs = [j for j in jobs if j[1] == 1 and not j[2]]
+            starts = {w: 2.5 if w.startswith("conv") else 8.0 for w in workloads}
+            jobs = [(w, 1, False, args.precision, starts[w]) for w in workloads]
             doc["capacity"] = _map(pool, _capacity, jobs, "capacity")
+            if "a" in parts:
+                jobs = [(r["workload"], 1, True, args.precision, r["capacity"])
+                        for r in doc["capacity"]]  # fmt: skip
+                doc["capacity"] += _map(pool, _capacity, jobs, "capacity (scheduler)")
             for row in doc["capacity"]:
-                row["oracle"] = _oracle(row["workload"]) if row["seed"] == 1 else None
+                row["oracle"] = _oracle(row["workload"])
+            save()
         if "b" in parts:
             base = {r["workload"]: r["capacity"] for r in doc["capacity"]
                     if r["seed"] == 1 and not r["scheduler"]}  # fmt: skip
             jobs = [(w, m, base[w], on) for w in workloads for m in (1.0, 1.5, 2.0)
                     for on in (False, True)]  # fmt: skip
             doc["overload"] = _map(pool, _overload, jobs, "overload")
+            save()
         if "c" in parts:
             base = next((r["capacity"] for r in doc.get("capacity", [])
                          if r["workload"] == "multi-turn" and r["seed"] == 1
@@ -248,8 +323,15 @@ def main(argv: list[str] | None = None) -> int:
             doc["fairness_flood_load"] = 3 * base
             jobs = [(which, 3 * base, on) for which in ("solo", "both") for on in (False, True)]
             doc["fairness"] = _map(pool, _fairness, jobs, "fairness")
-    doc["wall_s"] = time.perf_counter() - started
-    write_json(args.json, doc)
+            save()
+        if "a" in parts and seeds:
+            jobs = [(w, s, False, args.precision, 8.0) for w in ("multi-turn", "shared-prefix")
+                    if w in workloads for s in seeds]  # fmt: skip
+            offs = _map(pool, _capacity, jobs, "capacity (other seeds)")
+            jobs = [(r["workload"], r["seed"], True, args.precision, r["capacity"]) for r in offs]
+            doc["capacity"] += offs + _map(pool, _capacity, jobs, "capacity (seeds, scheduler)")
+            save()
+    save()
     plot(doc, args.plot)
     print(f"wrote {args.json} and {args.plot} in {doc['wall_s']:.0f} s")
     return 0

@@ -77,6 +77,10 @@ __all__ = [
 DEFAULT_PP = 30_000.0
 # The soonest `wake_at` lies after `now`: a predicted queue that is about to free room.
 _MIN_TICK_S = 0.005
+# A request waiting for a backend that is still full is priced again after this long (or
+# once that backend has room): pricing every waiting request at every step is what made
+# overloaded runs quadratic (conv-h100 at 2x capacity: 32 prices per step).
+_REPRICE_S = 0.25
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -205,6 +209,8 @@ class _Waiting:
     prefill_s: float
     key: float  # prefill_s + aging * arrival: smaller goes first
     seq: int
+    held_for: str | None = None  # the full backend it waited for at its last pricing
+    held_at: float = -math.inf
 
     def sort_key(self) -> tuple[float, int]:
         return (self.key, self.seq)
@@ -326,18 +332,30 @@ class Scheduler:
         more = False  # stopped at the scan limit with room left: step again soon
         for item in self._release_order(now):
             if scanned >= self.config.scan:
-                more = True
+                # Step again at once only if this one made progress: when every request
+                # looked at waits for a full backend, pricing the same ones again every tick
+                # changes nothing until an event or a queue falls under the budget.
+                more = bool(bound)
                 break
             if all(queue[b] + ahead[b] >= budget for b in queue):
                 break
             scanned += 1
             req = item.ticket.req
+            held = item.held_for
+            if (
+                held in queue
+                and queue[held] + ahead[held] >= budget
+                and now < item.held_at + _REPRICE_S
+            ):
+                ahead[held] += item.prefill_s  # still waiting for a full backend: no new price
+                continue
             if self._waits_for_leader(req, now):
                 continue
             choice = self._choose(req, backends, now, ahead)
             b = choice.backend
             if queue[b] + ahead[b] >= budget:
                 ahead[b] += item.prefill_s  # waits for b: later requests see b busier
+                item.held_for, item.held_at = b, now
                 continue
             try:
                 decision = self.core.route(req, now, choice=choice)

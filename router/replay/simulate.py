@@ -14,9 +14,10 @@ tokens), so the policy's decisions here are the decisions it makes in production
 
 With `SimConfig.scheduler` set, requests go through the router's scheduler
 (router.core.scheduler) instead of binding on arrival: each arrival is submitted, and the
-scheduler is stepped at every arrival, at every engine step boundary while it holds requests,
-and when it asks (`wake_at`); what it binds goes to that engine at that moment, what it sheds
-ends as a failed outcome ("shed: <reason>"), so capacity searches count it as a failure.
+scheduler is stepped at every arrival, at every engine event (first token, finish) while it
+holds requests, and when it asks (`wake_at`), as the live proxy steps it. What it binds goes
+to that engine at that moment; what it sheds ends as a failed outcome ("shed: <reason>"), so
+capacity searches count it as a failure.
 """
 
 from __future__ import annotations
@@ -197,7 +198,8 @@ def simulate_policy(
             )
         )
 
-    def deliver(now: float) -> None:
+    def deliver(now: float) -> int:
+        """Advance every engine to `now` and feed the core their events; how many there were."""
         batch: list[tuple[float, int, FirstToken | Finished | Aborted]] = []
         for order, engine in enumerate(engines.values()):
             for event in engine.advance(now):
@@ -208,6 +210,7 @@ def simulate_policy(
                 core.on_first_token(event.rid, event.time, event.cached_tokens)
             else:
                 finish(event.rid, event)
+        return len(batch)
 
     waits: list[float] = []
     shed_after: list[float] = []  # seconds from arrival to the shed answer
@@ -276,7 +279,12 @@ def simulate_policy(
                         t = boundary
             if t == math.inf:
                 break
-            deliver(t)
+            events = deliver(t)
+            # The router learns only from events (the live proxy steps on the same ones), so
+            # a step boundary with none, no arrival and no wake-up changes nothing: skip it.
+            woken = wake is not None and wake <= t
+            if not events and not woken and t < next_arrival:
+                continue
             while position < len(requests) and requests[position].timestamp / config.load <= t:
                 treq = requests[position]
                 ticket = Ticket(

@@ -184,6 +184,8 @@ def test_start_and_duration_select_a_window(
         (["--start", "100000"], "the trace window holds no requests"),
         (["--slo-ttft-p90", "0", "--find-capacity"], "--slo-ttft-p90 must be a positive"),
         (["--capacity-precision", "1.5", "--find-capacity"], "--capacity-precision must be in"),
+        (["--slo-ttft", "2"], "--slo-ttft and --scheduler-budget need --scheduler on"),
+        (["--scheduler", "on", "--slo-ttft", "-1"], "--slo-ttft must be a positive"),
     ],
 )
 def test_bad_arguments_give_one_error_line_and_exit_2(
@@ -356,3 +358,19 @@ def test_apply_kv_events_sets_the_index_from_engine_events() -> None:
     assert index.match([1, 2, 3]) == {"b": 2} and index.match([9]) == {}
     apply_kv_events(index, "b", [AllBlocksCleared()], 0.0)
     assert index.match([1, 2, 3]) == {}
+
+def test_scheduler_on_adds_goodput_shed_and_router_wait_to_each_result(
+    gsp_trace: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # 4 GPUs at 20x the trace's rate: far past capacity, so admission at 0.5 s sheds.
+    args = ("--backends", "4", "--load", "20", "--policies", "cost", "--scheduler", "on")
+    doc = _json_run(capsys, gsp_trace, tmp_path, *args, "--slo-ttft", "0.5")
+    assert doc["scheduler"] == "on" and doc["slo_ttft"] == 0.5
+    res = doc["results"]["cost"]
+    assert res["shed"] > 0 and res["failed"] == res["shed"]
+    assert res["goodput_slo_s"] == 0.5
+    assert res["goodput_rps"] > 0 and res["router_wait_p90"] >= 0
+    off = _json_run(capsys, gsp_trace, tmp_path, "--backends", "4", "--policies", "cost")
+    assert off["scheduler"] == "off"
+    assert off["results"]["cost"]["shed"] == 0
+    assert off["results"]["cost"]["router_wait_p90"] == 0.0

@@ -82,6 +82,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--health-interval", type=float, dest="health_interval_s", metavar="S")
     a("--max-attempts", type=int, help="backends tried per request before 503")
+    a(
+        "--scheduler",
+        choices=["on", "off"],
+        help="hold requests in the router and bind them late, with SLO admission, priorities "
+        "and tenant fairness (default off; benchmarks/README.md says why)",
+    )
+    a(
+        "--slo-ttft",
+        type=float,
+        dest="slo_ttft_s",
+        metavar="S",
+        help="TTFT deadline: with "
+        "--scheduler on, a request predicted to miss it gets 429 + Retry-After on arrival",
+    )
+    a(
+        "--scheduler-budget",
+        type=float,
+        dest="scheduler_budget_s",
+        metavar="S",
+        help="predicted prefill seconds a backend may have queued before the router holds the "
+        "rest (default 0.5)",
+    )
+    a("--queue-size", type=int, help="requests the router's queue holds (default 1024; 429 past)")
+    a(
+        "--queue-timeout",
+        type=float,
+        dest="queue_timeout_s",
+        metavar="S",
+        help="longest wait in the router's queue before a 429 (default 60)",
+    )
     a("--seed", type=int, help="random seed of the policy")
     a("--log-prompts", action="store_true", default=None, help="log prompt text (off by default)")
     a("--log-level", help="DEBUG, INFO, WARNING...")
@@ -138,6 +168,11 @@ def run(args: argparse.Namespace) -> int:
             kv_event_endpoints=args.kv_event_endpoints,
             health_interval_s=args.health_interval_s,
             max_attempts=args.max_attempts,
+            scheduler=None if args.scheduler is None else args.scheduler == "on",
+            slo_ttft_s=args.slo_ttft_s,
+            scheduler_budget_s=args.scheduler_budget_s,
+            queue_size=args.queue_size,
+            queue_timeout_s=args.queue_timeout_s,
             seed=args.seed,
             log_prompts=args.log_prompts,
             log_level=args.log_level,

@@ -21,6 +21,12 @@ examples:
   prefix-router simulate --trace conversation --backends 8 --profile llama3-8b-h100 \\
       --policies round_robin,cache_aware,cost --json out.json --plot out.png
   prefix-router simulate --trace my.jsonl --backends 8 --find-capacity --slo-ttft-p90 2
+  prefix-router simulate --trace conversation --policies cost --scheduler on --slo-ttft 2
+
+--scheduler on holds requests in the router and binds them late (router/core/scheduler.py);
+with --slo-ttft it also sheds, on arrival, requests predicted to miss that TTFT. Each policy's
+result gains goodput_rps (requests with TTFT within --slo-ttft, or --slo-ttft-p90, per second),
+shed (count; a capacity search counts a shed request as a failed one) and router_wait_p90.
 
 --trace takes a path (Mooncake JSONL, Azure CSV, chat-log JSONL) or a bundled name:
 conversation, azure-conv, azure-code, mtbench-chat.
@@ -70,6 +76,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the engines publish KV events and the router's index follows them (as serve "
         "does with SGLang's) instead of modelling each cache",
     )
+    parser.add_argument(
+        "--scheduler",
+        choices=["on", "off"],
+        default="off",
+        help="hold requests in the router and bind them late (default off)",
+    )
+    parser.add_argument(
+        "--scheduler-budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help="predicted prefill seconds a backend may have queued before the router holds "
+        "the rest (default 0.5)",
+    )
+    parser.add_argument(
+        "--slo-ttft",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --scheduler on: shed on arrival requests predicted to miss this TTFT",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write results JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="write a TTFT CDF PNG here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -85,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from backends.sim.engine import EngineConfig
     from backends.sim.perf import PROFILES
     from router.core.policies import POLICIES
+    from router.core.scheduler import SchedulerConfig
     from router.replay.analyze import ideal_hit_ratio, lru_hit_ratio
     from router.replay.metrics import write_json
     from router.replay.report import format_table, plot_ttft_cdf
@@ -103,6 +131,14 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--slo-ttft-p90 must be a positive number, got {args.slo_ttft_p90:g}")
     if not 0 < args.capacity_precision < 1:
         return _fail(f"--capacity-precision must be in (0, 1), got {args.capacity_precision:g}")
+    for flag, value in (
+        ("--scheduler-budget", args.scheduler_budget),
+        ("--slo-ttft", args.slo_ttft),
+    ):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            return _fail(f"{flag} must be a positive number, got {value:g}")
+    if args.scheduler == "off" and (args.slo_ttft is not None or args.scheduler_budget):
+        return _fail("--slo-ttft and --scheduler-budget need --scheduler on")
     names = [p.strip() for p in args.profile.split(",") if p.strip()]
     unknown = [n for n in names if n not in PROFILES]
     if not names or unknown:
@@ -130,6 +166,15 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
 
+    scheduler = None
+    if args.scheduler == "on":
+        # Order by the TTFT the run is judged by (requests already past it go last).
+        knobs: dict[str, Any] = {"slo_ttft_s": args.slo_ttft, "late_last_s": args.slo_ttft_p90}
+        if args.scheduler_budget is not None:
+            knobs["budget_s"] = args.scheduler_budget
+        scheduler = SchedulerConfig(**knobs)
+    goodput_slo = args.slo_ttft if args.slo_ttft is not None else args.slo_ttft_p90
+
     def one_run(policy: str, load: float, desc: str) -> Any:
         cfg = SimConfig(
             profiles=profiles,
@@ -137,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             engine=engine_cfg,
             kv_events=args.kv_events,
+            scheduler=scheduler,
+            goodput_slo_s=goodput_slo,
         )
         with tqdm(
             total=len(trace.requests), desc=desc, unit="req", disable=args.quiet, leave=False
@@ -176,6 +223,12 @@ def run(args: argparse.Namespace) -> int:
         f"(ideal hit {ideal:.3f}, LRU bound {lru:.3f})"
     )
     print(format_table(results, title=title))
+    for policy, res in results.items():
+        print(
+            f"  {policy}: goodput {res['goodput_rps']:.2f} req/s within "
+            f"{res['goodput_slo_s']:g} s, shed {res['shed']}, "
+            f"router wait p90 {res['router_wait_p90']:.3f} s"
+        )
     if capacity:
         for policy, cap in capacity.items():
             slo, load = cap["slo_ttft_p90"], cap["max_load"]
@@ -190,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
             "start": args.start,
             "duration": args.duration,
             "pool_kv_tokens": pool_tokens,
+            "scheduler": args.scheduler,
+            "slo_ttft": args.slo_ttft,
             "results": results,
         }
         if capacity:

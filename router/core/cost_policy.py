@@ -45,7 +45,7 @@ from __future__ import annotations
 import random
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -387,7 +387,19 @@ class CostPolicy(BasePolicy):
     def _queue_s(self, state: BackendState, model: _BackendModel, now: float) -> float:
         return model.backlog.remaining(now)
 
-    def choose(self, req: RouteRequest, backends: Sequence[BackendState], now: float) -> Choice:
+    def choose(
+        self,
+        req: RouteRequest,
+        backends: Sequence[BackendState],
+        now: float,
+        *,
+        ahead: Mapping[str, float] | None = None,
+    ) -> Choice:
+        """The cheapest backend; `ahead` adds seconds of work to some backends' queues.
+
+        The scheduler (router.core.scheduler) passes the prefill it holds for each backend
+        ahead of `req`, so requests waiting in the router count as queue where they will go.
+        """
         matches = self.index.match(req.blocks)
         expected_output = self.outputs.expect(req.max_tokens)
         n = req.prompt_tokens
@@ -430,6 +442,8 @@ class CostPolicy(BasePolicy):
                     queue_s = 0.0
                 if lateness and backlog.due:
                     queue_s += backlog.lateness(now)
+            if ahead:
+                queue_s += ahead.get(backend, 0.0)
             new = n - cached  # >= 1: a hit is capped at n - 1 tokens
             pairs = new * (n - new) + new * (new + 1) // 2  # attention_pairs(new, n)
             prefill_s = new * per_token + pairs * per_pair
@@ -462,6 +476,33 @@ class CostPolicy(BasePolicy):
             predicted_ttft_s=routed.ttft_s,
             reason=f"cost {best_cost:.3f}s",
         )
+
+    # -- what the scheduler asks (router.core.scheduler) ------------------------------------
+    def queue_s(self, state: BackendState, now: float) -> float:
+        """Seconds of prefill ahead of a request sent to `state` now (as `choose` counts it)."""
+        model = self._model(state)
+        queue = self._queue_s(state, model, now)
+        if not self._exact and self.config.lateness and model.backlog.due:
+            queue += model.backlog.lateness(now)
+        return queue
+
+    def prefill_estimate(self, req: RouteRequest, backends: Sequence[BackendState]) -> float:
+        """`req`'s shortest predicted prefill over `backends` (each with its own cached prefix)."""
+        matches = self.index.match(req.blocks)
+        best = float("inf")
+        for state in backends:
+            cached = self._cached_tokens(req, state.id, matches)
+            perf = self._model(state).perf
+            best = min(best, perf.prefill_time(req.prompt_tokens - cached, req.prompt_tokens))
+        return 0.0 if best == float("inf") else best
+
+    def prefill_time(self, state: BackendState, new_tokens: int, context_tokens: int) -> float:
+        """Seconds `state` needs to prefill `new_tokens` at the end of `context_tokens`."""
+        return self._model(state).perf.prefill_time(new_tokens, context_tokens)
+
+    def forget(self, rid: str) -> None:
+        """Drop what `choose` kept for a request that will not be routed (shed by the router)."""
+        self._routed.pop(rid, None)
 
     # -- what happened --------------------------------------------------------------------
     def _decode_share_s(self, routed: _Routed) -> float:

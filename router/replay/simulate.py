@@ -11,6 +11,13 @@ The loop is the live proxy's life with the sockets taken out::
 The router only learns what the live proxy would learn (first token, finish, reported cached
 tokens), so the policy's decisions here are the decisions it makes in production. Only the
 `oracle` policy is given a probe into the engines' true cache and queue.
+
+With `SimConfig.scheduler` set, requests go through the router's scheduler
+(router.core.scheduler) instead of binding on arrival: each arrival is submitted, and the
+scheduler is stepped at every arrival, at every engine event (first token, finish) while it
+holds requests, and when it asks (`wake_at`), as the live proxy steps it. What it binds goes
+to that engine at that moment; what it sheds ends as a failed outcome ("shed: <reason>"), so
+capacity searches count it as a failure.
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ from router.core.blocks import route_request_from_hash_ids
 from router.core.index import PrefixIndex
 from router.core.model import BackendSpec, RouteRequest
 from router.core.policies import make_policy
-from router.core.routing import RoutingCore
+from router.core.routing import Decision, RoutingCore
+from router.core.scheduler import Scheduler, SchedulerConfig, Shed, Ticket
 from router.priors import prior_from_profile
-from router.replay.metrics import RequestOutcome, summarize
-from router.replay.traces import Trace
+from router.replay.metrics import RequestOutcome, percentile, summarize
+from router.replay.traces import Trace, TraceRequest
 
 __all__ = [
     "CapacityResult",
@@ -64,6 +72,10 @@ class SimConfig:
     # the engines publish KV events and the policy's prefix index follows them (as `serve` does
     # with SGLang's), instead of its modelled LRU
     kv_events: bool = False
+    # None: bind every request on arrival (no router-side scheduler).
+    scheduler: SchedulerConfig | None = None
+    # TTFT a request must meet to count towards goodput_rps.
+    goodput_slo_s: float = 2.0
 
     def __post_init__(self) -> None:
         if not self.profiles:
@@ -181,8 +193,13 @@ def simulate_policy(
     config: SimConfig,
     *,
     on_request: Callable[[], None] | None = None,
+    tenant_of: Callable[[TraceRequest], str] | None = None,
 ) -> PolicyRun:
-    """Run `trace` through fresh engines routed by `policy`; every request ends in an outcome."""
+    """Run `trace` through fresh engines routed by `policy`; every request ends in an outcome.
+
+    `tenant_of` names each request's tenant (for the scheduler's fairness and a per-tenant
+    summary under `summary["tenants"]`).
+    """
     started = time.perf_counter()
     ids = _backend_ids(len(config.profiles))
     profiles = {bid: _profile(item) for bid, item in zip(ids, config.profiles, strict=True)}
@@ -244,7 +261,8 @@ def simulate_policy(
             )
         )
 
-    def deliver(now: float) -> None:
+    def deliver(now: float) -> int:
+        """Advance every engine to `now` and feed the core their events; how many there were."""
         batch: list[tuple[float, int, FirstToken | Finished | Aborted]] = []
         for order, (bid, engine) in enumerate(engines.items()):
             for event in engine.advance(now):
@@ -257,12 +275,17 @@ def simulate_policy(
                 core.on_first_token(event.rid, event.time, event.cached_tokens)
             else:
                 finish(event.rid, event)
+        return len(batch)
 
-    for position, treq in enumerate(trace.requests):
-        now = treq.timestamp / config.load
-        deliver(now)
+    waits: list[float] = []
+    shed_after: list[float] = []  # seconds from arrival to the shed answer
+    tenants: dict[str, str] = {}
+
+    def route_request(position: int, treq: TraceRequest) -> RouteRequest:
         rid = f"r{position}"
-        route_req = route_request_from_hash_ids(
+        if tenant_of is not None:
+            tenants[rid] = tenant_of(treq)
+        return route_request_from_hash_ids(
             rid,
             treq.hash_ids,
             trace.block_size,
@@ -270,18 +293,86 @@ def simulate_policy(
             treq.output_length,
             treq.session,
         )
-        decision = core.route(route_req, now)
+
+    def dispatch(route_req: RouteRequest, decision: Decision, arrival: float, now: float) -> None:
         if decision.predicted_ttft_s is not None:
-            predicted[rid] = decision.predicted_ttft_s
-        live[rid] = _Live(arrival=now, req=route_req, backend=decision.backend)
-        engines[decision.backend].add_request(
-            _sim_request(route_req, output_tokens=treq.output_length), now
+            predicted[route_req.rid] = decision.predicted_ttft_s
+        live[route_req.rid] = _Live(arrival=arrival, req=route_req, backend=decision.backend)
+        output = route_req.max_tokens or 1
+        engines[decision.backend].add_request(_sim_request(route_req, output_tokens=output), now)
+
+    def shed(item: Shed, now: float) -> None:
+        ticket = item.ticket
+        shed_after.append(now - ticket.arrival)
+        outcomes.append(
+            RequestOutcome(
+                rid=ticket.req.rid,
+                arrival=ticket.arrival,
+                prompt_tokens=ticket.req.prompt_tokens,
+                output_tokens=0,
+                cached_tokens=0,
+                ttft=None,
+                tpot=None,
+                e2e=None,
+                error=f"shed: {item.reason}",
+            )
         )
-        if on_request is not None:
-            on_request()
+
+    if config.scheduler is None:
+        for position, treq in enumerate(trace.requests):
+            now = treq.timestamp / config.load
+            deliver(now)
+            route_req = route_request(position, treq)
+            dispatch(route_req, core.route(route_req, now), now, now)
+            waits.append(0.0)
+            if on_request is not None:
+                on_request()
+    else:
+        sched = Scheduler(core, config.scheduler)
+        requests = trace.requests
+        position = 0
+        wake: float | None = None
+        while True:
+            next_arrival = (
+                requests[position].timestamp / config.load if position < len(requests) else math.inf
+            )
+            t = min(next_arrival, math.inf if wake is None else wake)
+            if len(sched):  # holding requests: react at every engine step boundary
+                for engine in engines.values():
+                    boundary = engine.next_event_time()
+                    if boundary is not None and boundary < t:
+                        t = boundary
+            if t == math.inf:
+                break
+            events = deliver(t)
+            # The router learns only from events (the live proxy steps on the same ones), so
+            # a step boundary with none, no arrival and no wake-up changes nothing: skip it.
+            woken = wake is not None and wake <= t
+            if not events and not woken and t < next_arrival:
+                continue
+            while position < len(requests) and requests[position].timestamp / config.load <= t:
+                treq = requests[position]
+                ticket = Ticket(
+                    req=route_request(position, treq),
+                    arrival=t,
+                    tenant=tenants.get(f"r{position}", ""),
+                )
+                refused = sched.submit(ticket, t)
+                if refused is not None:
+                    shed(refused, t)
+                position += 1
+                if on_request is not None:
+                    on_request()
+            out = sched.step(t)
+            for bound in out.bound:
+                dispatch(bound.ticket.req, bound.decision, bound.ticket.arrival, t)
+                waits.append(bound.waited_s)
+            for refused_later in out.shed:
+                shed(refused_later, t)
+            wake = out.wake_at
 
     while True:
-        pending = [t for e in engines.values() if (t := e.next_event_time()) is not None]
+        pending = [b for e in engines.values() if (b := e.next_event_time()) is not None]
         if not pending:
             break
         deliver(min(pending))
@@ -290,6 +381,15 @@ def simulate_policy(
 
     outcomes.sort(key=lambda o: o.arrival)
     summary = summarize(outcomes, wall_s=time.perf_counter() - started)
+    summary.update(_router_figures(outcomes, waits, shed_after, config.goodput_slo_s))
+    if tenant_of is not None:
+        groups: dict[str, list[RequestOutcome]] = {}
+        for o in outcomes:
+            groups.setdefault(tenants.get(o.rid, ""), []).append(o)
+        summary["tenants"] = {
+            name: {**summarize(group), **_router_figures(group, [], [], config.goodput_slo_s)}
+            for name, group in sorted(groups.items())
+        }
     return PolicyRun(
         policy=policy,
         outcomes=outcomes,
@@ -298,6 +398,25 @@ def simulate_policy(
         core=core,
         predicted_ttft=predicted,
     )
+
+
+def _router_figures(
+    outcomes: list[RequestOutcome], waits: list[float], shed_after: list[float], slo: float
+) -> dict[str, Any]:
+    """Goodput (requests meeting the TTFT SLO per second of arrivals), shed, router waits."""
+    arrivals = [o.arrival for o in outcomes]
+    span = max(arrivals) - min(arrivals) if len(arrivals) > 1 else 0.0
+    good = sum(1 for o in outcomes if o.ttft is not None and o.ttft <= slo)
+    ordered = sorted(waits)
+    return {
+        "goodput_slo_s": slo,
+        "goodput_rps": good / span if span > 0 else 0.0,
+        "goodput_share": good / len(outcomes) if outcomes else 0.0,
+        "shed": sum(1 for o in outcomes if o.error is not None and o.error.startswith("shed")),
+        "shed_answer_max_s": max(shed_after, default=0.0),
+        "router_wait_p90": percentile(ordered, 90) if ordered else 0.0,
+        "router_wait_mean": sum(ordered) / len(ordered) if ordered else 0.0,
+    }
 
 
 def _failed(rid: str, item: _Live, error: str) -> RequestOutcome:

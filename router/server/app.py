@@ -42,6 +42,7 @@ from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
 from router.server.proxy import Proxy
 from router.server.record_admin import RecordControl
+from router.server.scheduling import SchedulerDriver, scheduler_config
 from router.server.sglang_compat import ModelInfoRelay
 from router.server.status import StatusApi
 from router.state import StateSync, open_state
@@ -148,6 +149,9 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
     kv_events = KVEventsManager(policy, hasher, config.kv_events, config.kv_event_endpoints)
     pool.observers.append(kv_events)
     state.status.kv_events = kv_events
+    if config.scheduler:
+        proxy.scheduling = SchedulerDriver.build(core, scheduler_config(config), metrics)
+        state.status.scheduler_stats = proxy.scheduling.stats
     app[STATE] = state
     for url in config.backends:
         pool.add(url)
@@ -178,6 +182,8 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
         if proxy.background:
             await asyncio.wait(set(proxy.background), timeout=config.abort_timeout_s)
         proxy.close()
+        if proxy.scheduling is not None:
+            proxy.scheduling.close()
         await session.close()
 
 

@@ -78,6 +78,13 @@ class ServerConfig(BaseSettings):
     # how long a stopping router waits for in-flight requests before cutting them
     shutdown_timeout_s: float = Field(default=5.0, ge=0)
     retry_after_s: int = Field(default=1, ge=0)
+    # The router-side scheduler (router/core/scheduler.py, `--scheduler on`): late binding,
+    # SLO admission (429 + Retry-After), priorities and tenant fairness.
+    scheduler: bool = False
+    slo_ttft_s: float | None = Field(default=None, gt=0)
+    scheduler_budget_s: float = Field(default=0.5, gt=0)
+    queue_size: int = Field(default=1024, ge=1)
+    queue_timeout_s: float = Field(default=60.0, gt=0)
     log_prompts: bool = False
     log_level: str = "INFO"
     # Shared routing state between router replicas (docs/replicas.md): "memory" (one replica,

@@ -79,6 +79,7 @@ from router.server.errors import REQUEST_ID_KEY, ApiError, sse_error_event
 from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
 from router.server.recorder import Recorder
+from router.server.scheduling import SchedulerDriver, ticket_for
 from router.state import StateSync
 
 __all__ = ["Endpoint", "Proxy"]
@@ -169,6 +170,8 @@ class Proxy:
         self._rid_serial = itertools.count(1)
         self._urls: dict[tuple[str, str], URL] = {}
         self.background: set[asyncio.Task[None]] = set()
+        # --scheduler on: requests wait in the router until bound (router/server/scheduling.py)
+        self.scheduling: SchedulerDriver | None = None
         self.timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
         )
@@ -343,9 +346,14 @@ class Proxy:
         for attempt in range(self.config.max_attempts):
             flight.attempts = attempt + 1
             try:
-                decision = self.core.route(
-                    route_req, asyncio.get_running_loop().time(), exclude=exclude
-                )
+                if attempt == 0 and self.scheduling is not None and not exclude:
+                    now = asyncio.get_running_loop().time()
+                    ticket = ticket_for(request, body, route_req, now)
+                    decision = await self.scheduling.bind(ticket)
+                else:
+                    decision = self.core.route(
+                        route_req, asyncio.get_running_loop().time(), exclude=exclude
+                    )
             except NoBackendError:
                 break
             if self._sharing:
@@ -430,6 +438,8 @@ class Proxy:
             self.core.on_finished(flight.rid, now, 0, None)
         else:
             self.core.on_failed(flight.rid, now)
+        if self.scheduling is not None:
+            self.scheduling.kick()
 
     def _first_token(self, flight: _Flight, cached: int | None) -> None:
         now = asyncio.get_running_loop().time()
@@ -441,6 +451,8 @@ class Proxy:
             if rec is not None:
                 self.sync.first_token(rec)
         self.core.on_first_token(flight.rid, now, cached)
+        if self.scheduling is not None:
+            self.scheduling.kick()
         self.metrics.ttft.observe(flight.backend, value=flight.ttft_s)
 
     def _abort_upstream(self, backend_url: str, rid: str) -> None:

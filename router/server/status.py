@@ -78,6 +78,7 @@ class StatusApi:
         self.metrics = metrics
         self.policy_name = policy_name
         self.kv_events: Any = None  # the KV event subscriptions, when the app has them
+        self.scheduler_stats: Callable[[], Any] | None = None  # set with --scheduler on
         metrics.registry.collectors.append(self._collect)
 
     def _states(self) -> dict[str, BackendState]:
@@ -147,6 +148,7 @@ class StatusApi:
             "core": core_stats,
             "replicas": self.sync.stats(),
             "kv_events": self.kv_events.stats() if self.kv_events is not None else None,
+            "scheduler": self.scheduler_stats() if self.scheduler_stats is not None else None,
         }
 
     async def stats(self, request: web.Request) -> web.StreamResponse:

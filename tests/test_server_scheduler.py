@@ -1,0 +1,101 @@
+"""`serve --scheduler on` through real HTTP: a real router in front of real simulated backends."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+from server_fixtures import serving
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+LONG = " ".join(f"Clause {i}: the tenant shall keep the premises tidy." for i in range(200))
+
+
+async def _chat(client: openai.AsyncOpenAI, text: str, **extra: object) -> str:
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": text}],
+        max_tokens=4,
+        stream=True,
+        **extra,  # type: ignore[arg-type]
+    )
+    parts = []
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+    return "".join(parts)
+
+
+async def test_every_request_is_bound_and_answered_with_the_scheduler_on() -> None:
+    # A budget far under one prompt's prefill: each backend takes one request at a time and
+    # the rest wait in the router, released as first tokens come back.
+    async with serving(2, policy="cost", scheduler=True, scheduler_budget_s=0.001) as setup:
+        client = openai.AsyncOpenAI(base_url=setup.url + "/v1", api_key="k", max_retries=0)
+        texts = await asyncio.gather(
+            *(
+                _chat(client, f"{LONG} question {i}", extra_headers={"X-Tenant": f"t{i % 2}"})
+                for i in range(10)
+            )
+        )
+        assert all(texts)
+        async with setup.session.get(setup.url + "/stats") as resp:
+            stats = (await resp.json())["scheduler"]
+        assert stats["bound"] == 10 and stats["waiting"] == 0 and stats["shed"] == 0
+        assert set(stats["served_s_by_tenant"]) == {"t0", "t1"}
+        async with setup.session.get(setup.url + "/metrics") as resp:
+            text = await resp.text()
+        assert "prefix_router_scheduler_bound_total 10" in text
+        assert "prefix_router_scheduler_wait_seconds_count 10" in text
+        assert "prefix_router_scheduler_waiting 0" in text
+
+
+async def test_a_request_that_cannot_meet_its_deadline_gets_429_before_any_backend_work() -> None:
+    async with serving(2, policy="cost", scheduler=True, slo_ttft_s=30.0) as setup:
+        url = setup.url + "/v1/chat/completions"
+        body = {"model": MODEL, "messages": [{"role": "user", "content": LONG}], "max_tokens": 4}
+        # Its own deadline (1 ms) is under the prompt's predicted prefill on an idle backend.
+        async with setup.session.post(url, json=body, headers={"X-TTFT-SLO": "0.001"}) as resp:
+            assert resp.status == 429
+            assert int(resp.headers["Retry-After"]) >= 1
+            error = (await resp.json())["error"]
+        assert error["type"] == "rate_limit_error" and error["code"] == "router_slo"
+        assert "deadline" in error["message"]
+        # The SDK sees a RateLimitError, as from any OpenAI-compatible server.
+        client = openai.AsyncOpenAI(base_url=setup.url + "/v1", api_key="k", max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            await _chat(client, LONG, extra_headers={"X-TTFT-SLO": "0.001"})
+        # The deployment's 30 s deadline admits the same request.
+        assert await _chat(client, LONG)
+        async with setup.session.get(setup.url + "/stats") as resp:
+            stats = await resp.json()
+        assert stats["scheduler"]["shed_by_reason"] == {"slo": 2}
+        assert sum(b["routed"] for b in stats["backends"]) == 1  # the shed ones never went out
+        async with setup.session.get(setup.url + "/metrics") as resp:
+            assert 'prefix_router_scheduler_shed_total{reason="slo"} 2' in await resp.text()
+
+
+async def test_bad_priority_or_deadline_headers_are_a_400() -> None:
+    async with serving(1, policy="cost", scheduler=True) as setup:
+        url = setup.url + "/v1/chat/completions"
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for headers in ({"X-Priority": "high"}, {"X-TTFT-SLO": "-1"}, {"X-TTFT-SLO": "soon"}):
+            async with setup.session.post(url, json=body, headers=headers) as resp:
+                assert resp.status == 400, headers
+                assert (await resp.json())["error"]["type"] == "invalid_request_error"
+        async with setup.session.post(url, json={**body, "priority": "x"}) as resp:
+            assert resp.status == 400
+        async with setup.session.post(url, json={**body, "priority": 3}) as resp:
+            assert resp.status == 200
+
+
+async def test_the_api_key_is_the_tenant_when_no_header_names_one() -> None:
+    async with serving(1, policy="cost", scheduler=True, api_keys=["secret-key-a"]) as setup:
+        client = openai.AsyncOpenAI(
+            base_url=setup.url + "/v1", api_key="secret-key-a", max_retries=0
+        )
+        assert await _chat(client, "hello")
+        async with setup.session.get(setup.url + "/stats") as resp:
+            tenants = (await resp.json())["scheduler"]["served_s_by_tenant"]
+        (tenant,) = tenants
+        assert tenant.startswith("key:") and "secret" not in tenant

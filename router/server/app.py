@@ -38,6 +38,7 @@ from router.server.config import ServerConfig
 from router.server.errors import error_middleware
 from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
+from router.server.protocol import JsonErrorRunner
 from router.server.proxy import Proxy
 from router.server.status import StatusApi
 from router.state import StateSync, open_state
@@ -218,7 +219,7 @@ class RunningServer:
 async def start_server(config: ServerConfig) -> RunningServer:
     """Start the router on config.host:config.port (port 0: any free port)."""
     app = create_app(config)
-    runner = web.AppRunner(
+    runner = JsonErrorRunner(  # parser errors (oversized headers...) as JSON too
         app,
         handler_cancellation=True,
         access_log=None,

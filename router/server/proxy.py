@@ -76,6 +76,8 @@ from router.core.routing import NoBackendError, RoutingCore
 from router.server.auth import check_client
 from router.server.config import ServerConfig
 from router.server.errors import REQUEST_ID_KEY, ApiError, sse_error_event
+from router.server.jsonbody import loads as _loads
+from router.server.jsonbody import read_object, too_deep
 from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
 from router.state import StateSync
@@ -199,18 +201,6 @@ class Proxy:
             rid = f"{rid}-{uuid.uuid4().hex[:8]}"
         return rid
 
-    async def _read_json(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
-        raw = await request.read()  # 413 from aiohttp past client_max_size
-        try:
-            body = _loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(
-                400, f"request body is not valid JSON: {exc}", code="invalid_json"
-            ) from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-        return raw, body
-
     async def _route_request(self, prompt: Prompt, rid: str, body_chars: int) -> RouteRequest:
         """Blocks only when the policy reads them; big prompts tokenize off the event loop."""
         if self.hasher is None or not self.policy.needs_blocks:
@@ -307,7 +297,7 @@ class Proxy:
         self, request: web.Request, endpoint: Endpoint, flight: _Flight
     ) -> web.StreamResponse:
         check_client(request, self.config.api_keys)
-        raw, body = await self._read_json(request)
+        raw, body = await read_object(request)
         rid = self._new_rid(request, body)
         request[REQUEST_ID_KEY] = rid
         flight.rid = rid
@@ -315,6 +305,14 @@ class Proxy:
             prompt = PARSERS[endpoint.kind](body)
         except PromptError as exc:
             raise ApiError(400, str(exc), code="invalid_request") from None
+        if endpoint.kind == "generate" and _batch_size(body) > 1:
+            raise ApiError(
+                400,
+                "batched /generate (a list of several prompts) is not supported: send one "
+                "prompt per request, so each is routed to the backend caching its prefix",
+                param="text" if "text" in body else "input_ids",
+                code="batch_not_supported",
+            )
         stream = body.get("stream", False)
         if not isinstance(stream, bool) and stream is not None:
             raise ApiError(400, "stream must be a boolean", param="stream", code="invalid_type")
@@ -325,7 +323,7 @@ class Proxy:
         exclude = self._exclusions(body, endpoint)
         if self.config.log_prompts:
             log.info("rid=%s prompt=%s", rid, json.dumps(body)[:4096])
-        route_req = await self._route_request(prompt, rid, request.content_length or 0)
+        route_req = await self._route_request(prompt, rid, len(raw))  # chunked: no length
         if not stream:
             route_req = replace(route_req, first_token_seen=False)
         payload, strip_usage = self._upstream_payload(raw, body, endpoint, rid, stream)
@@ -383,8 +381,7 @@ class Proxy:
         the client already sent is replaced by re-serialising (JSON keys must stay unique).
         """
         extra: dict[str, Any] = {}
-        batch = endpoint.kind == "generate" and isinstance(body.get("text"), list)
-        if not batch:
+        if endpoint.kind != "generate" or not _batch_size(body):
             extra["rid"] = rid
         strip_usage = False
         if stream and endpoint.kind != "generate":
@@ -625,17 +622,18 @@ class Proxy:
 _DECODER = json.JSONDecoder()
 
 
-def _loads(data: bytes) -> Any:
-    """orjson (4-5x faster on long prompts); what it refuses (NaN, UTF-16...) goes to json.
+def _batch_size(body: Mapping[str, Any]) -> int:
+    """Prompts in a /generate batch (`text` list, `input_ids` list of lists); 0: not a batch.
 
-    So accepted input and error messages stay json's. One difference: orjson reads an integer
-    past 64 bits as a float. The router only reads such a body (the upstream gets the client's
-    bytes, or `_splice` re-reads them exactly), so only an absurd `max_tokens` could tell.
+    SGLang answers a batch, even of one, with a list and wants `rid` as a list then, so the
+    router adds no scalar `rid` to a batch of one (and refuses larger ones: see `_forward`).
     """
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)
+    text, ids = body.get("text"), body.get("input_ids")
+    if isinstance(text, list):
+        return len(text)
+    if isinstance(ids, list) and ids and isinstance(ids[0], list):
+        return len(ids)
+    return 0
 
 
 def _has_usage(data: bytes) -> bool:
@@ -754,7 +752,10 @@ def _splice(raw: bytes, body: Mapping[str, Any], extra: Mapping[str, Any]) -> by
         or not text.endswith(b"}")
         or b"\x00" in text[:4]  # UTF-16/32: not ours to splice
     ):
-        exact = json.loads(raw)  # not `body`: orjson turns ints past 64 bits into floats
-        return json.dumps({**exact, **extra}).encode()
+        try:  # not `body`: orjson turns ints past 64 bits into floats
+            exact = json.loads(raw)
+            return json.dumps({**exact, **extra}).encode()
+        except RecursionError:  # json's limit sits a little below orjson's 1024 levels
+            raise too_deep() from None
     parts = [orjson.dumps(key) + b": " + orjson.dumps(value) for key, value in extra.items()]
     return text[:-1] + (b", " if body else b"") + b", ".join(parts) + b"}"

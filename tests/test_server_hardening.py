@@ -180,7 +180,8 @@ async def test_generate_batches_get_a_clear_400_and_single_lists_pass() -> None:
                 assert r.status == 400
                 _openai_error(await r.json(), "batch_not_supported")
         # a single prompt, as text or token ids, is routed as usual
-        for body in ({"text": "one prompt"}, {"input_ids": [1, 2, 3]}):
-            body["sampling_params"] = {"max_new_tokens": 3}
-            async with s.session.post(s.url + "/generate", json=body) as r:
+        single: list[dict[str, Any]] = [{"text": "one prompt"}, {"input_ids": [1, 2, 3]}]
+        for one in single:
+            one["sampling_params"] = {"max_new_tokens": 3}
+            async with s.session.post(s.url + "/generate", json=one) as r:
                 assert r.status == 200, await r.text()

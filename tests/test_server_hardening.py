@@ -185,3 +185,54 @@ async def test_generate_batches_get_a_clear_400_and_single_lists_pass() -> None:
             one["sampling_params"] = {"max_new_tokens": 3}
             async with s.session.post(s.url + "/generate", json=one) as r:
                 assert r.status == 200, await r.text()
+
+
+async def test_protect_status_guards_stats_and_metrics_not_probes() -> None:
+    async with serving(1, api_keys=["client"], admin_key="admin", protect_status=True) as s:
+        for path in ("/stats", "/metrics"):
+            async with s.session.get(s.url + path) as r:
+                assert r.status == 401
+                _openai_error(await r.json(), "missing_api_key")
+            async with s.session.get(s.url + path, headers={"x-api-key": "wrong"}) as r:
+                assert r.status == 401
+            for key in ("client", "admin"):
+                async with s.session.get(s.url + path, headers={"x-api-key": key}) as r:
+                    assert r.status == 200
+        for path in ("/health", "/readiness"):
+            async with s.session.get(s.url + path) as r:
+                assert r.status == 200
+    async with serving(1, api_keys=["client"]) as s:  # off by default: open as before
+        async with s.session.get(s.url + "/stats") as r:
+            assert r.status == 200
+            assert isinstance((await r.json())["asyncio_tasks"], int)
+
+
+def test_protect_status_without_any_key_is_a_config_error() -> None:
+    from pydantic import ValidationError
+
+    from router.server.config import ServerConfig
+
+    with pytest.raises(ValidationError, match="protect_status needs"):
+        ServerConfig(backends=["http://127.0.0.1:1"], protect_status=True)
+
+
+@pytest.mark.parametrize("log_prompts", [False, True])
+async def test_prompts_and_keys_stay_out_of_logs(
+    caplog: pytest.LogCaptureFixture, log_prompts: bool
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    prompt = "zebra-quokka-7731 tell me a secret"
+    key = "sk-very-secret-key-123"
+    async with serving(1, api_keys=[key], log_prompts=log_prompts) as s:
+        auth = {"Authorization": f"Bearer {key}"}
+        async with s.session.post(s.url + CHAT, json=_chat(prompt), headers=auth) as r:
+            assert r.status == 200
+        async with s.session.post(s.url + CHAT, json=_chat(prompt, stream=True), headers=auth) as r:
+            await r.read()
+        bad = {"Authorization": f"Bearer {key}-wrong", "X-Request-Id": "x" * 60_000}
+        async with s.session.post(s.url + CHAT, json=_chat(prompt), headers=bad) as r:
+            assert r.status == 400
+    text = caplog.text
+    assert key not in text
+    assert "rid=" in text  # the access lines were captured
+    assert ("zebra-quokka-7731" in text) is log_prompts

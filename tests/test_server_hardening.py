@@ -201,10 +201,10 @@ async def test_protect_status_guards_stats_and_metrics_not_probes() -> None:
         for path in ("/health", "/readiness"):
             async with s.session.get(s.url + path) as r:
                 assert r.status == 200
-    async with serving(1, api_keys=["client"]) as s:  # off by default: open as before
-        async with s.session.get(s.url + "/stats") as r:
-            assert r.status == 200
-            assert isinstance((await r.json())["asyncio_tasks"], int)
+    # off by default: open as before
+    async with serving(1, api_keys=["client"]) as s, s.session.get(s.url + "/stats") as r:
+        assert r.status == 200
+        assert isinstance((await r.json())["asyncio_tasks"], int)
 
 
 def test_protect_status_without_any_key_is_a_config_error() -> None:
@@ -236,3 +236,22 @@ async def test_prompts_and_keys_stay_out_of_logs(
     assert key not in text
     assert "rid=" in text  # the access lines were captured
     assert ("zebra-quokka-7731" in text) is log_prompts
+
+
+async def test_header_injection_and_undecodable_headers() -> None:
+    async with serving(1, api_keys=["k"], admin_key="adm") as s:
+        port = s.router.runner.addresses[0][1]
+        # header bytes that are not UTF-8 (aiohttp hands them over as surrogates)
+        for path in ("/admin/backends", "/v1/models", "/stats"):
+            head = f"GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n".encode()
+            raw = await asyncio.to_thread(
+                _raw_request, port, head + b"x-api-key: \xa8\xe8\r\nX-Request-Id: \xff\r\n\r\n"
+            )
+            status = int(raw.split(b" ", 2)[1])
+            assert status in (200, 401), raw[:200]  # /stats is open by default
+        # a body rid with CR/LF cannot inject a header: it is sanitised, the request served
+        evil = _chat(rid="a\r\nSet-Cookie: stolen=1")
+        async with s.session.post(s.url + CHAT, json=evil, headers={"x-api-key": "k"}) as r:
+            assert r.status == 200
+            assert "Set-Cookie" not in r.headers
+            assert r.headers["X-Request-Id"] == "a__Set-Cookie:_stolen=1"

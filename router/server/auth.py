@@ -37,9 +37,11 @@ def bearer_token(request: web.Request) -> str | None:
 
 
 def _matches(token: str, keys: Sequence[str]) -> bool:
+    # aiohttp decodes header bytes that are not UTF-8 as surrogates: encode them back, not fail
+    raw = token.encode("utf-8", "surrogateescape")
     found = False
     for key in keys:
-        found |= hmac.compare_digest(token.encode(), key.encode())
+        found |= hmac.compare_digest(raw, key.encode())
     return found
 
 

@@ -57,6 +57,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -196,7 +197,10 @@ class Proxy:
         given = request.headers.get("X-Request-Id", "").strip()
         if body is not None and isinstance(body.get("rid"), str):
             given = given or str(body["rid"])
-        rid = given[:128] if given else f"{self._rid_prefix}{next(self._rid_serial):x}"
+        # a client's id goes into response and upstream headers: printable ASCII only (no CR/LF
+        # injection, no bytes aiohttp cannot encode), anything else replaced by "_"
+        given = _RID_UNSAFE.sub("_", given[:128]) if given else given
+        rid = given if given else f"{self._rid_prefix}{next(self._rid_serial):x}"
         if rid in self.live:
             rid = f"{rid}-{uuid.uuid4().hex[:8]}"
         return rid
@@ -620,6 +624,7 @@ class Proxy:
 
 
 _DECODER = json.JSONDecoder()
+_RID_UNSAFE = re.compile(r"[^\x21-\x7e]")  # outside printable ASCII: replaced in client ids
 
 
 def _batch_size(body: Mapping[str, Any]) -> int:

@@ -255,3 +255,28 @@ async def test_header_injection_and_undecodable_headers() -> None:
             assert r.status == 200
             assert "Set-Cookie" not in r.headers
             assert r.headers["X-Request-Id"] == "a__Set-Cookie:_stolen=1"
+
+
+async def test_clients_hanging_up_mid_stream_do_not_trip_backends() -> None:
+    """A storm of clients leaving mid-stream: the router's writes to them fail ("Cannot write
+    to closing transport"), and that must not count against the backend (it opened every
+    breaker, and the router answered 503 to everyone, before the fix)."""
+
+    async def hang_up(session: aiohttp.ClientSession, url: str, after: int) -> None:
+        body = _chat("tell me a long story", max_tokens=3000, stream=True)
+        async with session.post(url + CHAT, json=body) as r:
+            seen = 0
+            async for _ in r.content:
+                seen += 1
+                if seen >= after:
+                    break  # leaving the block closes the connection mid-stream
+
+    async with serving(2, speedup=40.0, breaker_failures=1) as s:
+        async with aiohttp.ClientSession() as storm:
+            await asyncio.gather(*(hang_up(storm, s.url, 2 + i % 20) for i in range(120)))
+        await asyncio.sleep(0.3)
+        async with s.session.get(s.url + "/stats") as r:
+            stats = await r.json()
+        assert [(b["healthy"], b["circuit"]) for b in stats["backends"]] == [(True, "closed")] * 2
+        async with s.session.post(s.url + CHAT, json=_chat()) as r:
+            assert r.status == 200

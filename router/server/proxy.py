@@ -119,6 +119,26 @@ class _UpstreamFailed(Exception):
         self.status = status
 
 
+class _ClientGone(Exception):
+    """A write to the client failed: it went away. Never the backend's fault."""
+
+
+async def _to_client(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+    """Send `data` to the client, so that its failures cannot pass for the backend's.
+
+    A write to a client that hung up raises `aiohttp.ClientConnectionResetError`, which is
+    also an `aiohttp.ClientConnectionError`: caught with the upstream's read errors, one
+    disconnecting client would count as a failure of its backend and a storm of them opened
+    every backend's breaker (benchmarks/faults.py, disconnect_storm).
+    """
+    try:
+        if not response.prepared:
+            await response.prepare(request)
+        await response.write(data)
+    except ConnectionError as exc:
+        raise _ClientGone() from exc
+
+
 @dataclass(slots=True)
 class _Flight:
     """What one request did, for its single log line and its single ending."""
@@ -553,19 +573,15 @@ class Proxy:
                 if not done and b"[DONE]" in events:
                     done = _has_done(events)
                 if events:
-                    if not response.prepared:
-                        await response.prepare(request)
-                    await response.write(events)
+                    await _to_client(request, response, events)
             if pending.strip():
                 done = done or _has_done(pending)
-                if not response.prepared:
-                    await response.prepare(request)
-                await response.write(pending)
+                await _to_client(request, response, pending)
             if not done:
                 broken = "stream ended without [DONE]"
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             broken = f"stream broke: {exc!r}"
-        except ConnectionError:
+        except (_ClientGone, ConnectionError):
             # the client reset the connection while we wrote to it
             self.metrics.errors.inc("client_disconnect")
             self._end(flight, ok=False)

@@ -449,6 +449,30 @@ def scenario_ok(name: str, r: dict[str, Any]) -> bool:
     return r["detect_s"] is not None and r["recover_s"] is not None
 
 
+def table(results: dict[str, Any]) -> str:
+    """The markdown table of docs/reliability.md, from the JSON's scenarios."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, dict):
+            return " ".join(f"{k} {x:.0%}" for k, x in v.items()) or "-"
+        return "-" if v is None else str(v)
+
+    rows = [
+        "| fault | requests | failed before 1st byte | failed streaming | detect s | recover s "
+        "| b0 routed again s | share before | share during | share after | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        during = r.get("share_whole_run") or r["share_during"]
+        rows.append(
+            f"| {name} | {r['requests']} | {r['failed_before_first_byte']} | "
+            f"{r['failed_while_streaming']} | {fmt(r['detect_s'])} | {fmt(r['recover_s'])} | "
+            f"{fmt(r['routed_again_s'])} | {fmt(r['share_before'])} | {fmt(during)} | "
+            f"{fmt(r['share_after'])} | {r['ok']} |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -482,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    print(table(results))
     return 0 if doc["ok"] else 1
 
 

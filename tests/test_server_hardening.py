@@ -280,3 +280,13 @@ async def test_clients_hanging_up_mid_stream_do_not_trip_backends() -> None:
         assert [(b["healthy"], b["circuit"]) for b in stats["backends"]] == [(True, "closed")] * 2
         async with s.session.post(s.url + CHAT, json=_chat()) as r:
             assert r.status == 200
+
+
+async def test_stream_options_not_an_object_is_the_routers_400() -> None:
+    async with serving(1) as s:
+        for stream in (False, True):
+            for bad in (8, [], "x"):
+                body = _chat(stream=stream, stream_options=bad)
+                async with s.session.post(s.url + CHAT, json=body) as r:
+                    assert r.status == 400
+                    _openai_error(await r.json(), "invalid_type")

@@ -344,6 +344,14 @@ class Proxy:
         if model is not None and not isinstance(model, str):
             raise ApiError(400, "model must be a string", param="model", code="invalid_type")
         stream = stream is True
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):  # the backend's 400 is not
+            raise ApiError(  # OpenAI-shaped, and a stream would splice into it (fuzz.py)
+                400,
+                "stream_options must be an object",
+                param="stream_options",
+                code="invalid_type",
+            )
         exclude = self._exclusions(body, endpoint)
         if self.config.log_prompts:
             log.info("rid=%s prompt=%s", rid, json.dumps(body)[:4096])

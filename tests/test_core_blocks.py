@@ -11,7 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.core.blocks import BlockHasher, chain_hashes, route_request_from_hash_ids, salt_seed
+from router.core.blocks import (
+    HASH_SCHEME,
+    HASH_VERSION,
+    BlockHasher,
+    chain_hashes,
+    route_request_from_hash_ids,
+    salt_seed,
+)
 from router.core.prompt import parse_chat, parse_generate
 from router.core.tokens import load_tokenizer
 
@@ -66,8 +73,14 @@ def test_seed_separates_chains_and_is_stable() -> None:
     ids = list(range(64))
     assert chain_hashes(ids, 64, seed=1) != chain_hashes(ids, 64, seed=2)
     assert salt_seed("model-a") == salt_seed("model-a") != salt_seed("model-b")
-    # stable across processes and releases of this code: pinned values
     assert chain_hashes([1, 2, 3], 2, seed=7) == chain_hashes((1, 2, 3), 2, seed=7)
+    # stable across processes, hosts and releases: pinned constants. If these change (a new
+    # hash, or a CPython whose tuple hash differs), bump HASH_VERSION: replicas compare
+    # HASH_SCHEME in their state events and refuse each other's otherwise.
+    assert chain_hashes([1, 2, 3], 2, seed=7) == (6123523012757703979, 13453822380236945065)
+    assert salt_seed("model-a") == 5339970062177537126
+    assert chain_hashes(list(range(300)), 64, salt_seed("m"))[-1] == 17552847926589757654
+    assert HASH_VERSION == 1 and HASH_SCHEME == "1-41dccae1ded668e1"
     with pytest.raises(ValueError):
         chain_hashes(ids, 0)
 

@@ -15,7 +15,7 @@ import pytest
 
 from router.core.index import PrefixIndex
 
-TRACE = Path("/work/shared/traces/conversation_trace.jsonl")
+TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "conversation_trace.jsonl"
 
 
 def chain(prefix: int, n: int) -> list[int]:

@@ -8,6 +8,7 @@ text, batch answers). End-to-end streaming is covered by test_server_proxy.py.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -65,7 +66,7 @@ def test_sse_helpers_respect_event_boundaries() -> None:
 
 
 def test_loads_accepts_what_json_accepts() -> None:
-    assert _loads(b'{"t": NaN}')["t"] != 0  # NaN, as json reads it
+    assert math.isnan(_loads(b'{"t": NaN}')["t"])  # NaN, as json reads it
     assert _loads('{"a": "é"}'.encode("utf-16")) == {"a": "é"}
     with pytest.raises(json.JSONDecodeError):
         _loads(b"{nope")

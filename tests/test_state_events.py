@@ -7,6 +7,7 @@ import random
 import msgpack
 import pytest
 
+from router.core.blocks import HASH_SCHEME
 from router.state import open_state
 from router.state.events import (
     WIRE_VERSION,
@@ -14,6 +15,7 @@ from router.state.events import (
     Event,
     EventError,
     FirstToken,
+    IncompatibleReplicaError,
     Routed,
     decode,
     encode,
@@ -92,14 +94,26 @@ def test_invalid_events_cannot_be_built(overrides: dict[str, object]) -> None:
         msgpack.packb([WIRE_VERSION, 9, "r", "x", "b", 1.0]),
         msgpack.packb([WIRE_VERSION, 2, "r", "x", "b", 1.0, "extra"]),
         msgpack.packb([WIRE_VERSION, 1, "r", "x", "b", 1.0, [1, 2], 64, 100]),
-        msgpack.packb([WIRE_VERSION, 1, "r", "x", "b", 1.0, [1, "x"], 64, 100, None]),
-        msgpack.packb([WIRE_VERSION, 1, "r", "x", "b", 1.0, [1], 64, 65, None]),
+        msgpack.packb([WIRE_VERSION, 1, "r", "x", "b", 1.0, [1, "x"], 64, 100, None, HASH_SCHEME]),
+        msgpack.packb([WIRE_VERSION, 1, "r", "x", "b", 1.0, [1], 64, 65, None, HASH_SCHEME]),
         msgpack.packb([WIRE_VERSION, 3, 5, "x", "b", 1.0]),
     ],
 )
 def test_bad_bytes_raise_event_error(data: bytes) -> None:
     with pytest.raises(EventError):
         decode(data)
+
+
+def test_a_replica_hashing_differently_is_refused_not_skipped() -> None:
+    good = msgpack.unpackb(encode(_routed()))
+    assert good[0] == WIRE_VERSION == 2 and good[-1] == HASH_SCHEME
+    assert decode(msgpack.packb(good)) == _routed()
+    other_scheme = [*good[:-1], "1-0000000000000000"]
+    with pytest.raises(IncompatibleReplicaError, match="scheme"):
+        decode(msgpack.packb(other_scheme))
+    older_release = [1, *good[1:-1]]  # version 1: no hash scheme on the wire
+    with pytest.raises(IncompatibleReplicaError, match="version 1"):
+        decode(msgpack.packb(older_release))
 
 
 def test_open_state_picks_the_transport() -> None:

@@ -18,13 +18,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
 import pytest
 import redis.asyncio as aioredis
 from state_fixtures import SyncedReplica, make_core, prompt
 
 from router.replay.ports import free_port
 from router.state import StateSync, SyncConfig
-from router.state.events import FirstToken, Routed
+from router.state.events import FirstToken, Routed, encode
 from router.state.redis import RedisState
 
 REDIS = shutil.which("redis-server")
@@ -200,6 +201,38 @@ async def test_malformed_entries_are_skipped(
     r1.route(prompt("ok", seed=3))
     await until(lambda: r2.sync.applied == 1)
     assert r2.state.malformed == 2
+
+
+async def test_a_replica_hashing_differently_is_refused_loudly(
+    replicas: tuple[Replica, Replica],
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    r1, r2 = replicas
+    alien = msgpack.unpackb(
+        encode(
+            Routed(
+                replica="alien",
+                rid="x",
+                backend="b",
+                blocks=(1,),
+                block_tokens=64,
+                prompt_tokens=64,
+                t=1.0,
+            )
+        )
+    )
+    alien[-1] = "9-0000000000000000"  # another hash scheme
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.xadd(r1.state.events_key, {b"e": msgpack.packb(alien)})
+    finally:
+        await client.aclose()
+    r1.route(prompt("ok", seed=3))
+    await until(lambda: r2.sync.applied == 1)
+    assert r2.state.mismatched == 1 and r2.state.malformed == 0
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("hashes prompts under scheme '9-0000000000000000'" in r.getMessage() for r in errors)
 
 
 async def test_redis_outage_routing_continues_and_sync_reconnects(

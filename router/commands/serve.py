@@ -59,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--port", type=int, help="listen port (default 30000)")
     a("--api-key", action="append", dest="api_keys", metavar="KEY", help="client key (repeatable)")
     a("--admin-key", metavar="KEY", help="key for /admin/ (admin API off without it)")
+    a(
+        "--protect-status",
+        action="store_true",
+        default=None,
+        help="/stats and /metrics need a client or the admin key (/health, /readiness stay open)",
+    )
     a("--max-body-bytes", type=int, help="largest request body accepted (413 above)")
     a("--block-tokens", type=int, help="tokens per routing block (default 64)")
     a(
@@ -161,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
             port=args.port,
             api_keys=args.api_keys,
             admin_key=args.admin_key,
+            protect_status=args.protect_status,
             max_body_bytes=args.max_body_bytes,
             block_tokens=args.block_tokens,
             tokenizer=args.tokenizer,

@@ -15,7 +15,9 @@ for tuples of ints it is deterministic across processes and hosts (int hashing i
 randomised by PYTHONHASHSEED), and it runs about twice as fast as one ``blake2b`` call per
 block, which is where decision time goes for long prompts. It is not cryptographic: a client
 able to craft collisions could only mislead routing, never another tenant's output. Replicas
-sharing an index (redis) must run the same CPython minor line; a mismatch only costs matches.
+sharing an index (redis) must hash alike: their state events carry `HASH_SCHEME` (the code's
+`HASH_VERSION` and one probe hash computed at import, which a CPython with another tuple
+hash would change), and a replica refuses, loudly, events hashed under another scheme.
 
 `BlockHasher` is the text path: segments are tokenized through a `SegmentTokenCache`, and the
 chain state (full-block hashes plus the partial tail's tokens) is remembered per message
@@ -40,7 +42,7 @@ import hashlib
 import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from router.core.chat_template import ChatTemplate, ChatTemplateError
 from router.core.model import RouteRequest
@@ -48,6 +50,8 @@ from router.core.prompt import Prompt
 from router.core.tokens import SegmentTokenCache, Tokenizer
 
 __all__ = [
+    "HASH_SCHEME",
+    "HASH_VERSION",
     "BlockHasher",
     "chain_hashes",
     "route_request_from_hash_ids",
@@ -86,6 +90,12 @@ def _chain(token_ids: Sequence[int], block_tokens: int, parent: int) -> list[int
         parent = hash((parent, ids[i : i + block_tokens])) & _MASK64
         append(parent)
     return out
+
+
+# Bump when chain_hashes changes on purpose; tests pin its outputs for this version.
+HASH_VERSION: Final = 1
+# version and a probe: replicas whose hashes differ (another tuple hash) see different schemes
+HASH_SCHEME: Final = f"{HASH_VERSION}-{chain_hashes(range(8), 4, seed=7)[-1]:016x}"
 
 
 def route_request_from_hash_ids(

@@ -16,7 +16,6 @@ A removed backend's in-flight requests run to their end; a drained one gets noth
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from aiohttp import web
@@ -24,6 +23,7 @@ from aiohttp import web
 from router.server.auth import check_admin
 from router.server.config import ServerConfig
 from router.server.errors import ApiError
+from router.server.jsonbody import read_object
 from router.server.pool import BackendPool, PoolEntry
 
 __all__ = ["AdminApi", "describe_entry"]
@@ -56,12 +56,7 @@ class AdminApi:
         check_admin(request, self.config.admin_key, self.config.api_keys)
 
     async def _url(self, request: web.Request) -> tuple[str, dict[str, Any]]:
-        try:
-            body = json.loads(await request.read())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "request body is not valid JSON", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+        _, body = await read_object(request)
         url = body.get("url")
         if not isinstance(url, str) or not url.strip():
             raise ApiError(400, "url must be a non-empty string", param="url")

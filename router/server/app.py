@@ -35,11 +35,13 @@ from router.core.policies import POLICIES, make_policy
 from router.core.routing import RoutingCore
 from router.core.tokens import HFTokenizer, load_tokenizer
 from router.server.admin import AdminApi
+from router.server.auth import check_status
 from router.server.config import ServerConfig
 from router.server.errors import error_middleware
 from router.server.kv_events import KVEventsManager
 from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
+from router.server.protocol import JsonErrorRunner
 from router.server.proxy import Proxy
 from router.server.record_admin import RecordControl
 from router.server.scheduling import SchedulerDriver, scheduler_config
@@ -199,6 +201,18 @@ def _late(pick: Callable[[RouterState], Handler]) -> Handler:
     return handler
 
 
+def _status(pick: Callable[[RouterState], Handler]) -> Handler:
+    """A status route: behind a client or admin key with `--protect-status`."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE]
+        if state.config.protect_status:
+            check_status(request, state.config.api_keys, state.config.admin_key)
+        return await pick(state)(request)
+
+    return handler
+
+
 def create_app(config: ServerConfig) -> web.Application:
     """The router as an aiohttp app; bodies over `max_body_bytes` get a 413 JSON error."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
@@ -217,8 +231,8 @@ def create_app(config: ServerConfig) -> web.Application:
         r.add_get(path, _late(lambda s: s.model_info.model_info))
     r.add_get("/health", _late(lambda s: s.status.health))
     r.add_get("/readiness", _late(lambda s: s.status.readiness))
-    r.add_get("/stats", _late(lambda s: s.status.stats))
-    r.add_get("/metrics", _late(lambda s: s.status.prometheus))
+    r.add_get("/stats", _status(lambda s: s.status.stats))
+    r.add_get("/metrics", _status(lambda s: s.status.prometheus))
     r.add_get("/admin/backends", _late(lambda s: s.admin.list))
     r.add_post("/admin/backends", _late(lambda s: s.admin.add))
     r.add_delete("/admin/backends", _late(lambda s: s.admin.remove))
@@ -248,7 +262,7 @@ class RunningServer:
 async def start_server(config: ServerConfig) -> RunningServer:
     """Start the router on config.host:config.port (port 0: any free port)."""
     app = create_app(config)
-    runner = web.AppRunner(
+    runner = JsonErrorRunner(  # parser errors (oversized headers...) as JSON too
         app,
         handler_cancellation=True,
         access_log=None,

@@ -4,6 +4,9 @@ Two key sets, kept apart on purpose: a leaked client key must not let anyone res
 
 - Client endpoints (/v1/*, /generate): with no `--api-key` configured they are open; with keys
   configured, a request needs `Authorization: Bearer <one of them>` (or `x-api-key`), else 401.
+- Status endpoints (/stats, /metrics: backend URLs, last errors, learned speeds): open by
+  default; with `--protect-status` they need a client key or the admin key (401 otherwise).
+  /health and /readiness stay open for load-balancer probes.
 - Admin endpoints (/admin/*): closed when no admin key is configured (403: the API is off);
   a request without a token or with an unknown one gets 401; a valid *client* key gets 403
   (authenticated, not allowed).
@@ -20,7 +23,7 @@ from aiohttp import web
 
 from router.server.errors import ApiError
 
-__all__ = ["bearer_token", "check_admin", "check_client"]
+__all__ = ["bearer_token", "check_admin", "check_client", "check_status"]
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -34,9 +37,11 @@ def bearer_token(request: web.Request) -> str | None:
 
 
 def _matches(token: str, keys: Sequence[str]) -> bool:
+    # aiohttp decodes header bytes that are not UTF-8 as surrogates: encode them back, not fail
+    raw = token.encode("utf-8", "surrogateescape")
     found = False
     for key in keys:
-        found |= hmac.compare_digest(token.encode(), key.encode())
+        found |= hmac.compare_digest(raw, key.encode())
     return found
 
 
@@ -82,3 +87,16 @@ def check_admin(request: web.Request, admin_key: str | None, api_keys: Sequence[
     raise ApiError(
         401, "incorrect admin key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
     )
+
+
+def check_status(request: web.Request, api_keys: Sequence[str], admin_key: str | None) -> None:
+    """Raise 401 unless the request carries a client key or the admin key."""
+    token = bearer_token(request)
+    keys = [*api_keys, *([admin_key] if admin_key else [])]
+    if token is None or not _matches(token, keys):
+        raise ApiError(
+            401,
+            "status endpoints need an API key (--protect-status)",
+            code="missing_api_key" if token is None else "invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -86,6 +86,8 @@ class ServerConfig(BaseSettings):
     queue_size: int = Field(default=1024, ge=1)
     queue_timeout_s: float = Field(default=60.0, gt=0)
     log_prompts: bool = False
+    # /stats and /metrics need a client or the admin key (/health and /readiness stay open)
+    protect_status: bool = False
     log_level: str = "INFO"
     # Shared routing state between router replicas (docs/replicas.md): "memory" (one replica,
     # nothing shared) or a redis://, rediss:// or unix:// URL; every replica of a fleet the same.
@@ -180,6 +182,12 @@ class ServerConfig(BaseSettings):
         if value is not None:
             _check_profile(value)
         return value
+
+    @model_validator(mode="after")
+    def _protect_needs_keys(self) -> ServerConfig:
+        if self.protect_status and not (self.api_keys or self.admin_key):
+            raise ValueError("protect_status needs --api-key or --admin-key (a key to check)")
+        return self
 
     def profile_for(self, url: str) -> str:
         """The profile of backend `url`: its override, else --profile, else DEFAULT_PROFILE."""

@@ -57,6 +57,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,8 @@ from router.core.routing import NoBackendError, RoutingCore
 from router.server.auth import check_client
 from router.server.config import ServerConfig
 from router.server.errors import REQUEST_ID_KEY, ApiError, sse_error_event
+from router.server.jsonbody import loads as _loads
+from router.server.jsonbody import read_object, too_deep
 from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
 from router.server.recorder import Recorder
@@ -116,6 +119,26 @@ class _UpstreamFailed(Exception):
         self.reason = reason
         self.trip = trip
         self.status = status
+
+
+class _ClientGone(Exception):
+    """A write to the client failed: it went away. Never the backend's fault."""
+
+
+async def _to_client(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+    """Send `data` to the client, so that its failures cannot pass for the backend's.
+
+    A write to a client that hung up raises `aiohttp.ClientConnectionResetError`, which is
+    also an `aiohttp.ClientConnectionError`: caught with the upstream's read errors, one
+    disconnecting client would count as a failure of its backend and a storm of them opened
+    every backend's breaker (benchmarks/faults.py, disconnect_storm).
+    """
+    try:
+        if not response.prepared:
+            await response.prepare(request)
+        await response.write(data)
+    except ConnectionError as exc:
+        raise _ClientGone() from exc
 
 
 @dataclass(slots=True)
@@ -201,22 +224,13 @@ class Proxy:
         given = request.headers.get("X-Request-Id", "").strip()
         if body is not None and isinstance(body.get("rid"), str):
             given = given or str(body["rid"])
-        rid = given[:128] if given else f"{self._rid_prefix}{next(self._rid_serial):x}"
+        # a client's id goes into response and upstream headers: printable ASCII only (no CR/LF
+        # injection, no bytes aiohttp cannot encode), anything else replaced by "_"
+        given = _RID_UNSAFE.sub("_", given[:128]) if given else given
+        rid = given if given else f"{self._rid_prefix}{next(self._rid_serial):x}"
         if rid in self.live:
             rid = f"{rid}-{uuid.uuid4().hex[:8]}"
         return rid
-
-    async def _read_json(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
-        raw = await request.read()  # 413 from aiohttp past client_max_size
-        try:
-            body = _loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(
-                400, f"request body is not valid JSON: {exc}", code="invalid_json"
-            ) from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-        return raw, body
 
     async def _route_request(self, prompt: Prompt, rid: str, body_chars: int) -> RouteRequest:
         """Blocks only when the policy reads them; big prompts tokenize off the event loop."""
@@ -318,7 +332,7 @@ class Proxy:
         self, request: web.Request, endpoint: Endpoint, flight: _Flight
     ) -> web.StreamResponse:
         check_client(request, self.config.api_keys)
-        raw, body = await self._read_json(request)
+        raw, body = await read_object(request)
         rid = self._new_rid(request, body)
         request[REQUEST_ID_KEY] = rid
         flight.rid = rid
@@ -326,6 +340,14 @@ class Proxy:
             prompt = PARSERS[endpoint.kind](body)
         except PromptError as exc:
             raise ApiError(400, str(exc), code="invalid_request") from None
+        if endpoint.kind == "generate" and _batch_size(body) > 1:
+            raise ApiError(
+                400,
+                "batched /generate (a list of several prompts) is not supported: send one "
+                "prompt per request, so each is routed to the backend caching its prefix",
+                param="text" if "text" in body else "input_ids",
+                code="batch_not_supported",
+            )
         stream = body.get("stream", False)
         if not isinstance(stream, bool) and stream is not None:
             raise ApiError(400, "stream must be a boolean", param="stream", code="invalid_type")
@@ -333,10 +355,18 @@ class Proxy:
         if model is not None and not isinstance(model, str):
             raise ApiError(400, "model must be a string", param="model", code="invalid_type")
         stream = stream is True
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):  # the backend's 400 is not
+            raise ApiError(  # OpenAI-shaped, and a stream would splice into it (fuzz.py)
+                400,
+                "stream_options must be an object",
+                param="stream_options",
+                code="invalid_type",
+            )
         exclude = self._exclusions(body, endpoint)
         if self.config.log_prompts:
             log.info("rid=%s prompt=%s", rid, json.dumps(body)[:4096])
-        route_req = await self._route_request(prompt, rid, request.content_length or 0)
+        route_req = await self._route_request(prompt, rid, len(raw))  # chunked: no length
         if not stream:
             route_req = replace(route_req, first_token_seen=False)
         flight.route, flight.model = route_req, model
@@ -400,8 +430,7 @@ class Proxy:
         the client already sent is replaced by re-serialising (JSON keys must stay unique).
         """
         extra: dict[str, Any] = {}
-        batch = endpoint.kind == "generate" and isinstance(body.get("text"), list)
-        if not batch:
+        if endpoint.kind != "generate" or not _batch_size(body):
             extra["rid"] = rid
         strip_usage = False
         if stream and endpoint.kind != "generate":
@@ -573,19 +602,15 @@ class Proxy:
                 if not done and b"[DONE]" in events:
                     done = _has_done(events)
                 if events:
-                    if not response.prepared:
-                        await response.prepare(request)
-                    await response.write(events)
+                    await _to_client(request, response, events)
             if pending.strip():
                 done = done or _has_done(pending)
-                if not response.prepared:
-                    await response.prepare(request)
-                await response.write(pending)
+                await _to_client(request, response, pending)
             if not done:
                 broken = "stream ended without [DONE]"
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             broken = f"stream broke: {exc!r}"
-        except ConnectionError:
+        except (_ClientGone, ConnectionError):
             # the client reset the connection while we wrote to it
             self.metrics.errors.inc("client_disconnect")
             self._end(flight, ok=False)
@@ -644,19 +669,21 @@ class Proxy:
 
 
 _DECODER = json.JSONDecoder()
+_RID_UNSAFE = re.compile(r"[^\x21-\x7e]")  # outside printable ASCII: replaced in client ids
 
 
-def _loads(data: bytes) -> Any:
-    """orjson (4-5x faster on long prompts); what it refuses (NaN, UTF-16...) goes to json.
+def _batch_size(body: Mapping[str, Any]) -> int:
+    """Prompts in a /generate batch (`text` list, `input_ids` list of lists); 0: not a batch.
 
-    So accepted input and error messages stay json's. One difference: orjson reads an integer
-    past 64 bits as a float. The router only reads such a body (the upstream gets the client's
-    bytes, or `_splice` re-reads them exactly), so only an absurd `max_tokens` could tell.
+    SGLang answers a batch, even of one, with a list and wants `rid` as a list then, so the
+    router adds no scalar `rid` to a batch of one (and refuses larger ones: see `_forward`).
     """
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)
+    text, ids = body.get("text"), body.get("input_ids")
+    if isinstance(text, list):
+        return len(text)
+    if isinstance(ids, list) and ids and isinstance(ids[0], list):
+        return len(ids)
+    return 0
 
 
 def _has_usage(data: bytes) -> bool:
@@ -775,7 +802,10 @@ def _splice(raw: bytes, body: Mapping[str, Any], extra: Mapping[str, Any]) -> by
         or not text.endswith(b"}")
         or b"\x00" in text[:4]  # UTF-16/32: not ours to splice
     ):
-        exact = json.loads(raw)  # not `body`: orjson turns ints past 64 bits into floats
-        return json.dumps({**exact, **extra}).encode()
+        try:  # not `body`: orjson turns ints past 64 bits into floats
+            exact = json.loads(raw)
+            return json.dumps({**exact, **extra}).encode()
+        except RecursionError:  # json's limit sits a little below orjson's 1024 levels
+            raise too_deep() from None
     parts = [orjson.dumps(key) + b": " + orjson.dumps(value) for key, value in extra.items()]
     return text[:-1] + (b", " if body else b"") + b", ".join(parts) + b"}"

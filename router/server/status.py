@@ -9,12 +9,14 @@
   and under "replicas" the shared-state link (`StateSync.stats()`: this replica's id, the
   replicas alive, connected or not, events published / applied / dropped).
 - `/metrics` refreshes the live gauges (health, in-flight, learned speeds, replicas seen,
-  remote events applied) and renders the registry. None of these need a key: they carry no
-  prompt text.
+  remote events applied) and renders the registry. None of these carry prompt text; /stats
+  and /metrics do show backend URLs and errors, so `--protect-status` puts them behind a key
+  (`auth.check_status`, applied in `app.py`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import Callable, Mapping
@@ -144,6 +146,8 @@ class StatusApi:
         return {
             "policy": self.policy_name,
             "in_flight": int(m.in_flight.get()),
+            # the loop's task count: a leak shows as growth at rest (benchmarks/soak.py)
+            "asyncio_tasks": len(asyncio.all_tasks()),
             "backends": backends,
             "core": core_stats,
             "replicas": self.sync.stats(),

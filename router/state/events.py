@@ -11,7 +11,11 @@ holds which prefix (`Routed.blocks`) and how much prefill work each backend has 
 (`Routed` adds it, `FirstToken`/`Ended` take it away). Responses, texts and timings stay local.
 
 Wire form: one msgpack array per event, ``[version, kind, replica, rid, backend, t, ...]``,
-with Routed appending ``blocks, block_tokens, prompt_tokens, max_tokens``. Block hashes are
+with Routed appending ``blocks, block_tokens, prompt_tokens, max_tokens, hash_scheme``.
+`hash_scheme` is the sender's `router.core.blocks.HASH_SCHEME`: block hashes from a replica
+that hashes differently (another release, another CPython tuple hash) would match nothing
+here and silently cost every cache hit, so `decode` raises `IncompatibleReplicaError` for them and
+the reader logs it as an error. Block hashes are
 64-bit ints (signed, as CPython's tuple hash gives them; unsigned is accepted too), which
 msgpack writes in at most 9 bytes: an 8k-token prompt at 64 tokens/block is ~130 hashes, about
 1.2 kB. `t` is the sender's wall clock (seconds since the epoch): informational, used for the
@@ -29,6 +33,7 @@ from typing import Any, Final
 
 import msgpack
 
+from router.core.blocks import HASH_SCHEME
 from router.core.model import RouteRequest
 
 __all__ = [
@@ -37,6 +42,7 @@ __all__ = [
     "Event",
     "EventError",
     "FirstToken",
+    "IncompatibleReplicaError",
     "Routed",
     "decode",
     "encode",
@@ -44,7 +50,7 @@ __all__ = [
     "valid_name",
 ]
 
-WIRE_VERSION: Final = 1
+WIRE_VERSION: Final = 2  # 2: Routed carries the hash scheme
 _ROUTED, _FIRST_TOKEN, _ENDED = 1, 2, 3
 _MIN_HASH: Final = -(1 << 63)
 _MAX_HASH: Final = (1 << 64) - 1
@@ -53,6 +59,10 @@ _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 class EventError(ValueError):
     """Bytes or fields that do not make a valid event."""
+
+
+class IncompatibleReplicaError(EventError):
+    """An event from a replica of another wire version or hash scheme: never applicable."""
 
 
 def valid_name(name: str, what: str) -> str:
@@ -149,6 +159,7 @@ def encode(event: Event) -> bytes:
             event.block_tokens,
             event.prompt_tokens,
             event.max_tokens,
+            HASH_SCHEME,
         ]
     elif isinstance(event, FirstToken):
         body = [WIRE_VERSION, _FIRST_TOKEN, *head]
@@ -174,11 +185,20 @@ def decode(data: bytes) -> Event:
         raise EventError("an event is a msgpack array of at least 6 items")
     version, kind, replica, rid, backend, t = body[:6]
     if version != WIRE_VERSION:
-        raise EventError(f"unknown event version {version!r}")
+        raise IncompatibleReplicaError(
+            f"replica {replica!r} speaks event version {version!r}, this one {WIRE_VERSION} "
+            "(run one release per cluster)"
+        )
     if kind == _ROUTED:
-        if len(body) != 10:
-            raise EventError("a Routed event has 10 items")
-        blocks, block_tokens, prompt_tokens, max_tokens = body[6:]
+        if len(body) != 11:
+            raise EventError("a Routed event has 11 items")
+        blocks, block_tokens, prompt_tokens, max_tokens, scheme = body[6:]
+        if scheme != HASH_SCHEME:
+            raise IncompatibleReplicaError(
+                f"replica {replica!r} hashes prompts under scheme {scheme!r}, this one under "
+                f"{HASH_SCHEME!r}: its prefixes cannot match ours (run one release and one "
+                "Python version per cluster)"
+            )
         if not isinstance(blocks, list):
             raise EventError("blocks must be an array")
         return Routed(

@@ -33,7 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from router.state.events import Event, EventError, decode, encode
+from router.state.events import Event, EventError, IncompatibleReplicaError, decode, encode
 from router.state.protocol import Endpoint, StateUnavailable
 
 __all__ = ["KEY_PREFIX", "RedisState"]
@@ -70,10 +70,16 @@ class RedisState(Endpoint):
         self._client: aioredis.Redis | None = None
         self._last_id: bytes | None = None
         self._malformed = 0
+        self._mismatched = 0
 
     @property
     def malformed(self) -> int:
         return self._malformed
+
+    @property
+    def mismatched(self) -> int:
+        """Events refused because their replica speaks another version or hash scheme."""
+        return self._mismatched
 
     def _redis(self) -> aioredis.Redis:
         if self._client is None:
@@ -127,6 +133,12 @@ class RedisState(Endpoint):
                     if not isinstance(data, bytes):
                         raise EventError("entry has no event field")
                     event = decode(data)
+                except IncompatibleReplicaError as err:
+                    # not noise: a replica whose prefixes can never match ours
+                    self._mismatched += 1
+                    if self._mismatched % 1000 == 1:
+                        log.error("refusing state events (%d so far): %s", self._mismatched, err)
+                    continue
                 except EventError as err:
                     self._malformed += 1
                     if self._malformed == 1:

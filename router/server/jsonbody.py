@@ -1,0 +1,67 @@
+"""Reading a client's JSON body: one reader for the proxy and the admin API.
+
+orjson reads first (4-5x faster on long prompts); what it refuses (NaN, UTF-16...) goes to
+the standard `json`, so accepted input and error messages stay json's. Both have a nesting
+limit: orjson refuses past 1024 levels with a "recursion limit" error, and `json` then hits
+Python's recursion limit (`RecursionError`). Either is the client's fault, so both become
+`JsonDepthError` (a `ValueError`), and the reader answers 400 `invalid_json`, never a 500
+with a traceback. A body that orjson refuses for depth is not retried with `json` (which
+would only fail more slowly, or, under a raised recursion limit, accept what orjson cannot).
+
+One difference from `json`: orjson reads an integer past 64 bits as a float. The router
+only reads such a body (the upstream gets the client's bytes), so only an absurd
+`max_tokens` could tell.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from router.server.errors import ApiError
+
+__all__ = ["JsonDepthError", "loads", "parse_object", "read_object", "too_deep"]
+
+
+class JsonDepthError(ValueError):
+    """JSON nested deeper than the readers allow (a hostile or broken body)."""
+
+
+def loads(data: bytes | str) -> Any:
+    """orjson, falling back to json; nesting past the limit raises JsonDepthError."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        if "recursion" in str(exc).lower():
+            raise JsonDepthError("JSON nested too deeply") from None
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise JsonDepthError("JSON nested too deeply") from None
+
+
+def too_deep() -> ApiError:
+    """The 400 for a body nested past a reader's limit."""
+    return ApiError(400, "request body is not valid JSON: nested too deeply", code="invalid_json")
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    """`raw` as a JSON object, or a 400 ApiError (invalid_json) saying what is wrong."""
+    try:
+        body = loads(raw)
+    except JsonDepthError:
+        raise too_deep() from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return body
+
+
+async def read_object(request: web.Request) -> tuple[bytes, dict[str, Any]]:
+    """The request's raw bytes and its JSON object (413 from aiohttp past client_max_size)."""
+    raw = await request.read()
+    return raw, parse_object(raw)

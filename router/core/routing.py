@@ -26,7 +26,14 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from router.core.model import BackendSpec, BackendState, Policy, RequestRecord, RouteRequest
+from router.core.model import (
+    BackendSpec,
+    BackendState,
+    Explanation,
+    Policy,
+    RequestRecord,
+    RouteRequest,
+)
 
 __all__ = ["Decision", "NoBackendError", "RoutingCore"]
 
@@ -39,6 +46,7 @@ class Decision:
     predicted_cached_tokens: int
     predicted_ttft_s: float | None
     reason: str
+    explain: Explanation | None = None
 
 
 class NoBackendError(LookupError):
@@ -168,6 +176,7 @@ class RoutingCore:
             predicted_cached_tokens=choice.predicted_cached_tokens,
             predicted_ttft_s=choice.predicted_ttft_s,
             reason=choice.reason,
+            explain=choice.explain,
         )
 
     def on_first_token(self, rid: str, now: float, cached_tokens: int | None = None) -> None:

@@ -76,6 +76,8 @@ class ServerConfig(BaseSettings):
     retry_after_s: int = Field(default=1, ge=0)
     log_prompts: bool = False
     log_level: str = "INFO"
+    # x-route-reason response header + DEBUG log line per decision (router.server.explain)
+    explain: bool = False
     # Shared routing state between router replicas (docs/replicas.md): "memory" (one replica,
     # nothing shared) or a redis://, rediss:// or unix:// URL; every replica of a fleet the same.
     state: str = "memory"

@@ -14,12 +14,33 @@ from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-__all__ = ["TTFT_BUCKETS", "Counter", "Gauge", "Histogram", "Registry", "RouterMetrics"]
+__all__ = [
+    "CACHED_ERROR_BUCKETS",
+    "REGRET_BUCKETS",
+    "TTFT_BUCKETS",
+    "Counter",
+    "Gauge",
+    "Histogram",
+    "Registry",
+    "RouterMetrics",
+]
 
 LabelValues = tuple[str, ...]
 
 TTFT_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+# Regret (observed - predicted TTFT) is signed: symmetric buckets around 0.
+REGRET_BUCKETS: tuple[float, ...] = (
+    -10.0, -2.5, -1.0, -0.5, -0.25, -0.1, -0.05, -0.025, -0.01, 0.0,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+)  # fmt: skip
+# Reported - predicted cached tokens: 0 when the index was right; a block is 64 tokens.
+CACHED_ERROR_BUCKETS: tuple[float, ...] = (
+    -65536.0, -16384.0, -4096.0, -1024.0, -256.0, -64.0, -1.0, 0.0,
+    63.0, 255.0, 1023.0, 4095.0, 16383.0, 65535.0,
 )  # fmt: skip
 
 
@@ -194,6 +215,24 @@ class RouterMetrics:
                 "Time from routing to the first upstream chunk, by backend.",
                 ("backend",),
                 TTFT_BUCKETS,
+            )
+        )
+        self.regret = r.register(
+            Histogram(
+                "prefix_router_ttft_regret_seconds",
+                "Observed TTFT minus the policy's predicted TTFT, by backend (streamed requests "
+                "of policies that predict one): how wrong the cost model is, and where.",
+                ("backend",),
+                REGRET_BUCKETS,
+            )
+        )
+        self.cached_error = r.register(
+            Histogram(
+                "prefix_router_cached_tokens_error",
+                "Reported minus predicted cached tokens per request, by backend "
+                "(negative: the index believed the backend held more than it did).",
+                ("backend",),
+                CACHED_ERROR_BUCKETS,
             )
         )
         self.routed = r.register(

@@ -15,7 +15,9 @@ of it, so it prefills 240 new tokens; the runner-up prefills all 1200.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from typing import Any
 
 import pytest
@@ -24,6 +26,7 @@ from router.core.model import Explanation, attention_pairs
 from router.core.routing import Decision
 from router.priors import prior_named
 from router.server.explain import HEADER, parse_route_reason, route_reason
+from router.server.metrics import CACHED_ERROR_BUCKETS, REGRET_BUCKETS
 from tests.server_fixtures import serving
 
 PROFILE = "llama3-8b-h100"
@@ -34,6 +37,25 @@ def _prefill(new: int, n: int) -> float:
     return (
         new / prior.prefill_tokens_per_s + attention_pairs(new, n) * prior.prefill_s_per_token_ctx
     )
+
+
+def _cached(body: str) -> int:
+    return int(json.loads(body)["meta_info"]["cached_tokens"])
+
+
+def _last_cached(stream: str) -> int:
+    events = [e[5:].strip() for e in stream.split("\n\n") if e.startswith("data:")]
+    return _cached([e for e in events if e != "[DONE]"][-1])
+
+
+def _buckets(text: str, name: str, backend: str) -> dict[float, int]:
+    out: dict[float, int] = {}
+    prefix = f'{name}_bucket{{backend="{backend}",le="'
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            le, _, value = line[len(prefix) :].partition('"} ')
+            out[float(le)] = int(float(value))
+    return out
 
 
 def _metric(text: str, name: str, backend: str) -> float:
@@ -58,7 +80,7 @@ async def test_route_reason_and_regret_match_the_prior_by_hand(
     async with serving(2, policy="cost", profile=PROFILE, explain=True) as s:
         first, second = (h.url for h in s.handles)
         one = list(range(1000))
-        header, _ = await _generate(s.session, s.url, one, stream=False)
+        header, text1 = await _generate(s.session, s.url, one, stream=False)
         got = parse_route_reason(header)
         want1 = _prefill(1000, 1000)
         assert got["backend"] == first and got["runner_up"] == second
@@ -68,7 +90,7 @@ async def test_route_reason_and_regret_match_the_prior_by_hand(
         assert float(got["ttft"]) == pytest.approx(want1, abs=1e-6)
         assert float(got["runner_up_ttft"]) == pytest.approx(want1, abs=1e-6)
 
-        header, text = await _generate(s.session, s.url, one + list(range(5000, 5200)), True)
+        header, text2 = await _generate(s.session, s.url, one + list(range(5000, 5200)), True)
         got = parse_route_reason(header)
         want2 = _prefill(240, 1200)
         assert got["backend"] == first and got["cached"] == "960"
@@ -84,16 +106,24 @@ async def test_route_reason_and_regret_match_the_prior_by_hand(
         # regret = observed - predicted TTFT; only the streamed request has a first token
         name = "prefix_router_ttft_regret_seconds"
         assert _metric(metrics, f"{name}_count", first) == 1
-        observed = _metric(metrics, "prefix_router_ttft_seconds_sum", first)
-        regret = _metric(metrics, f"{name}_sum", first)
-        assert regret == pytest.approx(observed - want2, abs=1e-9)
+        regret = _metric(metrics, "prefix_router_ttft_seconds_sum", first) - want2
+        assert _metric(metrics, "prefix_router_predicted_ttft_seconds_total", first) == (
+            pytest.approx(want2, abs=1e-9)
+        )
+        assert _buckets(metrics, name, first) == {
+            le: int(regret <= le) for le in (*REGRET_BUCKETS, math.inf)
+        }
         # cached tokens: reported - predicted, per request (0 then 960 predicted)
-        reported = [line for line in text.splitlines() if '"cached_tokens"' in line]
-        assert reported, "the /generate stream reports cached tokens"
+        reported = [_cached(text1), _last_cached(text2)]
+        errors = [reported[0] - 0, reported[1] - 960]
         err = "prefix_router_cached_tokens_error"
-        assert _metric(metrics, f"{err}_count", first) == 2
-        reported_total = _metric(metrics, "prefix_router_cached_tokens_total", first)
-        assert _metric(metrics, f"{err}_sum", first) == reported_total - 960
+        assert _buckets(metrics, err, first) == {
+            le: sum(e <= le for e in errors) for le in (*CACHED_ERROR_BUCKETS, math.inf)
+        }
+        total = _metric(metrics, "prefix_router_cached_tokens_total", first)
+        assert total - _metric(metrics, "prefix_router_predicted_cached_tokens_total", first) == (
+            sum(errors)
+        )
 
 
 async def test_no_header_without_explain_and_plain_reason_for_other_policies() -> None:

@@ -450,6 +450,7 @@ class Proxy:
             self.metrics.regret.observe(
                 flight.backend, value=flight.ttft_s - flight.predicted_ttft_s
             )
+            self.metrics.predicted_ttft.inc(flight.backend, amount=flight.predicted_ttft_s)
 
     def _abort_upstream(self, backend_url: str, rid: str) -> None:
         """Tell the backend to stop working on `rid` (fire and forget, kept referenced)."""

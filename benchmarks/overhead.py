@@ -58,12 +58,12 @@ from typing import Any
 
 import aiohttp
 
-from router.replay.compare import sglang_router_argv
+from router.replay.launchers import LAUNCHERS
 
 __all__ = ["CellResult", "Samples", "main", "markdown_table", "percentile"]
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-TARGETS = ("direct", "prefix-router", "sglang-router")
+TARGETS = ("direct", "prefix-router", "sglang-router", "smg")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -317,6 +317,7 @@ class BenchConfig:
     log_level: str
     generator_cpus: frozenset[int] | None = None
     server_cpus: frozenset[int] | None = None
+    reference: str = "sglang-router"  # the router beside ours (router.replay.launchers)
 
 
 def _python() -> str:
@@ -361,10 +362,11 @@ def _prefix_router_argv(cfg: BenchConfig, backend: str, port: int) -> list[str]:
     ]
 
 
-def _sglang_router_argv(cfg: BenchConfig, backend: str, port: int) -> list[str]:
-    """sglang-router 0.3.2 with its defaults (its Prometheus port moved off the shared 29000)."""
+def _reference_argv(cfg: BenchConfig, backend: str, port: int) -> list[str]:
+    """The reference router (sglang-router 0.3.2 or SMG 1.13) round_robin, its defaults (its
+    Prometheus port moved off the shared 29000)."""
     level = {"warning": "warn"}.get(cfg.log_level.lower(), cfg.log_level.lower())
-    return sglang_router_argv(
+    return LAUNCHERS[cfg.reference].argv(
         _python(),
         port=port,
         policy="round_robin",
@@ -474,16 +476,16 @@ async def _run(cfg: BenchConfig, procs: Processes, cprofile: Path | None) -> dic
     bases = {
         "direct": backend,
         "prefix-router": f"http://127.0.0.1:{pr_port}",
-        "sglang-router": f"http://127.0.0.1:{sg_port}",
+        cfg.reference: f"http://127.0.0.1:{sg_port}",
     }
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(timeout=timeout) as probe:
         b = _start_backend(procs, cfg, backend_port)
         await _wait_ready(probe, b, backend + "/health")
         pr = procs.spawn("prefix-router", [_python(), *_prefix_router_argv(cfg, backend, pr_port)])
-        sg = procs.spawn("sglang-router", _sglang_router_argv(cfg, backend, sg_port))
+        sg = procs.spawn(cfg.reference, _reference_argv(cfg, backend, sg_port))
         await _wait_ready(probe, pr, bases["prefix-router"] + "/readiness")
-        await _wait_ready(probe, sg, bases["sglang-router"] + "/health")
+        await _wait_ready(probe, sg, bases[cfg.reference] + "/health")
         policy_seen = await _stats_policy(probe, bases["prefix-router"])
     if cfg.generator_cpus:
         os.sched_setaffinity(0, cfg.generator_cpus)
@@ -500,7 +502,7 @@ async def _run(cfg: BenchConfig, procs: Processes, cprofile: Path | None) -> dic
             "generator": None,
             "backend": b.popen.pid,
             "prefix-router": pr.popen.pid,
-            "sglang-router": sg.popen.pid,
+            cfg.reference: sg.popen.pid,
         }
         samples = await _measure(cfg, bases, sessions, pids)
     finally:
@@ -525,7 +527,8 @@ async def _run(cfg: BenchConfig, procs: Processes, cprofile: Path | None) -> dic
             f"stream tick {cfg.stream_interval_s * 1e3:g} ms",
             "prefix_router": f"prefix-router serve --policy {cfg.policy}"
             + (f" (/stats policy: {policy_seen})" if policy_seen else ""),
-            "sglang_router": "sglang-router 0.3.2 --policy round_robin",
+            "reference_router": f"{cfg.reference} {LAUNCHERS[cfg.reference].version} "
+            "--policy round_robin",
             "log_level": cfg.log_level,
             "rounds": cfg.rounds,
             "warmup_requests": cfg.warmup,
@@ -702,6 +705,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", default="llama3-8b-h100", help="backend performance profile")
     p.add_argument("--policy", default="cost", help="prefix-router policy")
+    p.add_argument(
+        "--reference",
+        choices=sorted(LAUNCHERS),
+        default="sglang-router",
+        help="the router measured beside ours: sglang-router 0.3.2 or smg (SMG 1.13)",
+    )
     p.add_argument("--warmup", type=int, default=100, help="warm-up requests per target, mode")
     p.add_argument("--log-level", default="warning", help="log level of both routers")
     p.add_argument(
@@ -763,6 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=10 if args.quick else args.warmup,
         log_level=args.log_level,
         generator_cpus=args.generator_cpus,
+        reference=args.reference,
         # children started after the generator pinned itself would inherit its CPUs
         server_cpus=args.server_cpus
         or (frozenset(os.sched_getaffinity(0)) if args.generator_cpus else None),

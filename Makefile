@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/prefix-router serve --host $(HOST) --port $(PORT) $(if $(BACKENDS),--backends $(BACKENDS),--embedded 4)
+	$(VENV)/bin/prefix-router serve --explain --host $(HOST) --port $(PORT) $(if $(BACKENDS),--backends $(BACKENDS),--embedded 4)
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -2,8 +2,8 @@
 
 Runs the window through the virtual-time simulator for round_robin, cache_aware and cost, then
 through `prefix-router compare` with our router (the same three policies) and the real
-sglang-router 0.3.2 (cache_aware, round_robin). For each pair it reports live/sim mean TTFT;
-the target is agreement within 15%. Pairs:
+sglang-router 0.3.2 (cache_aware, round_robin), or with `--reference smg` SMG 1.13's. For
+each pair it reports live/sim mean TTFT; the target is agreement within 15%. Pairs:
 
     sim cost         <-> live cost
     sim cache_aware  <-> live cache_aware, live sglang-router:cache_aware
@@ -57,6 +57,14 @@ PAIRS = {
     "cache_aware": ["cache_aware", "sglang-router:cache_aware"],
     "round_robin": ["round_robin", "sglang-router:round_robin"],
 }
+
+
+def pairs_for(reference: str) -> dict[str, list[str]]:
+    """PAIRS with the reference router (`sglang-router` or `smg`, router.replay.launchers)."""
+    return {
+        pol: [t.replace("sglang-router:", f"{reference}:") for t in targets]
+        for pol, targets in PAIRS.items()
+    }
 
 
 class _PinnedPolicy(BasePolicy):
@@ -216,6 +224,13 @@ def main() -> int:
     p.add_argument("--tolerance", type=float, default=0.15)
     p.add_argument("--name", default="conversation")
     p.add_argument(
+        "--reference",
+        choices=["sglang-router", "smg"],
+        default="sglang-router",
+        help="the reference router paired with our cache_aware / round_robin: sglang-router "
+        "0.3.2 or smg (SMG 1.13; its cache_aware has moved on from 0.3.2's rule)",
+    )
+    p.add_argument(
         "--live-dir", type=Path, default=None,
         help="re-analyse a finished live run (its live.json and outcomes.json) instead of running",
     )  # fmt: skip
@@ -233,7 +248,8 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = args.live_dir or Path(tempfile.mkdtemp())
     live_json, live_outcomes = tmp / "live.json", tmp / "outcomes.json"
-    targets = ",".join(t for ts in PAIRS.values() for t in ts)
+    pairs_by_policy = pairs_for(args.reference)
+    targets = ",".join(t for ts in pairs_by_policy.values() for t in ts)
     cmd = [
         sys.executable, "-m", "router", "compare", "--trace", args.trace,
         "--backends", str(args.backends), "--profile", args.profile,
@@ -257,7 +273,7 @@ def main() -> int:
         print(f"{pol:12s} sim file order {a['ttft_mean']:.3f} / p90 {a['ttft_p90']:.3f}; "
               f"short first in bursts {b['ttft_mean']:.3f} / p90 {b['ttft_p90']:.3f}")  # fmt: skip
     pairs: list[dict[str, Any]] = []
-    for pol, live_targets in PAIRS.items():
+    for pol, live_targets in pairs_by_policy.items():
         for target in live_targets:
             s, lv = sim[pol]["ttft_mean"], live[target]["ttft_mean"]
             ratio = lv / s if s else float("nan")

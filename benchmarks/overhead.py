@@ -63,12 +63,12 @@ from typing import Any
 
 import aiohttp
 
-from router.replay.compare import sglang_router_argv
+from router.replay.launchers import LAUNCHERS
 
 __all__ = ["CellResult", "Samples", "main", "markdown_table", "percentile"]
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-TARGETS = ("direct", "prefix-router", "prefix-router+record", "sglang-router")
+TARGETS = ("direct", "prefix-router", "prefix-router+record", "sglang-router", "smg")
 # "long": a ~4k-token chat prompt (a shared 3k-token system message, a unique user message),
 # what `serve --record` pays for per block (keyed BLAKE2b per new block, ~65 ids per line)
 _SYSTEM = " ".join(f"rule{k % 997}" for k in range(1500))
@@ -378,10 +378,11 @@ def _prefix_router_argv(
     return [*argv, "--record", cfg.record_path] if record else argv
 
 
-def _sglang_router_argv(cfg: BenchConfig, backend: str, port: int) -> list[str]:
-    """sglang-router 0.3.2 with its defaults (its Prometheus port moved off the shared 29000)."""
+def _reference_argv(name: str, cfg: BenchConfig, backend: str, port: int) -> list[str]:
+    """A reference router (sglang-router 0.3.2 or SMG 1.13) round_robin with its defaults (its
+    Prometheus port moved off the shared 29000)."""
     level = {"warning": "warn"}.get(cfg.log_level.lower(), cfg.log_level.lower())
-    return sglang_router_argv(
+    return LAUNCHERS[name].argv(
         _python(),
         port=port,
         policy="round_robin",
@@ -500,8 +501,8 @@ async def _run(cfg: BenchConfig, procs: Processes, cprofile: Path | None) -> dic
                 continue
             port = _free_port()
             bases[name] = f"http://127.0.0.1:{port}"
-            if name == "sglang-router":
-                proc = procs.spawn(name, _sglang_router_argv(cfg, backend, port))
+            if name in LAUNCHERS:
+                proc = procs.spawn(name, _reference_argv(name, cfg, backend, port))
                 await _wait_ready(probe, proc, bases[name] + "/health")
             else:
                 argv = _prefix_router_argv(cfg, backend, port, record=name.endswith("+record"))
@@ -543,7 +544,11 @@ async def _run(cfg: BenchConfig, procs: Processes, cprofile: Path | None) -> dic
             f"stream tick {cfg.stream_interval_s * 1e3:g} ms",
             "prefix_router": f"prefix-router serve --policy {cfg.policy}"
             + (f" (/stats policy: {policy_seen})" if policy_seen else ""),
-            "sglang_router": "sglang-router 0.3.2 --policy round_robin",
+            "references": {
+                n: f"{n} {LAUNCHERS[n].version} --policy round_robin"
+                for n in cfg.targets
+                if n in LAUNCHERS
+            },
             "targets": list(cfg.targets),
             "log_level": cfg.log_level,
             "rounds": cfg.rounds,
@@ -696,7 +701,7 @@ def _parser() -> argparse.ArgumentParser:
         "--targets",
         default="direct,prefix-router,sglang-router",
         help="of direct, prefix-router, prefix-router+record (serve --record to a temp file), "
-        "sglang-router",
+        "sglang-router, smg (SMG 1.13)",
     )
     p.add_argument(
         "--short-requests",

@@ -58,12 +58,17 @@ def test_histogram_mean_sums_every_label_set() -> None:
 
 
 def test_parse_targets() -> None:
-    targets = parse_targets("cost, sglang-router:cache_aware", sorted(POLICIES))
+    targets = parse_targets(
+        "cost, sglang-router:cache_aware,smg:least_load,smg:cache_aware", sorted(POLICIES)
+    )
     assert [(t.kind, t.policy) for t in targets] == [
         ("ours", "cost"),
         ("sglang-router", "cache_aware"),
+        ("smg", "least_load"),
+        ("smg", "cache_aware"),
     ]
-    for bad in ("nope", "sglang-router:cost", "oracle", "cost,cost", ""):
+    bad_ones = ("nope", "sglang-router:cost", "smg:cost", "smg:", "vllm:cache_aware", "oracle")
+    for bad in (*bad_ones, "cost,cost", ""):
         with pytest.raises(ValueError):
             parse_targets(bad, sorted(POLICIES))
 
@@ -83,6 +88,17 @@ def test_load_window_one_clear_error(tmp_path: Path) -> None:
         load_window(str(path), 10_000.0, 5.0)
     with pytest.raises(TraceError, match="duration must be positive"):
         load_window(str(path), 0.0, -1.0)
+
+
+def test_smg_argv_keeps_its_defaults() -> None:
+    from router.replay.launchers import LAUNCHERS, smg_argv
+
+    argv = smg_argv("py", port=7, policy="least_load", worker_urls=["http://a"], metrics_port=8)
+    assert argv[:4] == ["py", "-m", "smg", "launch"]
+    assert argv[argv.index("--policy") + 1] == "least_load"
+    assert argv[argv.index("--prometheus-port") + 1] == "8"
+    assert "--load-monitor-interval" not in argv  # SMG's own 10 s
+    assert LAUNCHERS["smg"].version == "1.13.0" and "least_load" in LAUNCHERS["smg"].policies
 
 
 def test_free_port_block_and_sglang_router_argv() -> None:

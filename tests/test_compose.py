@@ -45,6 +45,7 @@ COMPOSE = REPO / "docker-compose.yml"
 
 GPU_STACK = {"sglang-0", "sglang-1", "router", "router-2", "redis"}
 CPU_STACK = {"sim-0", "sim-1", "router-cpu", "redis"}
+MONITORING = {"prometheus", "grafana"}  # cpu profile too; tests/test_grafana.py checks them
 
 # Flags of `python -m sglang.launch_server` we use, as SGLang's server_args defines them.
 SGLANG_FLAGS_TAKING_VALUE = {"--model-path", "--host", "--port", "--mem-fraction-static"}
@@ -108,7 +109,7 @@ def test_stacks_and_profiles(services: dict[str, dict[str, Any]]) -> None:
     default = {n for n, s in services.items() if not s.get("profiles")}
     cpu = {n for n, s in services.items() if "cpu" in s.get("profiles", [])}
     assert default == GPU_STACK
-    assert cpu == CPU_STACK - {"redis"}
+    assert cpu == (CPU_STACK - {"redis"}) | MONITORING
     assert _closure(services, "router") == GPU_STACK - {"router-2"}
     assert _closure(services, "router-2") == GPU_STACK - {"router"}
     # `docker compose --profile cpu up router-cpu` starts no GPU service.
@@ -195,6 +196,8 @@ def test_ports(services: dict[str, dict[str, Any]]) -> None:
         "router": ["30000:30000"],
         "router-2": ["30002:30000"],
         "router-cpu": ["30001:30000"],
+        "prometheus": ["9090:9090"],
+        "grafana": ["3000:3000"],
     }
 
 

@@ -22,14 +22,16 @@ from router.commands import usage_error
 
 __all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
-HELP = "compare routers live: ours and sglang-router, each in front of fresh simulated pools"
+HELP = "compare routers live: ours, SMG and sglang-router, each in front of fresh simulated pools"
 DESCRIPTION = """\
 Starts N simulated SGLang backends and one router per target, replays the same trace window
 over HTTP through each, and prints one table (TTFT, TPOT, E2E, hit ratio, failures). The JSON
 also keeps what our router learned (its /stats per target); --outcomes keeps every request.
 
-Targets: our policies by name (cost, cache_aware, round_robin, ...) and sglang-router 0.3.2
-as sglang-router:cache_aware, sglang-router:round_robin, ...
+Targets: our policies by name (cost, cache_aware, round_robin, ...), SMG 1.13 (the Shepherd
+Model Gateway, what SGLang users run now) as smg:cache_aware, smg:least_load, smg:prefix_hash,
+smg:power_of_two, ..., and sglang-router 0.3.2 as sglang-router:cache_aware, ... (the bench
+extra installs both).
 
 example (about 2 minutes per target):
   prefix-router compare --trace conversation --backends 4 --profile llama3-8b-h100-hicache \\
@@ -54,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--targets",
         default="cost,round_robin,sglang-router:cache_aware,sglang-router:round_robin",
         help="comma-separated targets (default: all four)",
+    )
+    a(
+        "--slo-ttft-p90",
+        default=None,
+        metavar="S|auto",
+        help="report each target's p90 TTFT against this SLO: seconds, or 'auto' = 2 x "
+        "round_robin's simulated p90 on an idle pool of this window (router.replay.slo)",
     )
     a("--api", choices=["chat", "completions", "generate"], default="completions")
     a("--speedup", type=float, default=1.0, help="simulated time runs this many times faster")
@@ -88,8 +97,16 @@ def run(args: argparse.Namespace) -> int:
     from router.replay.compare import CompareConfig, ProcessSet, Target, parse_targets, run_compare
     from router.replay.metrics import RequestOutcome, write_json
     from router.replay.report import format_table, plot_ttft_cdf
+    from router.replay.simulate import SimConfig
+    from router.replay.slo import auto_slo, parse_slo
     from router.replay.traces import load_window
 
+    slo_given: float | None = None
+    if args.slo_ttft_p90 is not None:
+        try:
+            slo_given = parse_slo(args.slo_ttft_p90)
+        except ValueError as exc:
+            return _fail(str(exc))
     if args.profile not in PROFILES:
         return _fail(f"unknown profile {args.profile!r}; known: {', '.join(PROFILES)}")
     if args.start < 0 or not args.duration > 0:
@@ -110,6 +127,11 @@ def run(args: argparse.Namespace) -> int:
         check_trace_api(trace, args.api)
     except ValueError as exc:  # TraceError is one
         return _fail(str(exc))
+
+    slo: float | None = slo_given
+    if args.slo_ttft_p90 is not None and slo is None:
+        slo = auto_slo(trace, SimConfig(profiles=(args.profile,) * args.backends))
+        print(f"--slo-ttft-p90 auto: {slo:g} s (2 x round_robin's idle p90)", file=sys.stderr)
 
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="prefix-router-compare-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +177,13 @@ def run(args: argparse.Namespace) -> int:
         + (f", speedup {args.speedup:g}" if args.speedup != 1 else "")
     )
     print(format_table(results, title=title))
+    if slo is not None:
+        for res in results.values():
+            res["slo_ttft_p90"] = slo
+            res["meets_slo"] = bool(res["ttft_p90"] <= slo and res["failed"] == 0)
+        met = [n for n, r in results.items() if r["meets_slo"]]
+        print(f"p90 TTFT <= {slo:g} s ({'auto' if slo_given is None else 'given'}): "
+              f"{', '.join(met) or 'none'}")  # fmt: skip
     print(f"total wall time {total_s:.0f} s", file=sys.stderr)
     if args.json is not None:
         doc = {
@@ -167,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
             "speedup": args.speedup,
             "api": args.api,
             "requests": len(trace.requests),
+            "slo_ttft_p90": slo,
+            "slo_source": None if slo is None else ("given" if slo_given else "auto"),
             "total_wall_s": total_s,
             "results": results,
             "router_stats": {

@@ -122,6 +122,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--log-prompts", action="store_true", default=None, help="log prompt text (off by default)")
     a("--log-level", help="DEBUG, INFO, WARNING...")
     a(
+        "--explain",
+        action="store_true",
+        default=None,
+        help="add an x-route-reason header to each response (chosen backend, its predicted "
+        "TTFT as queue + prefill + decode share, predicted cached tokens, the runner-up and "
+        "its predicted TTFT; cost-model policies), and log it at DEBUG",
+    )
+    a(
         "--state",
         metavar="URL",
         help="shared routing state: memory (default, one replica) or "
@@ -183,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             log_prompts=args.log_prompts,
             log_level=args.log_level,
+            explain=args.explain,
             state=args.state,
             cluster=args.cluster,
             replica_id=args.replica_id,

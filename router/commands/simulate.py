@@ -62,7 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--find-capacity", action="store_true", help="search each policy's capacity"
     )
     parser.add_argument(
-        "--slo-ttft-p90", type=float, default=2.0, help="p90 TTFT SLO for --find-capacity (s)"
+        "--slo-ttft-p90",
+        default="2",
+        help="p90 TTFT SLO for --find-capacity: seconds, or 'auto' = 2 x round_robin's p90 "
+        "on an idle pool (this window at load 0.05; router.replay.slo), for traces whose "
+        "long prompts miss any fixed SLO (default 2)",
     )
     parser.add_argument(
         "--capacity-precision",
@@ -117,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from router.replay.metrics import write_json
     from router.replay.report import format_table, plot_ttft_cdf
     from router.replay.simulate import SimConfig, capacity_p90, find_capacity, simulate_policy
+    from router.replay.slo import auto_slo, parse_slo
     from router.replay.traces import TraceError, load_window
 
     if args.backends < 1:
@@ -127,8 +132,10 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--start must be non-negative, got {args.start:g}")
     if args.duration is not None and not (args.duration > 0):
         return _fail(f"--duration must be positive, got {args.duration:g}")
-    if not (args.slo_ttft_p90 > 0 and math.isfinite(args.slo_ttft_p90)):
-        return _fail(f"--slo-ttft-p90 must be a positive number, got {args.slo_ttft_p90:g}")
+    try:
+        slo = parse_slo(args.slo_ttft_p90)
+    except ValueError:
+        return _fail(f"--slo-ttft-p90 must be a positive number or 'auto', got {args.slo_ttft_p90}")
     if not 0 < args.capacity_precision < 1:
         return _fail(f"--capacity-precision must be in (0, 1), got {args.capacity_precision:g}")
     for flag, value in (
@@ -201,7 +208,11 @@ def run(args: argparse.Namespace) -> int:
         outcomes[policy] = outcome.outcomes
 
     capacity: dict[str, Any] = {}
+    if args.find_capacity and slo is None:
+        slo = auto_slo(trace, SimConfig(profiles=profiles, seed=args.seed, engine=engine_cfg))
+        print(f"--slo-ttft-p90 auto: {slo:g} s (2 x round_robin's idle p90)", file=sys.stderr)
     if args.find_capacity:
+        assert slo is not None
         for policy in policies:
 
             def p90_at(load: float, policy: str = policy) -> float:
@@ -209,10 +220,11 @@ def run(args: argparse.Namespace) -> int:
                 return capacity_p90(summary)
 
             found = find_capacity(
-                p90_at, slo=args.slo_ttft_p90, start=args.load, precision=args.capacity_precision
+                p90_at, slo=slo, start=args.load, precision=args.capacity_precision
             )
             capacity[policy] = {
                 "slo_ttft_p90": found.slo_ttft_p90,
+                "slo_source": "auto" if parse_slo(args.slo_ttft_p90) is None else "given",
                 "max_load": found.max_load,
                 "probes": [list(p) for p in found.probes],
             }

@@ -56,6 +56,7 @@ from router.core.model import (
     BackendState,
     BasePolicy,
     Choice,
+    Explanation,
     PerfPrior,
     RequestRecord,
     RouteRequest,
@@ -413,6 +414,11 @@ class CostPolicy(BasePolicy):
         best: BackendState | None = None
         best_cached = 0
         best_parts = (0.0, 0.0, 0.0, 0)  # queue_s, prefill_s, mixed_s, kv_tokens
+        best_ttft = 0.0
+        # The runner-up (next-lowest cost), for `serve --explain`: one comparison per backend.
+        second_cost = float("inf")
+        second: BackendState | None = None
+        second_ttft = 0.0
         block_tokens = req.block_tokens
         cap = max(n - 1, 0)
         # backends whose entries come from KV events: the router's blocks are their pages, and
@@ -461,10 +467,15 @@ class CostPolicy(BasePolicy):
             if backlog.pending:  # it delays each pending first token by its prefill, at most
                 cost += pending_w * len(backlog.pending) * min(prefill_s, queue_s)
             if cost < best_cost or best is None:
+                if best is not None:  # the old best is now the runner-up
+                    second_cost, second, second_ttft = best_cost, best, best_ttft
                 best_cost = cost
                 best = state
                 best_cached = cached
+                best_ttft = queue_s + prefill_s + mixed_s
                 best_parts = (queue_s, prefill_s, mixed_s, kv + n + half_output)
+            elif cost < second_cost:
+                second_cost, second, second_ttft = cost, state, queue_s + prefill_s + mixed_s
         assert best is not None  # choose() is never called with no backends
         queue_s, prefill_s, mixed_s, kv_tokens = best_parts
         routed = self._routed[req.rid] = _Routed(
@@ -475,6 +486,14 @@ class CostPolicy(BasePolicy):
             predicted_cached_tokens=best_cached,
             predicted_ttft_s=routed.ttft_s,
             reason=f"cost {best_cost:.3f}s",
+            explain=Explanation(
+                queue_s=queue_s,
+                prefill_s=prefill_s,
+                decode_s=mixed_s,
+                cached_tokens=best_cached,
+                runner_up=None if second is None else second.spec.id,
+                runner_up_ttft_s=None if second is None else second_ttft,
+            ),
         )
 
     # -- what the scheduler asks (router.core.scheduler) ------------------------------------

@@ -29,6 +29,7 @@ __all__ = [
     "BackendState",
     "BasePolicy",
     "Choice",
+    "Explanation",
     "PerfPrior",
     "Policy",
     "RequestRecord",
@@ -193,13 +194,45 @@ class BackendState:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Explanation:
+    """Why a cost-model policy chose its backend: the chosen one's predicted TTFT by term,
+    and the runner-up (the backend of next-lowest cost) with its predicted TTFT.
+
+    queue_s + prefill_s + decode_s is the chosen backend's predicted TTFT; decode_s is the
+    decode step that shares the prefill's step (0 when the backend was idle). The runner-up
+    is None when only one backend was offered.
+    """
+
+    queue_s: float
+    prefill_s: float
+    decode_s: float
+    cached_tokens: int
+    runner_up: str | None = None
+    runner_up_ttft_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if min(self.queue_s, self.prefill_s, self.decode_s) < 0 or self.cached_tokens < 0:
+            raise ValueError(f"negative term in {self!r}")
+        if (self.runner_up is None) != (self.runner_up_ttft_s is None):
+            raise ValueError("runner_up and runner_up_ttft_s come together")
+
+    @property
+    def ttft_s(self) -> float:
+        return self.queue_s + self.prefill_s + self.decode_s
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Choice:
-    """A policy's answer: where to go and what it expects there (for /stats and feedback)."""
+    """A policy's answer: where to go and what it expects there (for /stats and feedback).
+
+    `explain` is set by policies with a cost model (`cost`, `oracle`) for `serve --explain`.
+    """
 
     backend: str
     predicted_cached_tokens: int = 0
     predicted_ttft_s: float | None = None
     reason: str = ""
+    explain: Explanation | None = None
 
 
 @runtime_checkable

@@ -30,6 +30,7 @@ from router.core.model import (
     BackendSpec,
     BackendState,
     Choice,
+    Explanation,
     Policy,
     RequestRecord,
     RouteRequest,
@@ -46,6 +47,7 @@ class Decision:
     predicted_cached_tokens: int
     predicted_ttft_s: float | None
     reason: str
+    explain: Explanation | None = None
 
 
 class NoBackendError(LookupError):
@@ -187,6 +189,7 @@ class RoutingCore:
             predicted_cached_tokens=choice.predicted_cached_tokens,
             predicted_ttft_s=choice.predicted_ttft_s,
             reason=choice.reason,
+            explain=choice.explain,
         )
 
     def on_first_token(self, rid: str, now: float, cached_tokens: int | None = None) -> None:

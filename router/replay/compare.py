@@ -4,8 +4,9 @@ For every target, in order::
 
     start N simulated SGLang servers     `prefix-router sim --count N --port P` (empty caches)
     start the router in front of them    ours: `prefix-router serve --backend ... --policy X`
-                                         sglang-router: `python -m sglang_router.launch_router
-                                         --worker-urls ... --policy X` (its 0.3.2 defaults)
+                                         SMG / sglang-router: `smg launch` / `python -m
+                                         sglang_router.launch_router --worker-urls ... --policy
+                                         X` (their own defaults; router.replay.launchers)
     wait until both answer               sims: GET /health; router: GET /v1/models (and ours'
                                          /readiness), i.e. until a request would be routed
     replay the window                    `router.replay.client.replay`, open loop
@@ -19,7 +20,8 @@ Every child runs in its own session (process group), so stopping it stops whatev
 and a Ctrl-C at the terminal reaches only this process, whose `finally` then stops the children
 (`ProcessSet.stop_all`). The command installs a SIGTERM handler that turns into the same path.
 
-Targets are named `<policy>` (ours) or `sglang-router:<policy>`. With `speedup` F the sims run
+Targets are named `<policy>` (ours), `smg:<policy>` (SMG 1.13) or `sglang-router:<policy>`
+(0.3.2); router.replay.launchers starts the reference routers. With `speedup` F the sims run
 F times faster than the wall clock and the replay sends F times faster and scales measured
 times back by F (see `client`); router overheads then weigh F times more, so keep F small.
 """
@@ -41,6 +43,7 @@ from typing import IO, Literal
 import aiohttp
 
 from router.replay.client import Api, ReplayConfig, ReplayRun, replay
+from router.replay.launchers import LAUNCHERS, sglang_router_argv, smg_argv
 from router.replay.metrics import RequestOutcome
 from router.replay.ports import free_port_block
 from router.replay.traces import Trace
@@ -56,10 +59,10 @@ __all__ = [
     "run_compare",
     "run_target",
     "sglang_router_argv",
+    "smg_argv",
 ]
 
-SGLANG_ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
-_SGLANG_PREFIX = "sglang-router:"
+SGLANG_ROUTER_POLICIES = LAUNCHERS["sglang-router"].policies
 
 
 class StartupError(RuntimeError):
@@ -68,35 +71,35 @@ class StartupError(RuntimeError):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Target:
-    """One router under test: ours with `policy`, or sglang-router with `policy`."""
+    """One router under test: ours with `policy`, or a reference router (`kind`) with it."""
 
     name: str
-    kind: Literal["ours", "sglang-router"]
+    kind: Literal["ours", "sglang-router", "smg"]
     policy: str
 
 
 def parse_targets(spec: str, our_policies: Sequence[str]) -> list[Target]:
-    """Parse "cost,round_robin,sglang-router:cache_aware"; ValueError names the bad item."""
+    """Parse "cost,round_robin,smg:cache_aware,sglang-router:cache_aware"; ValueError if bad."""
     targets: list[Target] = []
+    theirs = " or ".join(f"{k}:<{'|'.join(v.policies)}>" for k, v in LAUNCHERS.items())
     for raw in spec.split(","):
         name = raw.strip()
         if not name:
             continue
-        if name.startswith(_SGLANG_PREFIX):
-            policy = name[len(_SGLANG_PREFIX) :]
-            if policy not in SGLANG_ROUTER_POLICIES:
+        kind, sep, policy = name.partition(":")
+        if sep:
+            launcher = LAUNCHERS.get(kind)
+            if launcher is None:
+                raise ValueError(f"unknown router {kind!r} in {name!r}; known: {theirs}")
+            if policy not in launcher.policies:
                 raise ValueError(
-                    f"unknown sglang-router policy {policy!r}; known: "
-                    + ", ".join(SGLANG_ROUTER_POLICIES)
+                    f"unknown {kind} policy {policy!r}; known: " + ", ".join(launcher.policies)
                 )
-            targets.append(Target(name=name, kind="sglang-router", policy=policy))
+            targets.append(Target(name=name, kind=kind, policy=policy))  # type: ignore[arg-type]
         else:
             if name not in our_policies or name == "oracle":
                 ours = ", ".join(p for p in our_policies if p != "oracle")
-                raise ValueError(
-                    f"unknown target {name!r}; ours: {ours}, or "
-                    f"sglang-router:<{'|'.join(SGLANG_ROUTER_POLICIES)}>"
-                )
+                raise ValueError(f"unknown target {name!r}; ours: {ours}, or {theirs}")
             targets.append(Target(name=name, kind="ours", policy=name))
     if not targets:
         raise ValueError("no targets given")
@@ -270,33 +273,11 @@ async def _ttft_split(
     return split
 
 
-def sglang_router_argv(
-    python: str,
-    *,
-    port: int,
-    policy: str,
-    worker_urls: Sequence[str],
-    metrics_port: int,
-    log_level: str = "warn",
-) -> list[str]:
-    """The command that starts sglang-router 0.3.2 on 127.0.0.1:`port` with its own defaults.
-
-    Only startup polling (1 s instead of 30 s) and the Prometheus port (default 29000, which
-    another router may hold) are set; no routing knob is changed.
-    """
-    return [
-        python, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
-        "--port", str(port), "--policy", policy, "--worker-urls", *worker_urls,
-        "--log-level", log_level, "--worker-startup-check-interval", "1",
-        "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port),
-    ]  # fmt: skip
-
-
 def _router_argv(
     target: Target, config: CompareConfig, port: int, urls: list[str], metrics_port: int
 ) -> list[str]:
-    if target.kind == "sglang-router":
-        return sglang_router_argv(
+    if target.kind != "ours":
+        return LAUNCHERS[target.kind].argv(
             config.python, port=port, policy=target.policy, worker_urls=urls,
             metrics_port=metrics_port,
         )  # fmt: skip
@@ -339,11 +320,11 @@ async def run_target(
                 slug, _router_argv(target, config, router_port, urls, router_port + 1)
             )
             router_url = f"http://127.0.0.1:{router_port}"
-            ready = "/readiness" if target.kind == "ours" else "/v1/models"
-            await _wait_ready(session, router_url + ready, router, deadline)
-            if target.kind == "sglang-router":
-                # readiness of sglang-router's own: it routes once its workers passed startup
-                await _wait_ready(session, router_url + "/health", router, deadline)
+            # ours: /readiness; a reference router: its models and its own health (it routes
+            # once its workers passed startup)
+            paths = ("/readiness",) if target.kind == "ours" else LAUNCHERS[target.kind].ready_paths
+            for path in paths:
+                await _wait_ready(session, router_url + path, router, deadline)
         replay_config = ReplayConfig(
             url=router_url, api=config.api, load=config.load, speedup=config.speedup
         )

@@ -89,6 +89,8 @@ class ServerConfig(BaseSettings):
     # /stats and /metrics need a client or the admin key (/health and /readiness stay open)
     protect_status: bool = False
     log_level: str = "INFO"
+    # x-route-reason response header + DEBUG log line per decision (router.server.explain)
+    explain: bool = False
     # Shared routing state between router replicas (docs/replicas.md): "memory" (one replica,
     # nothing shared) or a redis://, rediss:// or unix:// URL; every replica of a fleet the same.
     state: str = "memory"

@@ -1,168 +1,187 @@
-"""A tiny Prometheus registry: counters, gauges and histograms with labels, text exposition.
+"""The router's Prometheus series, exposed through `prometheus_client`.
 
-We need a dozen series, not a client library: each metric keeps a dict from label values to
-numbers, and `Registry.render()` writes the text format (version 0.0.4) by hand. Gauges that
-mirror live state (backend health, in-flight) are refreshed by a collector callback just before
-rendering, so they are never stale and cost nothing between scrapes. Single-threaded (the event
-loop), so no locks.
+Each metric is a thin wrapper over a `prometheus_client` metric in the app's own
+`CollectorRegistry` (never the process-global one, so two routers in one process, as in the
+tests, keep separate series). The wrappers keep the call shape the proxy uses on its hot path,
+`metric.inc(*label_values, amount=...)`, and cache each label set's child, so a request pays a
+dict lookup and the library's locked increment, not a `labels()` call per update
+(benchmarks/metrics_cost.py measured the switch against the hand-written exposition this
+replaced: within 5% of router CPU per request). Gauges that mirror live state (backend health,
+in-flight) are refreshed by collector callbacks just before rendering, so they are never stale
+and cost nothing between scrapes; totals another component counts itself (remote events) are
+mirrored at scrape time as counters. `_created` series are off: nothing here reads them.
 """
 
 from __future__ import annotations
 
-import math
-from bisect import bisect_left
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
-__all__ = ["TTFT_BUCKETS", "Counter", "Gauge", "Histogram", "Registry", "RouterMetrics"]
+import prometheus_client
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "CACHED_ERROR_BUCKETS",
+    "REGRET_BUCKETS",
+    "TTFT_BUCKETS",
+    "Counter",
+    "Gauge",
+    "Histogram",
+    "MirroredCounter",
+    "Registry",
+    "RouterMetrics",
+]
 
 LabelValues = tuple[str, ...]
 
 TTFT_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+# Regret (observed - predicted TTFT) is signed: symmetric buckets around 0.
+REGRET_BUCKETS: tuple[float, ...] = (
+    -10.0, -2.5, -1.0, -0.5, -0.25, -0.1, -0.05, -0.025, -0.01, 0.0,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+)  # fmt: skip
+# Reported - predicted cached tokens: 0 when the index was right; a block is 64 tokens.
+CACHED_ERROR_BUCKETS: tuple[float, ...] = (
+    -65536.0, -16384.0, -4096.0, -1024.0, -256.0, -64.0, -1.0, 0.0,
+    63.0, 255.0, 1023.0, 4095.0, 16383.0, 65535.0,
+)  # fmt: skip
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class _Wrapped:
+    """One prometheus_client metric (`self.metric`) and its children by label values."""
 
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-def _num(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
-
-
-class _Metric:
-    kind = "untyped"
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        self.name = name
-        self.help = help_text
+    def __init__(self, metric: Any, labels: Sequence[str]) -> None:
+        self.metric = metric
+        self.name: str = metric._name
         self.label_names = tuple(labels)
+        self._children: dict[LabelValues, Any] = {}
 
-    def _key(self, values: Sequence[str]) -> LabelValues:
-        if len(values) != len(self.label_names):
-            raise ValueError(f"{self.name} takes labels {self.label_names}, got {values}")
-        return tuple(str(v) for v in values)
+    def _child(self, labels: LabelValues) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            if len(labels) != len(self.label_names):
+                raise ValueError(f"{self.name} takes labels {self.label_names}, got {labels}")
+            child = self.metric.labels(*labels) if labels else self.metric
+            self._children[labels] = child
+        return child
 
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+    def _sample(self, suffix: str, labels: Sequence[str]) -> float:
+        want = dict(zip(self.label_names, (str(v) for v in labels), strict=True))
+        for family in self.metric.collect():
+            for sample in family.samples:
+                if sample.name == self.name + suffix and sample.labels == want:
+                    return float(sample.value)
+        return 0.0
 
-    def samples(self) -> list[str]:
-        raise NotImplementedError
+    def total(self, suffix: str = "") -> float:
+        """The sum of one sample kind over every label set (the hit ratios' numerators)."""
+        return sum(
+            float(s.value)
+            for family in self.metric.collect()
+            for s in family.samples
+            if s.name == self.name + suffix
+        )
 
 
-class Counter(_Metric):
-    kind = "counter"
-
+class Counter(_Wrapped):
     def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labels)
-        self.values: dict[LabelValues, float] = {}
+        super().__init__(prometheus_client.Counter(name, help_text, labels, registry=None), labels)
+        self.name = name if name.endswith("_total") else name + "_total"
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
-        # hot path (several calls per request): the label tuple is the key as given
-        if len(labels) != len(self.label_names):
-            raise ValueError(f"{self.name} takes labels {self.label_names}, got {labels}")
-        values = self.values
-        values[labels] = values.get(labels, 0.0) + amount
+        child = self._children.get(labels)  # hot path: several calls per request
+        if child is None:
+            child = self._child(labels)
+        child.inc(amount)
 
     def get(self, *labels: str) -> float:
-        return self.values.get(self._key(labels), 0.0)
-
-    def set_total(self, *labels: str, value: float) -> None:
-        """Mirror a total another component counts itself (read by a collector at scrape)."""
-        self.values[self._key(labels)] = value
-
-    def samples(self) -> list[str]:
-        return [
-            f"{self.name}{_labels(self.label_names, k)} {_num(v)}"
-            for k, v in sorted(self.values.items())
-        ]
+        return self._sample("", labels)
 
 
-class Gauge(Counter):
-    kind = "gauge"
+class Gauge(_Wrapped):
+    """Set at scrape time by collectors; `clear` forgets label sets of vanished backends."""
+
+    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
+        super().__init__(prometheus_client.Gauge(name, help_text, labels, registry=None), labels)
+
+    def inc(self, *labels: str, amount: float = 1.0) -> None:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._child(labels)
+        child.inc(amount)
 
     def set(self, *labels: str, value: float) -> None:
-        self.values[self._key(labels)] = value
+        self._child(labels).set(value)
+
+    def get(self, *labels: str) -> float:
+        return self._sample("", labels)
 
     def clear(self) -> None:
-        self.values.clear()
+        if self.label_names:
+            self.metric.clear()
+            self._children.clear()
 
 
-class Histogram(_Metric):
-    kind = "histogram"
-
+class Histogram(_Wrapped):
     def __init__(
         self, name: str, help_text: str, labels: Sequence[str] = (), buckets: Sequence[float] = ()
     ) -> None:
-        super().__init__(name, help_text, labels)
-        self.buckets = tuple(sorted(buckets)) or TTFT_BUCKETS
-        # per label set: bucket counts (non-cumulative), sum, count
-        self.series: dict[LabelValues, tuple[list[int], list[float]]] = {}
+        bounds = tuple(sorted(buckets)) or TTFT_BUCKETS
+        super().__init__(
+            prometheus_client.Histogram(name, help_text, labels, buckets=bounds, registry=None),
+            labels,
+        )
+        self.buckets = bounds
 
     def observe(self, *labels: str, value: float) -> None:
-        if len(labels) != len(self.label_names):
-            raise ValueError(f"{self.name} takes labels {self.label_names}, got {labels}")
-        series = self.series.get(labels)
-        if series is None:
-            series = self.series[labels] = ([0] * (len(self.buckets) + 1), [0.0, 0.0])
-        counts, totals = series
-        counts[bisect_left(self.buckets, value)] += 1  # first bucket with value <= bound
-        totals[0] += value
-        totals[1] += 1
+        child = self._children.get(labels)
+        if child is None:
+            child = self._child(labels)
+        child.observe(value)
 
     def count(self, *labels: str) -> int:
-        series = self.series.get(self._key(labels))
-        return int(series[1][1]) if series else 0
-
-    def samples(self) -> list[str]:
-        out: list[str] = []
-        for key, (counts, totals) in sorted(self.series.items()):
-            running = 0
-            for bound, n in zip((*self.buckets, math.inf), counts, strict=True):
-                running += n
-                le = f'le="{_num(bound)}"'
-                out.append(f"{self.name}_bucket{_labels(self.label_names, key, le)} {running}")
-            out.append(f"{self.name}_sum{_labels(self.label_names, key)} {_num(totals[0])}")
-            out.append(f"{self.name}_count{_labels(self.label_names, key)} {_num(totals[1])}")
-        return out
+        return int(self._sample("_count", labels))
 
 
-_M = TypeVar("_M", bound=_Metric)
+class MirroredCounter(Collector):
+    """A counter whose total another component keeps (read by a collector at scrape)."""
+
+    def __init__(self, name: str, help_text: str) -> None:
+        self.name = name
+        self.help = help_text
+        self.value = 0.0
+
+    def set_total(self, *, value: float) -> None:
+        self.value = value
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.help, value=self.value)
+
+
+_M = TypeVar("_M", Counter, Gauge, Histogram, MirroredCounter)
 
 
 class Registry:
-    """Metrics in registration order, plus collectors run before each render."""
+    """The app's own CollectorRegistry, plus callbacks run before each render."""
 
     def __init__(self) -> None:
-        self.metrics: list[_Metric] = []
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry(auto_describe=True)
         self.collectors: list[Callable[[], None]] = []
 
     def register(self, metric: _M) -> _M:
-        if any(m.name == metric.name for m in self.metrics):
-            raise ValueError(f"metric {metric.name} registered twice")
-        self.metrics.append(metric)
+        """Add `metric`; a name registered twice raises ValueError (from the library)."""
+        self.registry.register(metric if isinstance(metric, MirroredCounter) else metric.metric)
         return metric
 
     def render(self) -> str:
         for collect in self.collectors:
             collect()
-        lines: list[str] = []
-        for metric in self.metrics:
-            lines.extend(metric.header())
-            lines.extend(metric.samples())
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode()
 
 
 class RouterMetrics:
@@ -194,6 +213,34 @@ class RouterMetrics:
                 "Time from routing to the first upstream chunk, by backend.",
                 ("backend",),
                 TTFT_BUCKETS,
+            )
+        )
+        self.regret = r.register(
+            Histogram(
+                "prefix_router_ttft_regret_seconds",
+                "Observed TTFT minus the policy's predicted TTFT, by backend (streamed requests "
+                "of policies that predict one): how wrong the cost model is, and where.",
+                ("backend",),
+                REGRET_BUCKETS,
+            )
+        )
+        self.predicted_ttft = r.register(
+            Counter(
+                "prefix_router_predicted_ttft_seconds_total",
+                "Predicted TTFT of the requests in prefix_router_ttft_regret_seconds, by "
+                "backend: a histogram with negative buckets has no _sum, so mean regret is "
+                "(ttft_seconds_sum - this) / regret count over the same window.",
+                ("backend",),
+            )
+        )
+        self.cached_error = r.register(
+            Histogram(
+                "prefix_router_cached_tokens_error",
+                "Reported minus predicted cached tokens per request, by backend "
+                "(negative: the index believed the backend held more than it did; the sum is "
+                "cached_tokens_total - predicted_cached_tokens_total).",
+                ("backend",),
+                CACHED_ERROR_BUCKETS,
             )
         )
         self.routed = r.register(
@@ -271,7 +318,7 @@ class RouterMetrics:
             )
         )
         self.remote_events = r.register(
-            Counter(
+            MirroredCounter(
                 "prefix_router_remote_events_applied_total",
                 "Other replicas' routing events applied to this replica's policy.",
             )
@@ -279,10 +326,10 @@ class RouterMetrics:
         r.collectors.append(self._ratios)
 
     def _ratios(self) -> None:
-        prompt = sum(self.prompt_tokens.values.values())
+        prompt = self.prompt_tokens.total()
         if prompt > 0:
-            self.predicted_hit_ratio.set(value=sum(self.predicted_cached.values.values()) / prompt)
-            self.actual_hit_ratio.set(value=sum(self.reported_cached.values.values()) / prompt)
+            self.predicted_hit_ratio.set(value=self.predicted_cached.total() / prompt)
+            self.actual_hit_ratio.set(value=self.reported_cached.total() / prompt)
 
     def render(self) -> str:
         return self.registry.render()

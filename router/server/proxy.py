@@ -77,6 +77,8 @@ from router.core.routing import NoBackendError, RoutingCore
 from router.server.auth import check_client
 from router.server.config import ServerConfig
 from router.server.errors import REQUEST_ID_KEY, ApiError, sse_error_event
+from router.server.explain import HEADER as REASON_HEADER
+from router.server.explain import route_reason
 from router.server.jsonbody import loads as _loads
 from router.server.jsonbody import read_object, too_deep
 from router.server.metrics import RouterMetrics
@@ -150,6 +152,9 @@ class _Flight:
     started: float
     backend: str | None = None
     predicted_cached: int = 0
+    predicted_ttft_s: float | None = None
+    routed_at: float = 0.0
+    reason: str | None = None  # x-route-reason (serve --explain)
     status: int = 0
     ttft_s: float | None = None
     usage: TokenUsage | None = None
@@ -392,6 +397,11 @@ class Proxy:
                     self.sync.routed(rec)
             flight.backend = decision.backend
             flight.predicted_cached = decision.predicted_cached_tokens
+            flight.predicted_ttft_s = decision.predicted_ttft_s
+            flight.routed_at = asyncio.get_running_loop().time()
+            if self.config.explain:
+                flight.reason = route_reason(decision)
+                log.debug("rid=%s route %s", rid, flight.reason)
             flight.ended = False
             self.metrics.routed.inc(decision.backend)
             if attempt:
@@ -463,6 +473,9 @@ class Proxy:
                 self.metrics.prompt_tokens.inc(backend, amount=usage.prompt_tokens)
                 self.metrics.reported_cached.inc(backend, amount=cached)
                 self.metrics.predicted_cached.inc(backend, amount=flight.predicted_cached)
+                if usage.cached_tokens is not None:
+                    error = usage.cached_tokens - flight.predicted_cached
+                    self.metrics.cached_error.observe(backend, value=error)
         elif ok:
             self.core.on_finished(flight.rid, now, 0, None)
         else:
@@ -483,6 +496,11 @@ class Proxy:
         if self.scheduling is not None:
             self.scheduling.kick()
         self.metrics.ttft.observe(flight.backend, value=flight.ttft_s)
+        if flight.predicted_ttft_s is not None:  # observed as the client sees it, from arrival
+            self.metrics.regret.observe(
+                flight.backend, value=flight.ttft_s - flight.predicted_ttft_s
+            )
+            self.metrics.predicted_ttft.inc(flight.backend, amount=flight.predicted_ttft_s)
 
     def _abort_upstream(self, backend_url: str, rid: str) -> None:
         """Tell the backend to stop working on `rid` (fire and forget, kept referenced)."""
@@ -536,24 +554,23 @@ class Proxy:
                         self._end(flight, ok=True)
                     else:
                         self._end(flight, ok=False)
-                    return web.Response(
-                        body=raw,
-                        status=upstream.status,
-                        headers={
-                            "Content-Type": content_type,
-                            "X-Request-Id": flight.rid,
-                            "X-Prefix-Router-Backend": flight.backend,
-                        },
-                    )
-                response = web.StreamResponse(
-                    status=upstream.status,
-                    headers={
+                    out = {
                         "Content-Type": content_type,
-                        "Cache-Control": "no-cache",
                         "X-Request-Id": flight.rid,
                         "X-Prefix-Router-Backend": flight.backend,
-                    },
-                )
+                    }
+                    if flight.reason is not None:
+                        out[REASON_HEADER] = flight.reason
+                    return web.Response(body=raw, status=upstream.status, headers=out)
+                out = {
+                    "Content-Type": content_type,
+                    "Cache-Control": "no-cache",
+                    "X-Request-Id": flight.rid,
+                    "X-Prefix-Router-Backend": flight.backend,
+                }
+                if flight.reason is not None:
+                    out[REASON_HEADER] = flight.reason
+                response = web.StreamResponse(status=upstream.status, headers=out)
                 return await self._relay(request, upstream, response, flight, endpoint, strip_usage)
         except asyncio.CancelledError:
             # the client went away (aiohttp cancels the handler): stop the backend's work too

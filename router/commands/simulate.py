@@ -173,14 +173,18 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
 
+    if slo is None:  # --slo-ttft-p90 auto: the SLO the capacity search and goodput use
+        slo = auto_slo(trace, SimConfig(profiles=profiles, seed=args.seed, engine=engine_cfg))
+        print(f"--slo-ttft-p90 auto: {slo:g} s (2 x round_robin's idle p90)", file=sys.stderr)
+
     scheduler = None
     if args.scheduler == "on":
         # Order by the TTFT the run is judged by (requests already past it go last).
-        knobs: dict[str, Any] = {"slo_ttft_s": args.slo_ttft, "late_last_s": args.slo_ttft_p90}
+        knobs: dict[str, Any] = {"slo_ttft_s": args.slo_ttft, "late_last_s": slo}
         if args.scheduler_budget is not None:
             knobs["budget_s"] = args.scheduler_budget
         scheduler = SchedulerConfig(**knobs)
-    goodput_slo = args.slo_ttft if args.slo_ttft is not None else args.slo_ttft_p90
+    goodput_slo = args.slo_ttft if args.slo_ttft is not None else slo
 
     def one_run(policy: str, load: float, desc: str) -> Any:
         cfg = SimConfig(
@@ -208,11 +212,7 @@ def run(args: argparse.Namespace) -> int:
         outcomes[policy] = outcome.outcomes
 
     capacity: dict[str, Any] = {}
-    if args.find_capacity and slo is None:
-        slo = auto_slo(trace, SimConfig(profiles=profiles, seed=args.seed, engine=engine_cfg))
-        print(f"--slo-ttft-p90 auto: {slo:g} s (2 x round_robin's idle p90)", file=sys.stderr)
     if args.find_capacity:
-        assert slo is not None
         for policy in policies:
 
             def p90_at(load: float, policy: str = policy) -> float:

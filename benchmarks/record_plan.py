@@ -22,6 +22,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -91,7 +92,12 @@ def _leaked(rec: Path, trace: Trace) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--work", type=Path, default=Path("/tmp/record_plan"), help="scratch folder")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "record_plan",
+        help="scratch folder (default: record_plan in the system's temporary folder)",
+    )
     p.add_argument("--live", action="store_true", help="run the live recording (10 minutes)")
     p.add_argument("--recording", type=Path, help="an earlier run's recording")
     p.add_argument("--replay-json", type=Path, help="an earlier run's replay JSON")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from router.replay.traces import TraceError
+from router.replay.traces import TraceError, jsonl_objects
 
 __all__ = ["LiveView", "live_view", "merge", "read_lines", "write_lines"]
 
@@ -28,17 +28,10 @@ __all__ = ["LiveView", "live_view", "merge", "read_lines", "write_lines"]
 def read_lines(path: Path) -> list[dict[str, Any]]:
     """Every JSON object line of `path` (blank lines skipped; a bad line is a TraceError)."""
     out: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise TraceError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
-            if not isinstance(obj, dict) or "hash_ids" not in obj:
-                raise TraceError(f"{path}:{number}: not a Mooncake line (no 'hash_ids')")
-            out.append(obj)
+    for number, obj in jsonl_objects(path):
+        if "hash_ids" not in obj:
+            raise TraceError(f"{path}:{number}: not a Mooncake line (no 'hash_ids')")
+        out.append(obj)
     return out
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "TraceRequest",
     "bundled",
     "data_dir",
+    "jsonl_objects",
     "load_trace",
     "load_window",
     "write_mooncake",
@@ -164,7 +165,7 @@ def load_trace(
         raise ValueError("block_size must be positive")
     kind = _detect(p) if fmt == "auto" else fmt
     if kind == "mooncake":
-        rows = list(_jsonl(p))
+        rows = list(jsonl_objects(p))
         bs = block_size or _declared_block_size(rows, p) or MOONCAKE_BLOCK
         reqs = [_mooncake_request(obj, i, bs, p, line) for i, (line, obj) in enumerate(rows)]
     elif kind == "azure":
@@ -232,7 +233,7 @@ def write_mooncake(trace: Trace, path: str | Path) -> None:
 def _detect(p: Path) -> Literal["mooncake", "azure", "chat"]:
     if p.suffix.lower() == ".csv":
         return "azure"
-    for line, obj in _jsonl(p):
+    for line, obj in jsonl_objects(p):
         if "hash_ids" in obj:
             return "mooncake"
         if "messages" in obj:
@@ -241,7 +242,7 @@ def _detect(p: Path) -> Literal["mooncake", "azure", "chat"]:
     raise TraceError(f"{p}: empty trace file")
 
 
-def _jsonl(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def jsonl_objects(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based line number, object) for each non-blank line."""
     with p.open(encoding="utf-8") as f:
         for number, text in enumerate(f, start=1):
@@ -381,7 +382,7 @@ def _chat(p: Path, block_size: int) -> list[TraceRequest]:
 
     hasher = BlockHasher(load_tokenizer("cl100k_base"), block_size)
     reqs: list[TraceRequest] = []
-    for index, (line, obj) in enumerate(_jsonl(p)):
+    for index, (line, obj) in enumerate(jsonl_objects(p)):
         where = f"{p}:{line}"
         ts = _time_field(obj, "timestamp", where)
         m = _int_field(obj, "max_tokens", where)

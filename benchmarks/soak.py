@@ -19,7 +19,7 @@ of the run) - 1; the acceptance is < 10%. The JSON (`--json`, default
 benchmarks/results/soak.json) holds the figures, errors and `"ok"`; the plot (`--png`) shows
 RSS over time. Figures come from a shared 2-core box.
 
-Run: flock /tmp/prefix-router-heavy.lock python benchmarks/soak.py   (about 6-8 minutes at 10x)
+Run: flock /tmp/prefix-router-heavy.lock python benchmarks/soak.py   (about 8 minutes at 8x)
 """
 
 from __future__ import annotations
@@ -269,12 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=3600.0, help="trace seconds replayed")
-    parser.add_argument("--speedup", type=float, default=10.0, help="trace and sim speed")
+    parser.add_argument("--speedup", type=float, default=8.0, help="trace and sim speed")
     parser.add_argument(
         "--stream-interval",
         type=float,
-        default=0.02,
-        help="wall-clock seconds between a stream's chunks at the sims (their default 0.02); "
+        default=0.1,
+        help="wall-clock seconds between a stream's chunks at the sims (default 0.1; theirs 0.02); "
         "a longer one relays fewer chunks, so a 2-core box keeps up at a higher --speedup "
         "(what the soak measures is memory and leaks per request, not relay speed)",
     )

@@ -98,7 +98,8 @@ def run_window(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
         sys.executable, "-m", "router", "compare", "--trace", str(path),
         "--backends", str(args.backends), "--profile", profile, "--start", f"{start:g}",
         "--duration", f"{args.duration:g}", "--load", f"{load:g}",
-        "--speedup", f"{args.speedup:g}", "--targets", args.targets, "--json", str(out_json),
+        "--speedup", f"{args.speedup:g}", "--stream-interval", f"{args.stream_interval:g}",
+        "--targets", args.targets, "--json", str(out_json),
         "--slo-ttft-p90", f"{slo:g}",
         "--outcomes", str(tmp / f"{name}_outcomes.json"),
         "--plot", str(RESULTS / f"live_{name}{args.suffix}.png"), "--quiet",
@@ -160,6 +161,12 @@ def main() -> int:
     p.add_argument("--backends", type=int, default=4)
     p.add_argument("--duration", type=float, default=120.0)
     p.add_argument("--speedup", type=float, default=1.0)
+    p.add_argument(
+        "--stream-interval",
+        type=float,
+        default=0.02,
+        help="seconds between the simulated backends' stream chunks (compare --stream-interval)",
+    )
     p.add_argument(
         "--slo", default="2", help="p90 TTFT SLO for the capacity search: seconds or 'auto'"
     )

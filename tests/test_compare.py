@@ -163,7 +163,9 @@ async def test_compare_two_targets_and_no_process_left(tmp_path: Path) -> None:
 
 
 def test_cli_compare_bad_arguments_exit_2(tmp_path: Path) -> None:
-    for extra in (["--targets", "nope"], ["--profile", "no-such-gpu"], ["--backends", "0"]):
+    bad = (["--targets", "nope"], ["--profile", "no-such-gpu"], ["--backends", "0"],
+           ["--stream-interval", "0"])  # fmt: skip
+    for extra in bad:
         proc = subprocess.run(
             [sys.executable, "-m", "router", "compare", "--trace", "conversation", *extra],
             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
@@ -181,11 +183,13 @@ def test_cli_compare_writes_results_keyed_by_target(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "router", "compare", "--trace", str(path), "--backends", "2",
          "--duration", "12", "--speedup", "4", "--targets", "sglang-router:cache_aware",
+         "--stream-interval", "0.05",
          "--json", str(out), "--log-dir", str(tmp_path / "logs"), "--quiet"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=90,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
     res = doc["results"]["sglang-router:cache_aware"]
+    assert doc["stream_interval_s"] == 0.05
     assert res["failed"] == 0 and res["requests"] > 0 and res["ttft_p90"] > 0
     assert "sglang-router:cache_aware" in proc.stdout

@@ -66,6 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--api", choices=["chat", "completions", "generate"], default="completions")
     a("--speedup", type=float, default=1.0, help="simulated time runs this many times faster")
+    a(
+        "--stream-interval",
+        type=float,
+        default=0.02,
+        metavar="SECONDS",
+        help="wall-clock seconds between a stream's chunks at the simulated backends (default "
+        "0.02, theirs); a longer one leaves a small box's CPU to the routers, for every target",
+    )
     a("--log-dir", type=Path, default=None, help="keep child process logs here")
     a("--json", type=Path, default=None, help="write results JSON here")
     a("--plot", type=Path, default=None, help="write a TTFT CDF PNG here")
@@ -118,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
             profile=args.profile,
             load=args.load,
             speedup=args.speedup,
+            stream_interval_s=args.stream_interval,
             api=args.api,
         )
     except ValueError as exc:
@@ -194,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
             "start": args.start,
             "duration": args.duration,
             "speedup": args.speedup,
+            "stream_interval_s": args.stream_interval,
             "api": args.api,
             "requests": len(trace.requests),
             "slo_ttft_p90": slo,

@@ -116,6 +116,9 @@ class CompareConfig:
     profile: str
     load: float = 1.0
     speedup: float = 1.0
+    # wall-clock seconds between a stream's chunks at the simulated backends (their default):
+    # a longer one spends less of a small box's CPU relaying chunks, for every target alike
+    stream_interval_s: float = 0.02
     api: Api = "completions"
     startup_timeout_s: float = 90.0
     log_dir: Path | None = None  # child logs go here (default: a temporary directory)
@@ -128,6 +131,8 @@ class CompareConfig:
             raise ValueError("load must be positive")
         if not self.speedup > 0:
             raise ValueError("speedup must be positive")
+        if not self.stream_interval_s > 0:
+            raise ValueError("stream interval must be positive")
 
 
 @dataclass(slots=True)
@@ -309,7 +314,7 @@ async def run_target(
                 config.python, "-m", "router", "sim", "--host", "127.0.0.1",
                 "--port", str(base), "--count", str(config.backends),
                 "--profile", config.profile, "--speedup", f"{config.speedup:g}",
-                "--log-level", "warning",
+                "--stream-interval", f"{config.stream_interval_s:g}", "--log-level", "warning",
             ],
         )  # fmt: skip
         deadline = time.monotonic() + config.startup_timeout_s

@@ -155,6 +155,50 @@ def run_window(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
     return doc
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def tables(paths: list[Path]) -> str:
+    """Markdown tables of committed live results (benchmarks/live.md), one per file.
+
+    Beside the client's TTFT, where it went: the engines' own mean TTFT (what the simulated
+    backends measured from arrival to first token) and, for our router, the mean it saw.
+    """
+    out: list[str] = []
+    for path in paths:
+        doc = json.loads(path.read_text())
+        split = doc.get("ttft_split", {})
+        out += [
+            f"`{path.name}`: {doc['trace']} [{doc['start']:g} s "
+            f"+{doc['duration']:g} s], {doc['backends']} x {doc['profile']}, load "
+            f"{doc['load']:g}, stream interval {doc.get('stream_interval_s', 0.02):g} s, "
+            f"{doc['requests']} requests",
+            "",
+            "| target | TTFT mean | p50 | p90 | p99 | TPOT ms | hit | failed "
+            "| engines' TTFT mean | router's | client's - engines' |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for target, r in doc["results"].items():
+            sp = split.get(target, {})
+            engine = sp.get("backend_mean_s")
+            router = sp.get("router_mean_s")
+            added = None if engine is None else r["ttft_mean"] - engine
+            out.append(
+                f"| {target} | {r['ttft_mean']:.3f} | {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} "
+                f"| {r['ttft_p99']:.3f} | {r['tpot_mean'] * 1000:.1f} | {r['hit_ratio']:.3f} "
+                f"| {r['failed']} | {_fmt(engine)} | {_fmt(router)} | {_fmt(added)} |"
+            )
+        checks = doc.get("checks", {})
+        if checks:
+            shown = ", ".join(
+                f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in checks.items()
+            )
+            out += ["", f"checks: {shown}"]
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--windows", default="multi-turn,conversation")
@@ -182,7 +226,18 @@ def main() -> int:
         help="capacity search precision (hi/lo - 1); p90 rises steeply near capacity, so a coarse"
         " search can land well below it (at 10%% the multi-turn window landed 7%% short)",
     )
+    p.add_argument(
+        "--tables",
+        nargs="*",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="print the Markdown tables of these results (default: every live_*.json) and stop",
+    )
     args = p.parse_args()
+    if args.tables is not None:
+        print(tables(args.tables or sorted(RESULTS.glob("live_*.json"))))
+        return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.windows.split(","):

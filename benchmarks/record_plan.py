@@ -3,8 +3,9 @@
 The acceptance run of "plan your pool from your own traffic" (benchmarks/record_plan.md):
 
 1. generate a 10-minute multi-turn window (`gen-trace --kind multi-turn`, seeded);
-2. `prefix-router serve --embedded N --record REC` (simulated H100s, real time) and replay the
-   window through it with `prefix-router replay` (the live run; `--live` does it, or pass
+2. `prefix-router sim --count N` (simulated H100s, real time, their own process) and
+   `prefix-router serve --backends ... --record REC` in front of them; replay the window
+   through it with `prefix-router replay` (the live run; `--live` does it, or pass
    `--recording` and `--replay-json` from an earlier run);
 3. compare the recording with the original: hit ratio simulated per policy on the same pool
    (both traces), the live hit ratio, the ideal and LRU bounds, prompt words in the file;
@@ -32,7 +33,7 @@ from backends.sim.perf import get_profile
 from router.replay.analyze import ideal_hit_ratio, lru_hit_ratio
 from router.replay.metrics import write_json
 from router.replay.plan import PlanConfig, check, format_plan, plan, plot_plan
-from router.replay.ports import free_port
+from router.replay.ports import free_port, free_port_block
 from router.replay.recording import live_view
 from router.replay.report import plot_ttft_cdf
 from router.replay.simulate import SimConfig, simulate_policy
@@ -44,30 +45,52 @@ RESULTS = REPO / "benchmarks" / "results"
 CLI = [sys.executable, "-m", "router"]
 
 
-def _live(trace_path: Path, rec: Path, replay_json: Path, backends: int) -> None:
-    """serve --embedded N --record REC, replay the window through it, stop it (Ctrl-C)."""
-    port = free_port()
-    serve = subprocess.Popen(
-        [*CLI, "serve", "--embedded", str(backends), "--port", str(port), "--record", str(rec),
+def _wait_ready(url: str, path: str) -> None:
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(url + path, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"{url}{path} never answered")
+
+
+def _live(trace_path: Path, rec: Path, replay_json: Path, backends: int, profile: str) -> None:
+    """`prefix-router sim` (its own process) and `serve --record REC` in front of it, then
+    replay the window through the router and stop both (Ctrl-C).
+
+    The simulated GPUs run in a process of their own, as real GPUs run on machines of their own:
+    `serve --embedded` would put their tokenizing and streaming on the router's event loop, and
+    the TTFT the router records would carry that CPU time, which no engine model predicts.
+    """
+    sim_port, port = free_port_block(backends), free_port()
+    sim = subprocess.Popen(
+        [*CLI, "sim", "--count", str(backends), "--port", str(sim_port), "--profile", profile,
          "--log-level", "WARNING"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    urls = [f"http://127.0.0.1:{sim_port + i}" for i in range(backends)]
+    serve: subprocess.Popen[bytes] | None = None
     try:
+        for u in urls:
+            _wait_ready(u, "/health")
+        serve = subprocess.Popen(
+            [*CLI, "serve", "--backends", ",".join(urls), "--profile", profile, "--port",
+             str(port), "--record", str(rec), "--log-level", "WARNING"],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                with urllib.request.urlopen(url + "/readiness", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.2)
+        _wait_ready(url, "/readiness")
         subprocess.run(
             [*CLI, "replay", "--trace", str(trace_path), "--url", url, "--api", "completions",
              "--json", str(replay_json), "--quiet"],
             cwd=REPO, check=True,
         )  # fmt: skip
     finally:
-        serve.send_signal(2)
-        serve.wait(30)
+        for proc in (serve, sim):
+            if proc is not None:
+                proc.send_signal(2)
+                proc.wait(30)
 
 
 def _prompt_words(trace: Trace) -> set[str]:
@@ -90,6 +113,39 @@ def _leaked(rec: Path, trace: Trace) -> list[str]:
     return sorted((set(re.findall(r"[a-z]+", text)) - fixed) & _prompt_words(trace))
 
 
+def tables(doc: dict[str, Any]) -> str:
+    """record_plan.md's hit-ratio, plan and check tables from a committed JSON."""
+    fid, chk = doc["fidelity"], doc["check"]
+    out = ["| policy (simulated, recorded pool) | original | recording | difference |",
+           "|---|---:|---:|---:|"]  # fmt: skip
+    for policy, h in fid["simulated_hit_ratio"].items():
+        out.append(f"| {policy} | {h['original']:.4f} | {h['recording']:.4f} | "
+                   f"{h['difference']:+.4f} |")  # fmt: skip
+    plan_doc = doc["plan"]
+    growths = [f"{g['growth']:g}x" for g in next(iter(plan_doc["plan"].values()))]
+    out += ["", f"| policy | {' | '.join(growths)} |", "|---" * (len(growths) + 1) + "|"]
+    for policy, cells in plan_doc["plan"].items():
+        shown = []
+        for g in cells:
+            meets, fewer = g["meets"], g["one_fewer"]
+            shown.append(
+                "-"
+                if meets is None
+                else f"{g['backends']} ({meets['ttft_p90']:.3f} s; "
+                + ("-" if fewer is None else f"{fewer['backends']}: {fewer['ttft_p90']:.3g} s")
+                + ")"
+            )
+        out.append(f"| {policy} | {' | '.join(shown)} |")
+    out += ["", "| TTFT (s) | mean | p50 | p90 | p99 |", "|---|---:|---:|---:|---:|"]
+    for name, key in (("simulated (virtual time)", "ttft_simulated"),
+                      ("live (what the router measured)", "ttft_live")):  # fmt: skip
+        t = chk[key]
+        out.append(f"| {name} | {t['mean']:.4f} | {t['p50']:.4f} | {t['p90']:.3f} | "
+                   f"{t['p99']:.3f} |")  # fmt: skip
+    out.append(f"\nsimulated / live mean: {chk['mean_ratio_simulated_over_live']:.3f}")
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
@@ -108,7 +164,11 @@ def main() -> int:
     p.add_argument("--growth", default="1,1.5,2,3")
     p.add_argument("--policies", default="round_robin,cache_aware,cost")
     p.add_argument("--name", default="record_plan", help="results file stem")
+    p.add_argument("--tables", action="store_true", help="print the tables of the JSON and stop")
     args = p.parse_args()
+    if args.tables:
+        print(tables(json.loads((RESULTS / f"{args.name}.json").read_text())))
+        return 0
 
     args.work.mkdir(parents=True, exist_ok=True)
     trace_path = args.work / "multi_turn_600s.jsonl"
@@ -121,7 +181,7 @@ def main() -> int:
     replay_json = args.replay_json or args.work / "replay.json"
     if args.live:
         rec.unlink(missing_ok=True)
-        _live(trace_path, rec, replay_json, args.backends)
+        _live(trace_path, rec, replay_json, args.backends, args.profile)
     original, recorded = load_trace(trace_path), load_trace(rec)
     live = live_view(rec)
     replayed = json.loads(replay_json.read_text())["results"]["replay"]

@@ -48,7 +48,8 @@ def _live(trace_path: Path, rec: Path, replay_json: Path, backends: int) -> None
     """serve --embedded N --record REC, replay the window through it, stop it (Ctrl-C)."""
     port = free_port()
     serve = subprocess.Popen(
-        [*CLI, "serve", "--embedded", str(backends), "--port", str(port), "--record", str(rec),
+        [*CLI, "serve", "--workers", "1",
+         "--embedded", str(backends), "--port", str(port), "--record", str(rec),
          "--log-level", "WARNING"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip

@@ -7,9 +7,10 @@ supervisor's runtime folder, `config.worker_sockets[i]`), and the worker that go
 request asks its siblings there:
 
 - `/stats`: every worker's body is fetched and merged: per-backend counts summed, in-flight
-  summed, health true only if every worker sees the backend healthy, and each worker's own
-  body under `"workers"` (with its pid and replica id) for what does not add up (learned
-  speeds, queues, shared-state counters);
+  summed, health true only if every worker sees the backend healthy, the shared-state link's
+  counts summed (`connected` only if every worker is), the rest (core, KV events, scheduler)
+  as the first worker has it, and each worker's own body under `"workers"` (with its index
+  and pid) for what does not add up (learned speeds, queues);
 - `/metrics`: the Prometheus texts are parsed and merged sample by sample: counters and
   histograms summed, in-flight gauges summed, health the minimum, replicas the maximum, hit
   ratios recomputed from the summed token counters, other gauges (learned speeds) averaged;
@@ -136,15 +137,30 @@ def merge_stats(bodies: list[dict[str, Any]], missing: int = 0) -> dict[str, Any
                 if isinstance(row.get(key), int) and isinstance(have.get(key), int):
                     have[key] += row[key]
             have["healthy"] = bool(have.get("healthy")) and bool(row.get("healthy"))
+    lead = {k: v for k, v in first.items() if k not in ("worker", "pid")}
     return {
-        "policy": first.get("policy"),
+        **lead,  # what does not add up (core, kv_events, scheduler) as the first worker has it
         "in_flight": sum(int(b.get("in_flight") or 0) for b in bodies),
         "asyncio_tasks": sum(int(b.get("asyncio_tasks") or 0) for b in bodies),
         "backends": list(merged_backends.values()),
+        "replicas": _merge_sync([b.get("replicas") for b in bodies]),
         "worker_count": len(bodies) + missing,
         "workers_missing": missing,
         "workers": bodies,
     }
+
+
+def _merge_sync(syncs: list[Any]) -> Any:
+    """The shared-state link of all workers: the first's, with its counts summed."""
+    found = [s for s in syncs if isinstance(s, dict)]
+    if not found:
+        return None
+    merged = dict(found[0])
+    for key, value in found[0].items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            merged[key] = sum(int(s.get(key) or 0) for s in found)
+    merged["connected"] = all(bool(s.get("connected")) for s in found)
+    return merged
 
 
 class Siblings:

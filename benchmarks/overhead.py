@@ -366,6 +366,8 @@ def _prefix_router_argv(
         "-m",
         "router.cli",
         "serve",
+        "--workers",  # one process: this measures a router process's CPU per request
+        "1",
         "--backend",
         backend,
         "--policy",

@@ -70,17 +70,14 @@ async def _supervisor(
         stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=REPO_ROOT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / f"serve-{port}.log"
     try:
-        async with aiohttp.ClientSession() as s:
-            for _ in range(600):
-                try:
-                    async with s.get(url + "/stats") as r:
-                        if r.status == 200 and (await r.json()).get("workers_missing") == 0:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert proc.returncode is None, (tmp_path / f"serve-{port}.log").read_text()
-                await asyncio.sleep(0.05)
+        # the supervisor prints the workers' pids once every worker answered its /health
+        for _ in range(1200):
+            assert proc.returncode is None, log_path.read_text()
+            if "workers (pids" in log_path.read_text():
+                break
+            await asyncio.sleep(0.05)
         yield proc, url
     finally:
         if proc.returncode is None:

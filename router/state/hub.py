@@ -13,11 +13,12 @@ Wire: length-prefixed frames, ``[u32 big-endian length][kind byte][payload]``:
                  hub -> others   the same frame bytes, unchanged (the hub never decodes)
     M  members   hub -> workers  payload: the connected replica ids, comma-separated
 
-The hub forwards each event frame to every *other* connected worker, in order. A worker that
-reads too slowly (more than `max_buffer` bytes queued at the hub for it) loses frames rather
-than stalling the others; the loss is counted. Membership replaces heartbeats: a worker is
-alive while its connection is open, so `heartbeat` does nothing and `replicas` is the last
-member list the hub sent. When the hub goes away (supervisor gone) every call raises
+The hub forwards each event frame to every *other* connected worker, in order, without
+decoding it: whatever whole frames one read brings are passed on in one write per worker. A
+worker that reads too slowly (more than `max_buffer` bytes queued at the hub for it) loses
+frames rather than stalling the others; the loss is counted. Membership replaces heartbeats:
+a worker is alive while its connection is open, so `heartbeat` does nothing and `replicas` is
+the last member list the hub sent. When the hub goes away (supervisor gone) every call raises
 `StateUnavailable`, as for a Redis outage, and `StateSync` backs off and reconnects.
 
 The URL is ``hub+unix:///path/to/hub.sock`` (`open_state`); only the supervisor hands it out.
@@ -44,6 +45,7 @@ HUB_SCHEME = "hub+unix://"
 _HEAD = struct.Struct(">IB")
 _HELLO, _EVENT, _MEMBERS = ord("H"), ord("E"), ord("M")
 _MAX_FRAME = 16 * 1024 * 1024
+_READ_SIZE = 1 << 16
 
 
 def hub_path(url: str) -> str:
@@ -55,6 +57,30 @@ def hub_path(url: str) -> str:
 
 def _frame(kind: int, payload: bytes) -> bytes:
     return _HEAD.pack(len(payload) + 1, kind) + payload
+
+
+def _complete(buf: bytearray) -> int:
+    """Length of the run of whole frames at the start of `buf` (ValueError: not frames)."""
+    pos, size = 0, len(buf)
+    while size - pos >= _HEAD.size:
+        length, _kind = _HEAD.unpack_from(buf, pos)
+        if not 1 <= length <= _MAX_FRAME:
+            raise ValueError(f"bad frame length {length}")
+        if pos + 4 + length > size:
+            break
+        pos += 4 + length
+    return pos
+
+
+def _frames(view: memoryview) -> list[tuple[int, bytes]]:
+    """(kind, payload) of each whole frame in `view` (checked by `_complete`)."""
+    out: list[tuple[int, bytes]] = []
+    pos = 0
+    while pos < len(view):
+        length, kind = _HEAD.unpack_from(view, pos)
+        out.append((kind, bytes(view[pos + _HEAD.size : pos + 4 + length])))
+        pos += 4 + length
+    return out
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -113,18 +139,21 @@ class HubServer:
                 return
             self._members[writer] = payload.decode(errors="replace")
             self._announce()
-            while True:
-                kind, payload = await _read_frame(reader)
-                if kind != _EVENT:
+            buf = bytearray()
+            while data := await reader.read(_READ_SIZE):
+                buf += data
+                cut = _complete(buf)  # forward whole frames only, many in one write
+                if not cut:
                     continue
-                frame = _frame(kind, payload)
+                blob = bytes(buf[:cut])
+                del buf[:cut]
                 for other in self._members:
                     if other is writer or other.is_closing():
                         continue
                     if other.transport.get_write_buffer_size() > self.max_buffer:
                         self.dropped += 1  # a stalled worker must not stall the rest
                         continue
-                    other.write(frame)
+                    other.write(blob)
                     self.forwarded += 1
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass
@@ -176,30 +205,37 @@ class HubState(Endpoint):
         self._wake.set()
 
     async def _receive(self, reader: asyncio.StreamReader) -> None:
+        buf = bytearray()
         try:
-            while True:
-                kind, payload = await _read_frame(reader)
-                if kind == _MEMBERS:
-                    self._members = tuple(n for n in payload.decode().split(",") if n)
-                    continue
-                if kind != _EVENT:
-                    continue
-                try:
-                    event = decode(payload)
-                except IncompatibleReplicaError as err:
-                    self._malformed += 1
-                    log.error("refusing a worker's state event: %s", err)
-                    continue
-                except EventError:
-                    self._malformed += 1
-                    continue
-                if event.replica != self._replica:
-                    self._inbox.append(event)
-                    self._wake.set()
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            while data := await reader.read(_READ_SIZE):
+                buf += data
+                cut = _complete(buf)
+                for kind, payload in _frames(memoryview(buf)[:cut]):
+                    self._take(kind, payload)
+                del buf[:cut]
+        except (ConnectionError, ValueError):
             pass
         finally:
             self._lost()
+
+    def _take(self, kind: int, payload: bytes) -> None:
+        if kind == _MEMBERS:
+            self._members = tuple(n for n in payload.decode().split(",") if n)
+            return
+        if kind != _EVENT:
+            return
+        try:
+            event = decode(payload)
+        except IncompatibleReplicaError as err:
+            self._malformed += 1
+            log.error("refusing a worker's state event: %s", err)
+            return
+        except EventError:
+            self._malformed += 1
+            return
+        if event.replica != self._replica:
+            self._inbox.append(event)
+            self._wake.set()
 
     async def publish(self, events: Sequence[Event]) -> None:
         if not events:

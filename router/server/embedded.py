@@ -24,7 +24,14 @@ from typing import TextIO
 from router.server.app import start_server
 from router.server.config import ServerConfig
 
-__all__ = ["install_uvloop", "serve", "serve_async", "start_embedded", "usage_text"]
+__all__ = [
+    "install_uvloop",
+    "serve",
+    "serve_async",
+    "start_embedded",
+    "stop_on_signals",
+    "usage_text",
+]
 
 log = logging.getLogger("router.server")
 
@@ -55,6 +62,16 @@ prefix-router listening on {url}
 
   stats: {url}/stats   metrics: {url}/metrics   Ctrl-C stops.
 """
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (where the loop can handle signals)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 async def start_embedded(
@@ -88,12 +105,7 @@ async def serve_async(config: ServerConfig, out: TextIO = sys.stdout) -> None:
         models = server.state.pool.models()
         key = config.api_keys[0] if config.api_keys else None
         print(usage_text(server.url, models[0] if models else "default", key), file=out, flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await stop_on_signals().wait()
         print("stopping...", file=out, flush=True)
     finally:
         if server is not None:

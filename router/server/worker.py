@@ -10,16 +10,14 @@ life of the parent that set it), it exits at once rather than serve as an orphan
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
 from router.server.app import start_server
 from router.server.config import ServerConfig
-from router.server.embedded import install_uvloop
+from router.server.embedded import install_uvloop, stop_on_signals
 
 __all__ = ["main", "run_worker"]
 
@@ -27,11 +25,7 @@ __all__ = ["main", "run_worker"]
 async def run_worker(config: ServerConfig) -> None:
     """Serve until SIGTERM or SIGINT, then close the router (in-flight requests end first)."""
     server = await start_server(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     try:
         await stop.wait()
     finally:

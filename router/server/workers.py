@@ -49,7 +49,7 @@ from typing import TextIO
 import aiohttp
 
 from router.server.config import ServerConfig
-from router.server.embedded import start_embedded, usage_text
+from router.server.embedded import start_embedded, stop_on_signals, usage_text
 from router.state import HubServer
 
 __all__ = ["default_workers", "serve_workers", "supervise"]
@@ -238,11 +238,7 @@ async def supervise(config: ServerConfig, workers: int, out: TextIO = sys.stdout
     reserved: socket.socket | None = None
     sup: Supervisor | None = None
     config, closers = await start_embedded(config, out)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     try:
         state = config.state
         if state == "memory":

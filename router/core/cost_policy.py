@@ -640,7 +640,9 @@ class CostPolicy(BasePolicy):
         held = self.index.match(req.blocks).get(backend, 0)
         cached = min(req.tokens_in_blocks(held), max(req.prompt_tokens - 1, 0))
         prefill_s = model.perf.prefill_time(req.prompt_tokens - cached, req.prompt_tokens)
-        model.routed(req.rid, prefill_s, now, None)  # its first token is not ours to predict
+        # no due: a Routed event does not say whether a first token will follow (non-streaming
+        # requests send none), so a remote request can never count as late
+        model.routed(req.rid, prefill_s, now, None)
         self.index.insert(
             backend, req.blocks, now, req.block_tokens, prompt_tokens=req.prompt_tokens
         )

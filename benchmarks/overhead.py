@@ -177,10 +177,17 @@ class Processes:
         self.source = source  # children import `router` / `backends` from here, when set
         self.procs: list[_Proc] = []
 
-    def spawn(self, name: str, argv: Sequence[str], source: Path | None = None) -> _Proc:
-        """Start `argv`; `source` (else the run's) is the tree it imports `router` from."""
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        source: Path | None = None,
+        cpus: frozenset[int] | None = None,
+    ) -> _Proc:
+        """Start `argv`; `source` / `cpus` (else the run's) are its source tree and CPUs."""
         log_path = self.log_dir / f"{name}.log"
-        prefix = ["taskset", "-c", _cpu_list(self.cpus)] if self.cpus else []
+        cpus = cpus or self.cpus
+        prefix = ["taskset", "-c", _cpu_list(cpus)] if cpus else []
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         source = source or self.source
         if source is not None:

@@ -27,7 +27,10 @@ over each step; `cpu_ms_per_req` is that over the requests of the `max_rps` step
 backend's and the generator's CPU are measured the same way and reported beside it
 (`backend_cpu_ms_per_req`, `generator_cpu_ms_per_req`): nothing is pinned, every process
 shares the machine's CPUs, so at the top of the ladder the backend and the generator take a
-large share of a small box and `max_rps` is the box's figure as much as the router's.
+large share of a small box and `max_rps` is the box's figure as much as the router's. On a
+machine with cores to spare, `--router-cpus 0-1 --backend-cpus 2-5 --generator-cpus 6-7`
+gives every router the same two cores of its own (`taskset`), and N defaults to their count:
+that is the test of whether N workers scale.
 
 JSON (`--json`): {"results": [{"router", "workers", "mode", "max_rps", "chunks_per_s",
 "cpu_ms_per_req", ...}], "direct": [...], "steps": [...], "notes": {...}}.
@@ -55,7 +58,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from overhead import MODEL, Processes, _cpu_seconds, _free_port, _install_uvloop, _wait_ready
+from overhead import (
+    MODEL,
+    Processes,
+    _cpu_seconds,
+    _cpus,
+    _free_port,
+    _install_uvloop,
+    _wait_ready,
+)
 
 from router.replay.launchers import LAUNCHERS
 from router.server.workers import default_workers
@@ -294,7 +305,7 @@ async def _start_targets(
     targets = [Target("direct", 1, backend_port)]
     async with aiohttp.ClientSession() as probe:
         sim = procs.spawn(
-            "backend",
+            "backend", cpus=args.backend_cpus, argv=
             [sys.executable, "-m", "router.cli", "sim", "--port", str(backend_port),
              "--model", MODEL, "--speedup", str(args.speedup), "--stream-interval", "0.001",
              "--log-level", "warning"],
@@ -310,7 +321,7 @@ async def _start_targets(
                     sys.executable, port=port, policy="cache_aware", worker_urls=[backend],
                     metrics_port=_free_port(), log_level="warn",
                 )  # fmt: skip
-                proc = procs.spawn(name, argv)
+                proc = procs.spawn(name, argv, cpus=args.router_cpus)
                 await _wait_ready(probe, proc, url + "/health")
                 targets.append(Target(name, 1, port, proc.popen.pid))
                 continue
@@ -318,7 +329,7 @@ async def _start_targets(
                 raise SystemExit(f"unknown target {name!r}")
             n = workers if name == "prefix-router-n" else 1
             proc = procs.spawn(
-                f"prefix-router-{n}",
+                f"prefix-router-{n}", cpus=args.router_cpus, argv=
                 [sys.executable, "-m", "router.cli", "serve", "--workers", str(n),
                  "--backend", backend, "--port", str(port), "--log-level", "WARNING"],
             )  # fmt: skip
@@ -422,7 +433,7 @@ def _row(t: Target, mode: str) -> dict[str, Any]:
 
 
 async def _run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
-    workers = args.workers or default_workers()
+    workers = args.workers or (len(args.router_cpus) if args.router_cpus else default_workers())
     targets = await _start_targets(procs, _free_port(), args, workers)
     factor = math.sqrt(2) if args.quick else 2**0.25
     steps: list[StepResult] = []
@@ -445,7 +456,10 @@ async def _run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
         "notes": {
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared by every process "
             "here and by other engineers' jobs (a shared 2-core box)",
-            "pinning": "none: generator, backend and routers share all CPUs",
+            "pinning": "none: generator, backend and routers share all CPUs"
+            if not (args.router_cpus or args.backend_cpus or args.generator_cpus)
+            else f"routers {_cpu_text(args.router_cpus)}, backend {_cpu_text(args.backend_cpus)}, "
+            f"generator {_cpu_text(args.generator_cpus)}",
             "backend": f"prefix-router sim, llama3-8b-h100, speedup {args.speedup:g}, "
             "1 ms stream tick",
             "slo": f"added p99 <= {args.slo_ms:g} ms over direct at the same rate, 0 errors",
@@ -462,6 +476,10 @@ async def _run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     }
 
 
+def _cpu_text(cpus: frozenset[int] | None) -> str:
+    return ",".join(str(c) for c in sorted(cpus)) if cpus else "all"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", type=Path, help="write the results here")
@@ -472,7 +490,14 @@ def _parser() -> argparse.ArgumentParser:
         default="prefix-router,prefix-router-n,smg,sglang-router",
         help="prefix-router (1 worker), prefix-router-n (--workers), smg, sglang-router",
     )
-    p.add_argument("--workers", type=int, help="N of prefix-router-n (default: usable CPUs)")
+    p.add_argument(
+        "--workers", type=int, help="N of prefix-router-n (default: the routers' CPUs)"
+    )
+    p.add_argument(
+        "--router-cpus", type=_cpus, help="run every router on these CPUs (taskset list, e.g. 0-1)"
+    )
+    p.add_argument("--backend-cpus", type=_cpus, help="run the backend on these CPUs")
+    p.add_argument("--generator-cpus", type=_cpus, help="pin this load generator to these CPUs")
     p.add_argument("--speedup", type=float, default=5.0, help="the backend's (default 5)")
     p.add_argument("--slo-ms", type=float, default=50.0, help="added p99 allowed (default 50)")
     p.add_argument("--step-s", type=float, help="seconds per rate step (2 quick, 5 otherwise)")
@@ -488,6 +513,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.step_s is None:
         args.step_s = 2.0 if args.quick else 5.0
     _install_uvloop()
+    if args.generator_cpus:  # children not given CPUs keep the ones this process had
+        everything = frozenset(os.sched_getaffinity(0))
+        args.router_cpus = args.router_cpus or everything
+        args.backend_cpus = args.backend_cpus or everything
+        os.sched_setaffinity(0, args.generator_cpus)
     with tempfile.TemporaryDirectory(prefix="prefix-router-throughput-") as tmp:
         procs = Processes(Path(tmp))
         try:

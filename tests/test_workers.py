@@ -291,3 +291,12 @@ def test_merged_stats_sum_backend_counts_and_keep_each_worker() -> None:
     assert merged["backends"] == [{"url": "http://x", "healthy": False, "routed": 7, "load": 2}]
     assert merged["replicas"] is None  # these bodies had no shared-state link
     assert merged["workers"] == bodies
+
+
+def test_each_worker_records_to_its_own_file() -> None:
+    from router.server.workers import _record_path
+
+    assert _record_path("/data/trace.jsonl", 1) == "/data/trace.w1.jsonl"
+    assert _record_path("/data/trace-{pid}.jsonl", 1) == "/data/trace-{pid}.jsonl"
+    assert _record_path("/data/{replica}.jsonl", 0) == "/data/{replica}.jsonl"
+    assert _record_path(None, 0) is None

@@ -5,8 +5,9 @@ first-token / ended events a few milliseconds later (the supervisor's hub batche
 2 ms). `SimConfig(views=N, sync_delay_s=d)` plays that: arrivals are dealt to the views in
 turn (the worst case: a conversation's turns alternate between workers), each view routes
 with its own beliefs, and the others hear of it `d` later. Compared here, per window, with the
-cost policy on 4 simulated backends: one view (one process), 2 and 4 views sharing at d = 3 ms,
-and 2 views sharing nothing (d = inf: two independent routers behind one port).
+cost policy on 4 simulated backends: one view (one process), 2 views sharing at once (d = 0),
+2 and 4 views sharing at d = 3 ms, and 2 views sharing nothing (d = inf: two independent
+routers behind one port).
 
 Windows: the live comparison's (benchmarks/live_compare.py): multi-turn seeds 1-3
 [240 s + 120 s] at load 5.104 on llama3-8b-h100, and the Mooncake conversation trace at four
@@ -28,7 +29,7 @@ from router.replay.gentrace import MultiTurnConfig, multi_turn
 from router.replay.simulate import SimConfig, simulate_policy
 from router.replay.traces import Trace, bundled, load_trace
 
-VARIANTS = ((1, 0.0), (2, 0.003), (4, 0.003), (2, math.inf))
+VARIANTS = ((1, 0.0), (2, 0.0), (2, 0.003), (4, 0.003), (2, math.inf))
 KEYS = ("ttft_p50", "ttft_p90", "ttft_mean", "hit_ratio", "failed")
 
 

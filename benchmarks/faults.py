@@ -116,7 +116,8 @@ class Run:
         os.environ.update(ROUTER_ENV)
         self.procs.start(
             name,
-            [sys.executable, "-m", "router", "serve", "--backends", ",".join(backends),
+            [sys.executable, "-m", "router", "serve", "--workers", "1",
+             "--backends", ",".join(backends),
              "--port", str(port), *extra],
         )  # fmt: skip
         return f"http://127.0.0.1:{port}"

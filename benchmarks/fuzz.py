@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             child = procs.start(
                 "router",
                 [
-                    sys.executable, "-m", "router", "serve", "--embedded", "2",
+                    sys.executable, "-m", "router", "serve", "--workers", "1", "--embedded", "2",
                     "--port", str(port), "--speedup", str(args.speedup),
                     "--api-key", CLIENT_KEY, "--admin-key", ADMIN_KEY,
                     "--max-body-bytes", str(BODY_LIMIT),

@@ -68,7 +68,10 @@ from router.replay.launchers import LAUNCHERS
 __all__ = ["CellResult", "Samples", "main", "markdown_table", "percentile"]
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-TARGETS = ("direct", "prefix-router", "prefix-router+record", "sglang-router", "smg")
+TARGETS = (
+    "direct", "prefix-router", "prefix-router+record", "prefix-router-before", "sglang-router",
+    "smg",
+)  # fmt: skip
 # "long": a ~4k-token chat prompt (a shared 3k-token system message, a unique user message),
 # what `serve --record` pays for per block (keyed BLAKE2b per new block, ~65 ids per line)
 _SYSTEM = " ".join(f"rule{k % 997}" for k in range(1500))
@@ -174,13 +177,22 @@ class Processes:
         self.source = source  # children import `router` / `backends` from here, when set
         self.procs: list[_Proc] = []
 
-    def spawn(self, name: str, argv: Sequence[str]) -> _Proc:
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        source: Path | None = None,
+        cpus: frozenset[int] | None = None,
+    ) -> _Proc:
+        """Start `argv`; `source` / `cpus` (else the run's) are its source tree and CPUs."""
         log_path = self.log_dir / f"{name}.log"
-        prefix = ["taskset", "-c", _cpu_list(self.cpus)] if self.cpus else []
+        cpus = cpus or self.cpus
+        prefix = ["taskset", "-c", _cpu_list(cpus)] if cpus else []
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if self.source is not None:
+        source = source or self.source
+        if source is not None:
             env["PYTHONPATH"] = os.pathsep.join(
-                [str(self.source), *filter(None, [os.environ.get("PYTHONPATH")])]
+                [str(source), *filter(None, [os.environ.get("PYTHONPATH")])]
             )
         with log_path.open("wb") as log_file:
             popen = subprocess.Popen(
@@ -190,7 +202,7 @@ class Processes:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=env,
-                cwd=self.source,
+                cwd=source,
             )
         proc = _Proc(name, popen, log_path)
         self.procs.append(proc)
@@ -329,6 +341,7 @@ class BenchConfig:
     log_level: str
     targets: tuple[str, ...] = ("direct", "prefix-router", "sglang-router")
     record_path: str = ""  # the prefix-router+record target's --record file
+    before_source: Path | None = None  # the prefix-router-before target's source tree
     generator_cpus: frozenset[int] | None = None
     server_cpus: frozenset[int] | None = None
 
@@ -366,6 +379,8 @@ def _prefix_router_argv(
         "-m",
         "router.cli",
         "serve",
+        "--workers",  # one process: this measures a router process's CPU per request
+        "1",
         "--backend",
         backend,
         "--policy",
@@ -506,7 +521,8 @@ async def _run(cfg: BenchConfig, procs: Processes, cprofile: Path | None) -> dic
                 await _wait_ready(probe, proc, bases[name] + "/health")
             else:
                 argv = _prefix_router_argv(cfg, backend, port, record=name.endswith("+record"))
-                proc = procs.spawn(name, [_python(), *argv])
+                before = cfg.before_source if name == "prefix-router-before" else None
+                proc = procs.spawn(name, [_python(), *argv], source=before)
                 await _wait_ready(probe, proc, bases[name] + "/readiness")
             pids[name] = proc.popen.pid
         policy_seen = await _stats_policy(probe, bases["prefix-router"])
@@ -701,6 +717,7 @@ def _parser() -> argparse.ArgumentParser:
         "--targets",
         default="direct,prefix-router,sglang-router",
         help="of direct, prefix-router, prefix-router+record (serve --record to a temp file), "
+        "prefix-router-before (from --before-source), "
         "sglang-router, smg (SMG 1.13)",
     )
     p.add_argument(
@@ -750,6 +767,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run prefix-router and the backend from this source tree (e.g. a `git archive "
         "HEAD` snapshot) instead of the working tree",
     )
+    p.add_argument(
+        "--before-source",
+        type=Path,
+        help="the prefix-router-before target runs from this tree (e.g. `git archive` of the "
+        "commit before a change): an A/B of two router versions in the same rounds",
+    )
     p.add_argument("--cprofile", type=Path, help="also profile prefix-router; pstats file here")
     p.add_argument("--quick", action="store_true", help="a few requests per cell (smoke test)")
     p.add_argument("--render", type=Path, help="print a results JSON as a Markdown table")
@@ -794,6 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=args.log_level,
         targets=tuple(t for t in args.targets.split(",") if t),
         generator_cpus=args.generator_cpus,
+        before_source=args.before_source.resolve() if args.before_source else None,
         # children started after the generator pinned itself would inherit its CPUs
         server_cpus=args.server_cpus
         or (frozenset(os.sched_getaffinity(0)) if args.generator_cpus else None),
@@ -804,6 +828,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for t in cfg.targets:
         if t not in TARGETS:
             raise SystemExit(f"unknown target {t!r}; known: {', '.join(TARGETS)}")
+    if "prefix-router-before" in cfg.targets and cfg.before_source is None:
+        raise SystemExit("the prefix-router-before target needs --before-source DIR")
     if "direct" not in cfg.targets or "prefix-router" not in cfg.targets:
         raise SystemExit("--targets needs direct and prefix-router (the baselines)")
     _install_uvloop()

@@ -75,8 +75,8 @@ def _live(trace_path: Path, rec: Path, replay_json: Path, backends: int, profile
         for u in urls:
             _wait_ready(u, "/health")
         serve = subprocess.Popen(
-            [*CLI, "serve", "--backends", ",".join(urls), "--profile", profile, "--port",
-             str(port), "--record", str(rec), "--log-level", "WARNING"],
+            [*CLI, "serve", "--workers", "1", "--backends", ",".join(urls), "--profile",
+             profile, "--port", str(port), "--record", str(rec), "--log-level", "WARNING"],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"

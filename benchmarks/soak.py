@@ -203,7 +203,8 @@ async def soak(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                 await _wait_ready(s, b + "/health", sim, time.monotonic() + 60)
         router = procs.start(
             "router",
-            [py, "-m", "router", "serve", "--backends", ",".join(backends), "--port", str(port),
+            [py, "-m", "router", "serve", "--workers", "1",
+             "--backends", ",".join(backends), "--port", str(port),
              "--log-level", "WARNING"],
         )  # fmt: skip
         async with aiohttp.ClientSession() as s:

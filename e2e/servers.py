@@ -201,7 +201,7 @@ def start_router(sglang: list[SGLangServer], log_dir: Path, *extra: str) -> Rout
     port = free_port()
     log_path = log_dir / f"router-{port}.log"
     cmd = [
-        sys.executable, "-m", "router", "serve",
+        sys.executable, "-m", "router", "serve", "--workers", "1",
         *[a for s in sglang for a in ("--backend", s.url)],
         "--port", str(port), "--log-level", "INFO", "--health-interval", "1",
         *extra,

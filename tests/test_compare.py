@@ -67,7 +67,10 @@ def test_parse_targets() -> None:
         ("smg", "least_load"),
         ("smg", "cache_aware"),
     ]
+    two = parse_targets("cost,cost@2", sorted(POLICIES))
+    assert [(t.name, t.workers) for t in two] == [("cost", 1), ("cost@2", 2)]
     bad_ones = ("nope", "sglang-router:cost", "smg:cost", "smg:", "vllm:cache_aware", "oracle")
+    bad_ones += ("cost@0", "cost@x", "nope@2")
     for bad in (*bad_ones, "cost,cost", ""):
         with pytest.raises(ValueError):
             parse_targets(bad, sorted(POLICIES))

@@ -32,6 +32,7 @@ Targets: our policies by name (cost, cache_aware, round_robin, ...), SMG 1.13 (t
 Model Gateway, what SGLang users run now) as smg:cache_aware, smg:least_load, smg:prefix_hash,
 smg:power_of_two, ..., and sglang-router 0.3.2 as sglang-router:cache_aware, ... (the bench
 extra installs both).
+Ours runs as one process; POLICY@N (cost@2) runs it as `serve --workers N`.
 
 example (about 2 minutes per target):
   prefix-router compare --trace conversation --backends 4 --profile llama3-8b-h100-hicache \\

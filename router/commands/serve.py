@@ -27,6 +27,10 @@ shares nothing. If Redis goes away, each replica routes on its own state until i
 --record PATH writes the traffic it routes as a Mooncake trace (sizes, arrival times, salted
 prefix block ids; never prompt text) that `simulate`, `analyze` and `plan` read; the admin API
 starts and stops it at run time (POST/DELETE /admin/record).
+--workers N runs N router processes on the port (default: one per CPU this process may use;
+1 runs one process, as before): they share the port (SO_REUSEPORT) and one view of the pool
+through a hub in the supervising process (or the --state Redis), and /stats, /metrics and the
+admin API answer for all of them (docs/workers.md).
 Every option can also be set in a YAML file (--config) or as PREFIX_ROUTER_<NAME>.
 
 examples:
@@ -57,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--policy", help='routing policy (default: "cost" if available, else "cache_aware")')
     a("--host", help="listen address (default 127.0.0.1)")
     a("--port", type=int, help="listen port (default 30000)")
+    a(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="router processes on the port, sharing one view (default: one per usable CPU)",
+    )
     a("--api-key", action="append", dest="api_keys", metavar="KEY", help="client key (repeatable)")
     a("--admin-key", metavar="KEY", help="key for /admin/ (admin API off without it)")
     a(
@@ -198,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
             record=args.record,
             record_secret=args.record_secret,
             record_max_bytes=_megabytes(args.record_max_mb),
+            workers=args.workers,
         )
     except (ValidationError, FileNotFoundError) as exc:
         print(f"bad configuration: {exc}", file=sys.stderr)
@@ -208,4 +219,7 @@ def run(args: argparse.Namespace) -> int:
     if config.record is not None and not Path(config.record).parent.is_dir():
         print(f"--record: no folder {Path(config.record).parent}", file=sys.stderr)
         return 2
-    return serve(config)
+    from router.server.workers import default_workers, serve_workers
+
+    workers = config.workers or default_workers()
+    return serve(config) if workers == 1 else serve_workers(config, workers)

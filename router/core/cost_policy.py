@@ -296,26 +296,35 @@ class _BackendModel:
     def first_token(
         self, rec: RequestRecord, now: float, learn: bool, decode_share_s: float
     ) -> None:
-        """The prefill of `rec` is done: update the backlog, the prefill log, the busy period.
-
-        `decode_share_s`: the decode part of the step that finished it (0: PP absorbs it).
-        """
-        self.backlog.done(rec.request.rid, now)
+        """The prefill of `rec` is done (`prefill_done`, from its record)."""
         req = rec.request
-        cached = rec.predicted_cached_tokens if rec.cached_tokens is None else rec.cached_tokens
-        self.prefills.add(now, max(req.prompt_tokens - cached, 0), req.prompt_tokens)
-        if not learn:
-            return
         # OpenAI streams report cached tokens only in their last chunk; until then the index's
         # prediction stands in (feedback keeps the two close: equal in our live runs).
+        cached = rec.predicted_cached_tokens if rec.cached_tokens is None else rec.cached_tokens
         computed = max(req.prompt_tokens - cached, 0)
+        self.prefill_done(req.rid, computed, req.prompt_tokens, now, learn, decode_share_s)
+
+    def prefill_done(
+        self, rid: str, computed: int, context: int, now: float, learn: bool, decode_share_s: float
+    ) -> None:
+        """A prefill is done: update the backlog, the prefill log, the busy period.
+
+        `decode_share_s`: the decode part of the step that finished it (0: PP absorbs it).
+        Another replica's request comes here too (with its predicted computed tokens): its
+        prefill filled the same busy period, and leaving it out made each of two workers learn
+        half the backend's PP (the simulator's two views: p90 TTFT 0.27 -> 0.37 s).
+        """
+        self.backlog.done(rid, now)
+        self.prefills.add(now, computed, context)
+        if not learn:
+            return
         busy = self.busy
         if busy.groups >= _BusyPeriod.MAX_GROUPS and now != busy.last_time:
             # Cut between two steps, so prefills that finished together stay together.
             cut = busy.last_time
             busy.close(cut, self.perf)
             busy.open(cut)
-        busy.add(computed, req.prompt_tokens, now, decode_share_s)
+        busy.add(computed, context, now, decode_share_s)
         if not self.backlog.pending:
             busy.close(now, self.perf)
 
@@ -343,6 +352,11 @@ class CostPolicy(BasePolicy):
         self.outputs = OutputLengthModel()
         self._models: dict[str, _BackendModel] = {}
         self._routed: dict[str, _Routed] = {}
+        # other replicas' / workers' requests: rid -> [backend, prompt tokens, decoding?,
+        # predicted computed tokens], and per backend how many of them decode and their KV
+        # (the step time prices their batch too)
+        self._remote: dict[str, list[Any]] = {}
+        self._remote_decode: dict[str, list[int]] = {}
 
     # -- backends -------------------------------------------------------------------------
     def on_backend_added(self, spec: BackendSpec) -> None:
@@ -455,6 +469,11 @@ class CostPolicy(BasePolicy):
             prefill_s = new * per_token + pairs * per_pair
             kv = state.decoding_kv_tokens
             decoding = state.decoding
+            if self._remote_decode:
+                extra = self._remote_decode.get(backend)
+                if extra is not None:
+                    decoding += extra[0]
+                    kv += extra[1]
             step_s = step0 + per_kv * (kv + n + half_output)
             mixed_s = step0 + per_kv * kv if decoding else 0.0
             cost = (
@@ -621,18 +640,40 @@ class CostPolicy(BasePolicy):
         held = self.index.match(req.blocks).get(backend, 0)
         cached = min(req.tokens_in_blocks(held), max(req.prompt_tokens - 1, 0))
         prefill_s = model.perf.prefill_time(req.prompt_tokens - cached, req.prompt_tokens)
-        model.backlog.add(req.rid, prefill_s, now, None)  # its first token is not ours to see
+        # no due: a Routed event does not say whether a first token will follow (non-streaming
+        # requests send none), so a remote request can never count as late
+        model.routed(req.rid, prefill_s, now, None)
         self.index.insert(
             backend, req.blocks, now, req.block_tokens, prompt_tokens=req.prompt_tokens
         )
+        self._remote[req.rid] = [backend, req.prompt_tokens, False, req.prompt_tokens - cached]
 
     def on_remote_first_token(self, backend: str, rid: str, now: float) -> None:
+        """Its prefill is done: off the queue, into the backend's decoding batch."""
+        model = self._models.get(backend)
+        remote = self._remote.get(rid)
+        if remote is None or remote[2]:
+            if model is not None:
+                model.backlog.done(rid, now)
+            return
+        remote[2] = True
+        if model is not None:
+            model.prefill_done(rid, remote[3], remote[1], now, self.config.calibrate, 0.0)
+        tally = self._remote_decode.setdefault(remote[0], [0, 0])
+        tally[0] += 1
+        tally[1] += remote[1] + 1  # as the core counts its own: prompt + the first token
+
+    def on_remote_ended(self, backend: str, rid: str, now: float) -> None:
         model = self._models.get(backend)
         if model is not None:
             model.backlog.done(rid, now)
-
-    def on_remote_ended(self, backend: str, rid: str, now: float) -> None:
-        self.on_remote_first_token(backend, rid, now)
+        remote = self._remote.pop(rid, None)
+        if remote is not None and remote[2]:
+            tally = self._remote_decode[remote[0]]
+            tally[0] -= 1
+            tally[1] -= remote[1] + 1
+            if tally[0] <= 0:
+                del self._remote_decode[remote[0]]
 
 
 class OracleProbe(Protocol):

@@ -76,10 +76,14 @@ class Target:
     name: str
     kind: Literal["ours", "sglang-router", "smg"]
     policy: str
+    workers: int = 1  # ours: `serve --workers N` ("cost@2"); one process unless asked
 
 
 def parse_targets(spec: str, our_policies: Sequence[str]) -> list[Target]:
-    """Parse "cost,round_robin,smg:cache_aware,sglang-router:cache_aware"; ValueError if bad."""
+    """Parse "cost,cost@2,smg:cache_aware,sglang-router:cache_aware"; ValueError if bad.
+
+    `POLICY@N` is ours with N worker processes (`serve --workers N`); plain `POLICY` is one.
+    """
     targets: list[Target] = []
     theirs = " or ".join(f"{k}:<{'|'.join(v.policies)}>" for k, v in LAUNCHERS.items())
     for raw in spec.split(","):
@@ -97,10 +101,14 @@ def parse_targets(spec: str, our_policies: Sequence[str]) -> list[Target]:
                 )
             targets.append(Target(name=name, kind=kind, policy=policy))  # type: ignore[arg-type]
         else:
-            if name not in our_policies or name == "oracle":
+            policy, at, count = name.partition("@")
+            if policy not in our_policies or policy == "oracle":
                 ours = ", ".join(p for p in our_policies if p != "oracle")
                 raise ValueError(f"unknown target {name!r}; ours: {ours}, or {theirs}")
-            targets.append(Target(name=name, kind="ours", policy=name))
+            if at and (not count.isdigit() or int(count) < 1):
+                raise ValueError(f"{name!r}: workers after @ must be a positive integer")
+            workers = int(count) if at else 1
+            targets.append(Target(name=name, kind="ours", policy=policy, workers=workers))
     if not targets:
         raise ValueError("no targets given")
     if len({t.name for t in targets}) != len(targets):
@@ -289,6 +297,7 @@ def _router_argv(
     # --profile: the router's prior for every backend is the pool's profile, as in `simulate`
     argv = [config.python, "-m", "router", "serve", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--policy", target.policy, "--profile", config.profile, "--log-level", "WARNING"]
+    argv += ["--workers", str(target.workers)]
     for url in urls:
         argv += ["--backend", url]
     return argv

@@ -43,6 +43,7 @@ from router.core.scheduler import Scheduler, SchedulerConfig, Shed, Ticket
 from router.priors import prior_from_profile
 from router.replay.metrics import RequestOutcome, percentile, summarize
 from router.replay.traces import Trace, TraceRequest
+from router.replay.views import ViewSync
 
 __all__ = [
     "CapacityResult",
@@ -76,6 +77,10 @@ class SimConfig:
     scheduler: SchedulerConfig | None = None
     # TTFT a request must meet to count towards goodput_rps.
     goodput_slo_s: float = 2.0
+    # `serve --workers N` (router/replay/views.py): arrivals dealt to N routing views in turn,
+    # each hearing the others' routing events `sync_delay_s` later (inf: sharing nothing)
+    views: int = 1
+    sync_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.profiles:
@@ -84,6 +89,10 @@ class SimConfig:
             raise ValueError("load must be positive")
         if self.believed is not None and len(self.believed) != len(self.profiles):
             raise ValueError("believed needs one profile per backend")
+        if self.views < 1 or not self.sync_delay_s >= 0:
+            raise ValueError("views must be >= 1 and sync_delay_s >= 0")
+        if self.views > 1 and (self.scheduler is not None or self.kv_events):
+            raise ValueError("several views run without the scheduler and KV events")
 
 
 def apply_kv_events(
@@ -226,6 +235,14 @@ def simulate_policy(
     if bind is not None:
         bind(EngineProbe(engines))
     core = RoutingCore(chosen, specs)
+    views = ViewSync(
+        [core] + [
+            RoutingCore(make_policy(policy, rng=random.Random(config.seed + k),
+                                    **config.policy_options), specs)
+            for k in range(1, config.views)
+        ],
+        config.sync_delay_s,
+    ) if config.views > 1 else None  # fmt: skip
     index = getattr(chosen, "index", None)
     events_to = index if config.kv_events and isinstance(index, PrefixIndex) else None
     tiers: dict[str, dict[int, int]] = {bid: {} for bid in ids}
@@ -239,11 +256,14 @@ def simulate_policy(
 
     def finish(rid: str, event: Finished | Aborted) -> None:
         item = live.pop(rid)
+        owner = core if views is None else views.core_of(rid)
+        if views is not None:
+            views.ended(rid, item.backend, event.time)
         if isinstance(event, Aborted):
-            core.on_failed(rid, event.time)
+            owner.on_failed(rid, event.time)
             outcomes.append(_failed(rid, item, "aborted"))
             return
-        core.on_finished(rid, event.time, event.output_tokens, event.cached_tokens)
+        owner.on_finished(rid, event.time, event.output_tokens, event.cached_tokens)
         ttft = event.first_token_time - item.arrival
         decode = event.time - event.first_token_time
         tpot = decode / (event.output_tokens - 1) if event.output_tokens > 1 else None
@@ -272,6 +292,12 @@ def simulate_policy(
         batch.sort(key=lambda item: (item[0], item[1]))
         for _, _, event in batch:
             if isinstance(event, FirstToken):
+                if views is not None:
+                    views.first_token(event.rid, live[event.rid].backend, event.time)
+                    views.core_of(event.rid).on_first_token(
+                        event.rid, event.time, event.cached_tokens
+                    )
+                    continue
                 core.on_first_token(event.rid, event.time, event.cached_tokens)
             else:
                 finish(event.rid, event)
@@ -323,7 +349,14 @@ def simulate_policy(
             now = treq.timestamp / config.load
             deliver(now)
             route_req = route_request(position, treq)
-            dispatch(route_req, core.route(route_req, now), now, now)
+            if views is None:
+                dispatch(route_req, core.route(route_req, now), now, now)
+            else:
+                views.apply_until(now)
+                view = views.view_for(position)
+                decision = views.cores[view].route(route_req, now)
+                views.routed(view, decision.backend, route_req, now)
+                dispatch(route_req, decision, now, now)
             waits.append(0.0)
             if on_request is not None:
                 on_request()

@@ -24,6 +24,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import aiohttp
 from aiohttp import web
@@ -46,8 +47,9 @@ from router.server.proxy import Proxy
 from router.server.record_admin import RecordControl
 from router.server.scheduling import SchedulerDriver, scheduler_config
 from router.server.sglang_compat import ModelInfoRelay
+from router.server.siblings import Siblings
 from router.server.status import StatusApi
-from router.state import StateSync, open_state
+from router.state import StateSync, SyncConfig, open_state
 
 __all__ = [
     "STATE",
@@ -103,7 +105,10 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
     policy_name, policy = build_policy(config)
     core = RoutingCore(policy, [])
     shared = open_state(config.state, cluster=config.cluster, replica=config.replica_id)
-    sync = StateSync(core, shared)
+    # workers of one router batch their events over ~2 ms: fewer wakeups per request in every
+    # process, at a sync delay far below any request's time (docs/workers.md)
+    worker = config.worker_index is not None
+    sync = StateSync(core, shared, SyncConfig(linger_s=0.002) if worker else None)
     metrics = RouterMetrics()
     hasher = _make_hasher(config, policy)
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
@@ -231,12 +236,22 @@ def create_app(config: ServerConfig) -> web.Application:
         r.add_get(path, _late(lambda s: s.model_info.model_info))
     r.add_get("/health", _late(lambda s: s.status.health))
     r.add_get("/readiness", _late(lambda s: s.status.readiness))
-    r.add_get("/stats", _status(lambda s: s.status.stats))
-    r.add_get("/metrics", _status(lambda s: s.status.prometheus))
     r.add_get("/admin/backends", _late(lambda s: s.admin.list))
-    r.add_post("/admin/backends", _late(lambda s: s.admin.add))
-    r.add_delete("/admin/backends", _late(lambda s: s.admin.remove))
-    r.add_post("/admin/backends/drain", _late(lambda s: s.admin.drain))
+    sib = Siblings.of(config)  # serve --workers N: answer for every worker (siblings.py)
+    if sib is None:
+        r.add_get("/stats", _status(lambda s: s.status.stats))
+        r.add_get("/metrics", _status(lambda s: s.status.prometheus))
+        r.add_post("/admin/backends", _late(lambda s: s.admin.add))
+        r.add_delete("/admin/backends", _late(lambda s: s.admin.remove))
+        r.add_post("/admin/backends/drain", _late(lambda s: s.admin.drain))
+    else:
+        r.add_get("/stats", _status(lambda s: partial(sib.stats, local=s.status.stats_body)))
+        r.add_get("/metrics", _status(lambda s: partial(sib.metrics, local=s.status.prometheus)))
+        r.add_post("/admin/backends", _late(lambda s: partial(sib.fan_out, local=s.admin.add)))
+        r.add_delete("/admin/backends", _late(lambda s: partial(sib.fan_out, local=s.admin.remove)))
+        r.add_post(
+            "/admin/backends/drain", _late(lambda s: partial(sib.fan_out, local=s.admin.drain))
+        )
     r.add_get("/admin/record", _late(lambda s: s.record.get))
     r.add_post("/admin/record", _late(lambda s: s.record.post))
     r.add_delete("/admin/record", _late(lambda s: s.record.delete))
@@ -270,7 +285,12 @@ async def start_server(config: ServerConfig) -> RunningServer:
         shutdown_timeout=config.shutdown_timeout_s,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    # a worker of `serve --workers N` shares the port with its siblings (the kernel spreads
+    # connections over them) and answers them on its own control socket (siblings.py)
+    worker = config.worker_index is not None
+    site = web.TCPSite(runner, config.host, config.port, reuse_port=worker or None)
     await site.start()
+    if worker:
+        await web.UnixSite(runner, config.worker_sockets[config.worker_index or 0]).start()
     port = runner.addresses[0][1] if runner.addresses else config.port
     return RunningServer(url=f"http://{config.host}:{port}", app=app, runner=runner)

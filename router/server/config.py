@@ -103,13 +103,20 @@ class ServerConfig(BaseSettings):
     record_secret: str | None = None
     record_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     record_keep: int = Field(default=10, ge=0)
+    # `serve --workers N` (router/server/workers.py): N router processes on one port; None:
+    # one per CPU this process may run on. The supervisor gives each worker its index and
+    # every worker's control socket (how /stats, /metrics and /admin reach the siblings).
+    workers: int | None = Field(default=None, ge=1)
+    worker_index: int | None = Field(default=None, ge=0)
+    worker_sockets: list[str] = Field(default_factory=list)
 
     @field_validator("state")
     @classmethod
     def _check_state(cls, value: str) -> str:
         """Fail at startup on a state URL open_state would refuse."""
         value = value.strip()
-        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+        schemes = ("redis://", "rediss://", "unix://", "hub+unix://")  # hub: serve --workers
+        if value != "memory" and not value.startswith(schemes):
             raise ValueError(
                 f"state must be 'memory' or a redis://, rediss:// or unix:// URL, got {value!r}"
             )

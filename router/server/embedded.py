@@ -24,7 +24,14 @@ from typing import TextIO
 from router.server.app import start_server
 from router.server.config import ServerConfig
 
-__all__ = ["install_uvloop", "serve", "serve_async", "usage_text"]
+__all__ = [
+    "install_uvloop",
+    "serve",
+    "serve_async",
+    "start_embedded",
+    "stop_on_signals",
+    "usage_text",
+]
 
 log = logging.getLogger("router.server")
 
@@ -57,8 +64,20 @@ prefix-router listening on {url}
 """
 
 
-async def serve_async(config: ServerConfig, out: TextIO = sys.stdout) -> None:
-    """Start everything, print the usage text, run until SIGINT/SIGTERM, stop cleanly."""
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (where the loop can handle signals)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def start_embedded(
+    config: ServerConfig, out: TextIO
+) -> tuple[ServerConfig, list[Callable[[], Awaitable[None]]]]:
+    """Start `config.embedded` simulated backends; the config with their URLs, and closers."""
     closers: list[Callable[[], Awaitable[None]]] = []
     if config.embedded:
         from backends.sim.server import DEFAULT_PROFILE, start_sim_servers
@@ -71,21 +90,22 @@ async def serve_async(config: ServerConfig, out: TextIO = sys.stdout) -> None:
         )
         closers.extend(h.close for h in handles)
         config = config.model_copy(
-            update={"backends": [*config.backends, *(h.url for h in handles)]}
+            update={"backends": [*config.backends, *(h.url for h in handles)], "embedded": 0}
         )
         print(f"started {len(handles)} simulated backends: {[h.url for h in handles]}", file=out)
+    return config, closers
+
+
+async def serve_async(config: ServerConfig, out: TextIO = sys.stdout) -> None:
+    """Start everything, print the usage text, run until SIGINT/SIGTERM, stop cleanly."""
+    config, closers = await start_embedded(config, out)
     server = None
     try:
         server = await start_server(config)
         models = server.state.pool.models()
         key = config.api_keys[0] if config.api_keys else None
         print(usage_text(server.url, models[0] if models else "default", key), file=out, flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await stop_on_signals().wait()
         print("stopping...", file=out, flush=True)
     finally:
         if server is not None:

@@ -661,28 +661,40 @@ class Proxy:
         return response
 
     def _feedback(self, flight: _Flight, events: bytes, strip_usage: bool) -> bytes:
-        """Read usage from the OpenAI events that carry it; drop it if the client did not ask."""
-        out: list[bytes] = []
-        for event in _split_events(events):
-            data = _data_of(event)
-            if data is None or not _has_usage(data):
-                out.append(event)
-                continue
-            try:
-                chunk = _loads(data)
-            except ValueError:
-                out.append(event)
-                continue
-            if not isinstance(chunk, dict) or not isinstance(chunk.get("usage"), dict):
-                out.append(event)
-                continue
-            flight.usage = usage_from_sse_chunk(chunk)
-            if not strip_usage:
-                out.append(event)
-            elif chunk.get("choices"):
-                chunk.pop("usage", None)
-                out.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-        return b"".join(out)
+        """Read usage from the OpenAI events that carry it; drop it if the client did not ask.
+
+        Only the event around each `"usage": {` is cut out and parsed (the other events of the
+        read pass as they are); a rewritten chunk is serialised with orjson.
+        """
+        at = _usage_at(events, 0)
+        while at >= 0:
+            start = events.rfind(b"\n\n", 0, at)
+            start = 0 if start < 0 else start + 2
+            end = events.find(b"\n\n", at)
+            end = len(events) if end < 0 else end + 2
+            replacement = self._usage_event(flight, events[start:end], strip_usage)
+            events = events[:start] + replacement + events[end:]
+            at = _usage_at(events, start + len(replacement))
+        return events
+
+    def _usage_event(self, flight: _Flight, event: bytes, strip_usage: bool) -> bytes:
+        """One event holding a usage object: read it; what the client gets of it."""
+        data = _data_of(event)
+        if data is None:
+            return event
+        try:
+            chunk = _loads(data)
+        except ValueError:
+            return event
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("usage"), dict):
+            return event
+        flight.usage = usage_from_sse_chunk(chunk)
+        if not strip_usage:
+            return event
+        if not chunk.get("choices"):
+            return b""  # the extra usage-only chunk the router asked for
+        chunk.pop("usage", None)
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
 _DECODER = json.JSONDecoder()
@@ -701,6 +713,14 @@ def _batch_size(body: Mapping[str, Any]) -> int:
     if isinstance(ids, list) and ids and isinstance(ids[0], list):
         return len(ids)
     return 0
+
+
+def _usage_at(data: bytes, start: int) -> int:
+    """Where the next usage object starts at or after `start` (-1: none); see `_has_usage`."""
+    spaced, compact = data.find(b'"usage": {', start), data.find(b'"usage":{', start)
+    if spaced < 0 or 0 <= compact < spaced:
+        return compact
+    return spaced
 
 
 def _has_usage(data: bytes) -> bool:

@@ -8,12 +8,14 @@ Ended) through a `SharedState` transport (`protocol.py`): `LocalState` alone (th
 the other replicas' requests reach the policy through its remote hooks. See docs/replicas.md.
 
 `open_state(url, cluster=..., replica=...)` builds the transport named by ``--state``:
-None, "" or "memory" -> LocalState; redis://, rediss:// or unix:// URLs -> RedisState.
+None, "" or "memory" -> LocalState; redis://, rediss:// or unix:// URLs -> RedisState;
+hub+unix:///path -> HubState (the worker processes of one `serve --workers N`, `hub.py`).
 """
 
 from __future__ import annotations
 
 from router.state.events import Ended, Event, EventError, FirstToken, Routed, remote_rid
+from router.state.hub import HUB_SCHEME, HubServer, HubState
 from router.state.memory import LocalState, MemoryBus, MemoryState, new_replica_id
 from router.state.protocol import SharedState, StateUnavailable
 from router.state.sync import StateSync, SyncConfig
@@ -23,6 +25,8 @@ __all__ = [
     "Event",
     "EventError",
     "FirstToken",
+    "HubServer",
+    "HubState",
     "LocalState",
     "MemoryBus",
     "MemoryState",
@@ -49,6 +53,8 @@ def open_state(
         from router.state.redis import RedisState  # imports redis.asyncio only when used
 
         return RedisState(url, cluster=cluster, replica=replica)
+    if url.startswith(HUB_SCHEME):
+        return HubState(url, cluster=cluster, replica=replica)
     raise ValueError(
         f"--state must be 'memory' or a redis://, rediss:// or unix:// URL, got {url!r}"
     )

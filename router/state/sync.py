@@ -63,6 +63,9 @@ class SyncConfig:
     stale_s: float = 5.0  # unsent events older than this are dropped, not sent late
     backoff_min_s: float = 0.1
     backoff_max_s: float = 5.0
+    # wait this long after the first queued event before sending, so one write carries the
+    # events of many requests (the worker processes of one router: serve --workers N)
+    linger_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("read_timeout_s", "heartbeat_s", "backoff_min_s", "stale_s"):
@@ -72,6 +75,8 @@ class SyncConfig:
             raise ValueError("replica_ttl_s must exceed heartbeat_s")
         if self.remote_ttl_s <= 0 or self.outbox_max <= 0 or self.publish_batch <= 0:
             raise ValueError("remote_ttl_s, outbox_max and publish_batch must be positive")
+        if self.linger_s < 0:
+            raise ValueError("linger_s must not be negative")
         if self.backoff_max_s < self.backoff_min_s:
             raise ValueError("backoff_max_s must be at least backoff_min_s")
 
@@ -243,6 +248,8 @@ class StateSync:
         if not self._outbox and not self._retry:
             self._wake.clear()
             await self._wake.wait()
+        if self.config.linger_s:
+            await asyncio.sleep(self.config.linger_s)
         await self._flush()
 
     async def _flush(self) -> None:

@@ -187,6 +187,26 @@ def test_a_request_predicted_to_miss_its_deadline_is_shed_on_arrival_with_retry_
     assert s.counters["shed"] == 1 and s.shed_by_reason == {"slo": 1}
 
 
+def test_admission_prices_held_work_where_it_waits_not_spread_over_the_pool() -> None:
+    s = _sched(backends=2, budget_s=0.5, coalesce_tokens=0)
+    prefix = (1, 2, 3, 4, 5, 6, 7, 8)
+    s.submit(_ticket("warm", 8000, blocks=prefix), 0.0)
+    s.step(0.0)
+    s.core.on_first_token("warm", 0.8, cached_tokens=0)
+    s.core.on_finished("warm", 0.8, output_tokens=1, cached_tokens=0)
+    s.submit(_ticket("fill", 6000), 0.8)
+    s.step(0.8)  # b0: 0.6 s queued
+    for i in range(2):  # 0.1 s each at b0 (cached prefix) beats 0.9 s at b1: both wait for b0
+        s.submit(_ticket(f"repeat{i}", 9000, 0.8, blocks=(*prefix, 10 + i)), 0.8)
+    assert s.step(0.8).bound == () and s.waiting() == 2
+    # Spread over the pool: (0.6 + 0.2) / 2 + 0.1 = 0.5 s, inside a 0.8 s deadline. Where the
+    # work waits: b0 0.6 + 0.2 + 0.1 = 0.9 s, b1 0.9 s (recompute): 0.9 s either way, a miss.
+    shed = s.submit(_ticket("late", 9000, 0.8, blocks=(*prefix, 20), deadline=0.8), 0.8)
+    assert shed is not None and shed.reason == "slo"
+    assert shed.predicted_ttft_s == pytest.approx(0.9)
+    assert s.submit(_ticket("ok", 9000, 0.8, blocks=(*prefix, 21), deadline=1.0), 0.8) is None
+
+
 def test_the_queue_is_bounded_and_a_wait_times_out() -> None:
     s = _sched(budget_s=0.1, max_queue=2, queue_timeout_s=5.0)
     s.submit(_ticket("busy", 80_000), 0.0)

@@ -74,7 +74,7 @@ def _search(args: tuple[str, str, tuple[int, int], float, float]) -> dict[str, A
     both = max(slo_ttft, slo_tpot)  # a scale-free "both within": each divided by its SLO
 
     def joint(row: dict[str, Any]) -> float:
-        return both * max(row["ttft_p90"] / slo_ttft, row["tpot_p90"] / slo_tpot)
+        return both * max(float(row["ttft_p90"]) / slo_ttft, float(row["tpot_p90"]) / slo_tpot)
 
     caps = {
         "ttft": find_capacity(metric(lambda r: r["ttft_p90"]), slo=slo_ttft, start=1.0),

@@ -401,6 +401,15 @@ class PDRouter:
         self.prefill.on_first_token(rid, now, cached_tokens)
         self.prefill.on_finished(rid, now, 1, cached_tokens)
 
+    def on_prefill_failed(self, rid: str, now: float) -> None:
+        """The prefill side ended without an answer (its request failed or was cancelled)."""
+        if rid in self._prefill_open:
+            self._prefill_open.discard(rid)
+            self.prefill.on_failed(rid, now)
+
+    def prefill_open(self, rid: str) -> bool:
+        return rid in self._prefill_open
+
     def on_first_token(self, rid: str, now: float) -> None:
         """The decode server streamed the client's first token."""
         self.on_prefill_done(rid, now)  # it cannot come before the prefill finished
@@ -413,9 +422,7 @@ class PDRouter:
         self.decode.on_finished(rid, now, output_tokens)
 
     def on_failed(self, rid: str, now: float) -> None:
-        if rid in self._prefill_open:
-            self._prefill_open.discard(rid)
-            self.prefill.on_failed(rid, now)
+        self.on_prefill_failed(rid, now)
         self.decode.on_failed(rid, now)
 
     def stats(self) -> dict[str, Any]:

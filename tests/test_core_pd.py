@@ -213,3 +213,24 @@ def test_decode_policy_learns_its_step_from_finished_requests() -> None:
     learned = policy.learned()["d0"]
     step = learned["decode_step_s"] + learned["decode_s_per_kv_token"] * 1010
     assert step == pytest.approx(0.02, rel=0.05)
+
+
+def test_hold_prefill_counts_the_request_until_it_finishes_as_smg_does() -> None:
+    specs = [BackendSpec(id="p0", kv_capacity_tokens=1_000_000, prior=PRIOR)]
+    dspecs = [BackendSpec(id="d0", kv_capacity_tokens=100_000, prior=PRIOR)]
+    pd = PDRouter(
+        RoutingCore(make_policy("cache_aware"), specs),
+        RoutingCore(make_policy("power_of_two"), dspecs),
+        hold_prefill=True,
+    )
+    pd.route(_req("r1", (1, 2), 2000), 0.0)
+    (pstate,) = pd.prefill.backends()
+    pd.on_prefill_done("r1", 0.2, cached_tokens=0)
+    assert pstate.load == 1  # still counted: SMG's load guard lives as long as the response
+    pd.on_first_token("r1", 0.3)
+    pd.on_finished("r1", 0.5, output_tokens=20)
+    assert pstate.load == 0
+    pd.route(_req("r2", (1, 2), 2000), 1.0)
+    pd.on_prefill_done("r2", 1.2)
+    pd.on_failed("r2", 1.3)
+    assert pstate.load == 0 and pd.prefill.stats()["in_flight"] == 0

@@ -312,8 +312,14 @@ class PDRouter:
         *,
         pair: PairConfig | None = None,
         links: Mapping[str, float] | None = None,
+        hold_prefill: bool = False,
     ) -> None:
-        """`pair` None: each side routes by its own policy. `links`: bytes/s per server id."""
+        """`pair` None: each side routes by its own policy. `links`: bytes/s per server id.
+
+        `hold_prefill`: a request counts in its prefill server's load until it finishes, not
+        until its prefill does, as SMG counts it (its load guards ride the response body);
+        the independent baselines use it to play SMG.
+        """
         if pair is not None:
             if not isinstance(prefill.policy, CostPolicy):
                 raise TypeError("pair pricing needs the `cost` policy on the prefill pool")
@@ -323,7 +329,9 @@ class PDRouter:
         self.decode = decode
         self.pair = pair
         self.links = dict(links or {})
+        self.hold_prefill = hold_prefill
         self._prefill_open: set[str] = set()
+        self._prefill_held: set[str] = set()  # prefill done, still counted (hold_prefill)
 
     def _link(self, backend: str) -> float:
         default = self.pair.link_bytes_per_s if self.pair else _DEFAULT_LINK_BYTES_PER_S
@@ -399,12 +407,16 @@ class PDRouter:
             return
         self._prefill_open.discard(rid)
         self.prefill.on_first_token(rid, now, cached_tokens)
-        self.prefill.on_finished(rid, now, 1, cached_tokens)
+        if self.hold_prefill:
+            self._prefill_held.add(rid)
+        else:
+            self.prefill.on_finished(rid, now, 1, cached_tokens)
 
     def on_prefill_failed(self, rid: str, now: float) -> None:
         """The prefill side ended without an answer (its request failed or was cancelled)."""
-        if rid in self._prefill_open:
+        if rid in self._prefill_open or rid in self._prefill_held:
             self._prefill_open.discard(rid)
+            self._prefill_held.discard(rid)
             self.prefill.on_failed(rid, now)
 
     def prefill_open(self, rid: str) -> bool:
@@ -419,6 +431,9 @@ class PDRouter:
         self, rid: str, now: float, output_tokens: int, cached_tokens: int | None = None
     ) -> None:
         self.on_prefill_done(rid, now, cached_tokens)
+        if rid in self._prefill_held:
+            self._prefill_held.discard(rid)
+            self.prefill.on_finished(rid, now, 1, cached_tokens)
         self.decode.on_finished(rid, now, output_tokens)
 
     def on_failed(self, rid: str, now: float) -> None:

@@ -99,7 +99,7 @@ def make_pd_router(
         raise ValueError(f"PD router {router!r}: use 'pair' or '<prefill>+<decode>' policy names")
     pcore = RoutingCore(make_policy(names[0], rng=random.Random(seed)), prefill)
     dcore = RoutingCore(make_policy(names[1], rng=random.Random(seed + 1)), decode)
-    return PDRouter(pcore, dcore, pair=None, links={})
+    return PDRouter(pcore, dcore, pair=None, hold_prefill=True)
 
 
 def tpot_p90(outcomes: list[RequestOutcome]) -> float:

@@ -117,7 +117,9 @@ class PDSetup:
             ppolicy = make_policy(pname, rng=random.Random(seed))
             dpolicy = make_policy(dname, rng=random.Random(seed + 1))
             name = f"pd:{pname}+{dname}"
-        pd = PDRouter(RoutingCore(ppolicy, []), RoutingCore(dpolicy, []), pair=pair)
+        pd = PDRouter(
+            RoutingCore(ppolicy, []), RoutingCore(dpolicy, []), pair=pair, hold_prefill=pair is None
+        )
         return cls(
             name=name,
             pd=pd,

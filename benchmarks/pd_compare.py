@@ -120,6 +120,37 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def table(out: Path, workloads: list[str], suffix: str = "") -> str:
+    """The README's markdown table, read from the committed JSON (never typed by hand)."""
+    import json
+
+    rows = [
+        "| workload | target | cap. p90 TTFT <= 2 s | cap. p90 TPOT <= 20 ms | cap. both |"
+        " at pair's TTFT cap.: load, p90 TTFT, p90 TPOT, hit |",
+        "|---|---|---|---|---|---|",
+    ]
+    for workload in workloads:
+        path = out / f"pd_{workload}{suffix}.json"
+        if not path.exists():
+            continue
+        doc = json.loads(path.read_text())
+        common = doc["at_pair_capacity"]
+        for target, res in doc["targets"].items():
+            cap = res["capacity"]
+            row = common[target]
+            at = (
+                f"{common['load']:.2f}, {row['ttft_p90']:.3f} s, {row['tpot_p90'] * 1000:.1f} ms,"
+                f" {row['hit_ratio']:.2f}"
+                if not row["failed"]
+                else f"{common['load']:.2f}, {row['failed']} failed"
+            )
+            rows.append(
+                f"| {workload} | {target} | {cap['ttft']:.2f} | {cap['tpot']:.2f} | "
+                f"{cap['both']:.2f} | {at} |"
+            )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -130,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slo-tpot-p90", type=float, default=0.020)
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--table", action="store_true", help="print the README table and stop")
     args = parser.parse_args(argv)
     p, d = (int(x) for x in args.pd.split(":"))
+    if args.table:
+        suffix = "" if (p, d) == (4, 4) else f"_{p}p{d}d"
+        print(table(args.out, args.workloads.split(","), suffix))
+        return 0
     targets = [f"pd:{r}" for r in PD_ROUTERS] + [f"mixed:{m}" for m in MIXED_POLICIES]
     suffix = "" if (p, d) == (4, 4) else f"_{p}p{d}d"
     started = time.perf_counter()
@@ -142,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             for t in targets
         }
         for workload in args.workloads.split(","):
+            found = {t: jobs[(workload, t)].result() for t in targets}
+            # every target at the PD pair's TTFT capacity: the same traffic, side by side
+            common = found["pd:pair"]["capacity"]["ttft"] or 1.0
+            at = {t: pool.submit(_measure, workload, t, (p, d), common) for t in targets}
             doc = {
                 "workload": workload,
                 "profile": WORKLOADS[workload].profile,
@@ -151,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 "slo_tpot_p90": args.slo_tpot_p90,
                 "machine": "shared 2-core box, no GPU; virtual time (simulated engines)",
                 "command": "python benchmarks/pd_compare.py " + " ".join(argv or sys.argv[1:]),
-                "targets": {t: jobs[(workload, t)].result() for t in targets},
+                "targets": found,
+                "at_pair_capacity": {"load": common, **{t: f.result() for t, f in at.items()}},
                 "wall_s": time.perf_counter() - started,
             }
             write_json(args.out / f"pd_{workload}{suffix}.json", doc)

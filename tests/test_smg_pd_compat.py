@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
 
-from router.replay.ports import free_port_block
+from router.replay.ports import free_port, free_port_block
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("smg") is None, reason="smg not installed"),

@@ -351,7 +351,9 @@ class PDRouter:
         exclude_decode: Collection[str] = (),
     ) -> PDDecision:
         """Choose and record both sides (NoBackendError if a pool has nothing routable)."""
-        prefill_req = dataclasses.replace(req, max_tokens=0)  # a prefill server decodes nothing
+        # A prefill server decodes nothing, and its answer (the prefill's end) is always seen,
+        # streamed or not.
+        prefill_req = dataclasses.replace(req, max_tokens=0, first_token_seen=True)
         if self.pair is None:
             p = self.prefill.route(prefill_req, now, exclude=exclude_prefill)
             try:

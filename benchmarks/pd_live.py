@@ -127,6 +127,31 @@ async def run_target(
         procs.stop_all()
 
 
+def table(paths: list[Path]) -> str:
+    """The README's rows, read from result files (never typed by hand)."""
+    import json
+
+    rows = [
+        "| run | load | target | p90 TTFT s | p50 TTFT s | p90 TPOT ms | failed | sim p90 TTFT s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        doc = json.loads(path.read_text())
+        for target, res in doc["results"].items():
+            sim = doc["simulated"].get(target.removeprefix("smg:"), {}).get("ttft_p90")
+            rows.append(
+                f"| {path.name} | {doc['load']:.3f} | {target} | {res['ttft_p90']:.3f} | "
+                f"{res['ttft_p50']:.3f} | {res['tpot_p90'] * 1000:.1f} | {res['failed']} | "
+                + (f"{sim:.3f} |" if sim is not None else "- |")
+            )
+        checks = doc["checks"]
+        rows.append(
+            f"| {path.name} | | pair / SMG | {checks['pair_ttft_p90_over_smg']:.2f}x | | "
+            f"{checks['pair_tpot_p90_over_smg']:.3f}x | | |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -141,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", type=float, default=0.02)
     parser.add_argument("--speedup", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "pd_live.json")
+    parser.add_argument("--table", nargs="*", type=Path, help="print the README rows and stop")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(table(args.table or [args.out]))
+        return 0
     window = multi_turn(MultiTurnConfig(seed=1)).window(args.start, args.duration)
     cfg = PDSimConfig(prefill=args.prefill, decode=args.decode, profile=PROFILE)
 

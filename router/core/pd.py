@@ -57,6 +57,7 @@ from router.core.policies import build_config, register_policy
 from router.core.routing import Decision, NoBackendError, RoutingCore
 
 __all__ = [
+    "DecodeCostConfig",
     "DecodeCostPolicy",
     "DecodeQuote",
     "PDDecision",

@@ -163,6 +163,32 @@ def table(out: Path, workloads: list[str], suffix: str = "") -> str:
     return "\n".join(rows)
 
 
+def splits_table(out: Path, workloads: list[str]) -> str:
+    """Pair's capacity (TTFT, and both SLOs) per split, beside the mixed pool's cost."""
+    import json
+
+    splits = (("2P+6D", "_2p6d"), ("4P+4D", ""), ("6P+2D", "_6p2d"))
+    rows = [
+        "| workload | " + " | ".join(name for name, _ in splits) + " | mixed 8, cost |",
+        "|---|---|---|---|---|",
+    ]
+    for workload in workloads:
+        cells: list[str] = []
+        mixed = "-"
+        for _, suffix in splits:
+            path = out / f"pd_{workload}{suffix}.json"
+            if not path.exists():
+                cells.append("-")
+                continue
+            targets = json.loads(path.read_text())["targets"]
+            cap = targets["pd:pair"]["capacity"]
+            cells.append(f"{_cap(cap['ttft'])} ({_cap(cap['both'])})")
+            ref = targets["mixed:cost"]["capacity"]
+            mixed = f"{_cap(ref['ttft'])} ({_cap(ref['both'])})"
+        rows.append(f"| {workload} | " + " | ".join(cells) + f" | {mixed} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -174,8 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--table", action="store_true", help="print the README table and stop")
+    parser.add_argument(
+        "--splits-table", action="store_true", help="print the README's table of splits and stop"
+    )
     args = parser.parse_args(argv)
     p, d = (int(x) for x in args.pd.split(":"))
+    if args.splits_table:
+        print(splits_table(args.out, args.workloads.split(",")))
+        return 0
     if args.table:
         suffix = "" if (p, d) == (4, 4) else f"_{p}p{d}d"
         print(table(args.out, args.workloads.split(","), suffix))

@@ -1,13 +1,15 @@
 """Real SGLang in PD mode on CPU behind `serve --prefill/--decode` (a try, not a test).
 
-Starts one prefill server (`--disaggregation-mode prefill --disaggregation-transfer-backend
-fake --disaggregation-bootstrap-port P`) and one decode server (`--disaggregation-mode decode
---disaggregation-transfer-backend fake`) of the tiny e2e model (e2e/make_model.py), our router
-in PD mode in front, and sends a /generate (whole and streamed) and a chat completion through
-it. SGLang 0.5.23's `fake` backend moves no KV (the decode side decodes on whatever its pages
-hold), so the answers are noise: this checks the protocol (both servers accept the bootstrap
-fields, the decode server streams, the prefill server answers), not the text. Writes
-benchmarks/results/pd_sglang.json with what happened.
+SGLang 0.5.23 refuses `fake` on a prefill server ("Prefill server does not support 'fake' as
+the transfer backend", pd_disaggregation_hook.py) and its real backends (mooncake, nixl) are
+not installed in the CPU environment, so a real prefill server cannot run here (`--prefill-mode
+sglang` shows the refusal). The default is a hybrid: a simulated prefill server (`prefix-router
+sim --mode prefill`) and a real SGLang decode server of the tiny e2e model
+(`--disaggregation-mode decode --disaggregation-transfer-backend fake`), our router in PD mode
+in front; a /generate (whole and streamed) and a chat completion go through it. The `fake`
+backend moves no KV (the decode server decodes on whatever its pages hold), so the answers are
+noise: this checks that a real decode server takes our bootstrap fields and streams, not the
+text. Writes benchmarks/results/pd_sglang.json with what happened.
 
 Run under the heavy-run lock with the e2e environment's Python:
   flock /tmp/prefix-router-heavy.lock .e2e/venv/bin/python e2e/pd_try.py --model .e2e/model
@@ -45,10 +47,24 @@ def _stream(url: str, body: Any) -> list[str]:
         ]
 
 
+def _wait(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/pd_sglang.json")
+    parser.add_argument("--prefill-mode", choices=("sim", "sglang"), default="sim")
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="pd-sglang-"))
     boot = free_port()
@@ -66,13 +82,32 @@ def main() -> int:
         log_path=logs / "decode.log",
         extra_args=["--disaggregation-mode", "decode", *fake],
     )
-    doc: dict[str, Any] = {"sglang": "0.5.23", "transfer_backend": "fake", "steps": {}}
+    doc: dict[str, Any] = {
+        "sglang": "0.5.23",
+        "transfer_backend": "fake",
+        "prefill": args.prefill_mode,
+        "steps": {},
+    }
     router: subprocess.Popen[bytes] | None = None
+    sim: subprocess.Popen[bytes] | None = None
     started = time.monotonic()
     try:
-        prefill.start()
+        if args.prefill_mode == "sglang":
+            prefill.start()
+        else:
+            sim_port = free_port()
+            cmd = [sys.executable, "-m", "router", "sim", "--mode", "prefill", "--port"]
+            cmd += [str(sim_port), "--bootstrap-port", str(boot), "--log-level", "warning"]
+            with (logs / "sim.log").open("ab") as log:
+                sim = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+                )
+            prefill.port = sim_port
         decode.start()
-        prefill.wait_healthy(300)
+        if args.prefill_mode == "sglang":
+            prefill.wait_healthy(300)
+        else:
+            _wait(prefill.url + "/health")
         decode.wait_healthy(300)
         doc["steps"]["servers_healthy_s"] = round(time.monotonic() - started, 1)
         port = free_port()
@@ -104,10 +139,11 @@ def main() -> int:
     except Exception as exc:  # a try: record what failed and where
         doc["error"] = repr(exc)
     finally:
-        if router is not None and router.poll() is None:
-            os.killpg(router.pid, signal.SIGTERM)
-            router.wait(15)
-        for server in (prefill, decode):
+        for proc in (router, sim):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(15)
+        for server in (prefill, decode) if args.prefill_mode == "sglang" else (decode,):
             doc.setdefault("logs", {})[server.name] = server.tail(1500)
             server.stop()
         doc["wall_s"] = round(time.monotonic() - started, 1)

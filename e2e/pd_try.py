@@ -80,7 +80,17 @@ def main() -> int:
         name="decode",
         model_dir=args.model,
         log_path=logs / "decode.log",
-        extra_args=["--disaggregation-mode", "decode", *fake],
+        # Decode host receive (default threshold < 1) backs retractions with a host pool that
+        # pins memory through CUDA ("Found no NVIDIA driver" on CPU): turned off here.
+        extra_args=[
+            "--disaggregation-mode",
+            "decode",
+            *fake,
+            "--disaggregation-decode-host-receive-threshold",
+            "1",
+            "--disaggregation-decode-retraction-backup",
+            "cpu_tensor",
+        ],
     )
     doc: dict[str, Any] = {
         "sglang": "0.5.23",

@@ -64,6 +64,9 @@ class Profile:
     h2d_bytes_per_s: float = 0.0
     n_heads: int = 0  # query heads (attention FLOPs); 0 = same as n_kv_heads
     context_length: int = 131072  # what /get_model_info reports
+    # PD disaggregation: each server's link for KV transfer to or from its peers. Default: one
+    # 400 Gb/s RDMA NIC per GPU (InfiniBand NDR, ConnectX-7 datasheet) at ~80% of line rate.
+    kv_link_bytes_per_s: float = 40e9
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -87,6 +90,8 @@ class Profile:
                 raise ValueError(f"{field_name} must be in (0, 1], got {frac}")
         if self.step_overhead_s < 0:
             raise ValueError("step_overhead_s must be non-negative")
+        if not self.kv_link_bytes_per_s > 0:
+            raise ValueError("kv_link_bytes_per_s must be positive")
         if self.host_capacity_tokens < 0 or self.h2d_bytes_per_s < 0 or self.n_heads < 0:
             raise ValueError("host_capacity_tokens, h2d_bytes_per_s, n_heads must be >= 0")
         if self.host_capacity_tokens > 0 and self.h2d_bytes_per_s <= 0:

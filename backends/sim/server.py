@@ -338,8 +338,11 @@ class SimServer:
 
     # ------------------------------------------------------------------ requests
 
-    def _submit(self, gen: proto.GenRequest) -> _Req:
-        """Tokenize, check limits, and hand the request to the engine."""
+    def _submit(self, gen: proto.GenRequest, body: Mapping[str, Any] | None = None) -> _Req:
+        """Tokenize, check limits, and hand the request to the engine (`_enter`).
+
+        `body`: the request's JSON, for fields the parsed `gen` does not carry (PD bootstrap).
+        """
         if gen.rid in self._reqs:
             raise proto.BadRequest(f"Duplicate request ID: {gen.rid}")
         ids = gen.input_ids if gen.input_ids is not None else get_tokenizer().encode(gen.text or "")
@@ -372,19 +375,22 @@ class SimServer:
             text_offset=n,
             created=int(time.time()),
         )
-        self.engine.add_request(
-            SimRequest(
-                rid=gen.rid,
-                blocks=page_chain(ids, self.config.page_size),
-                block_size=self.config.page_size,
-                prompt_tokens=n,
-                output_tokens=out,
-            ),
-            now,
+        sim = SimRequest(
+            rid=gen.rid,
+            blocks=page_chain(ids, self.config.page_size),
+            block_size=self.config.page_size,
+            prompt_tokens=n,
+            output_tokens=out,
         )
+        self._enter(req, sim, now, body or {})
         self._reqs[gen.rid] = req
         self._wake.set()
         return req
+
+    def _enter(self, req: _Req, sim: SimRequest, now: float, body: Mapping[str, Any]) -> None:
+        """Hand a checked request to the engine; PD servers (backends/sim/pd_server.py) first
+        publish or wait for its KV. May raise `proto.BadRequest` (nothing is recorded yet)."""
+        self.engine.add_request(sim, now)
 
     def _abort(self, req: _Req) -> None:
         """Abort a request still in flight (client gone or `/abort_request`)."""
@@ -456,8 +462,9 @@ class SimServer:
 
     async def _h_generate(self, request: web.Request) -> web.StreamResponse:
         try:
-            gen = proto.parse_generate(await self._json_body(request))
-            req = self._submit(gen)
+            body = await self._json_body(request)
+            gen = proto.parse_generate(body)
+            req = self._submit(gen, body)
         except proto.BadRequest as exc:
             return web.json_response({"error": {"message": str(exc)}}, status=400)
         return await self._serve(request, req, gen)
@@ -472,8 +479,9 @@ class SimServer:
         self, request: web.Request, parse: Callable[[Any], proto.GenRequest]
     ) -> web.StreamResponse:
         try:
-            gen = parse(await self._json_body(request))
-            req = self._submit(gen)
+            body = await self._json_body(request)
+            gen = parse(body)
+            req = self._submit(gen, body)
         except proto.BadRequest as exc:
             return web.json_response(proto.openai_error(str(exc)), status=400)
         return await self._serve(request, req, gen)
@@ -709,6 +717,12 @@ class SimServer:
         """Record where this server listens (reported by `/get_server_info`)."""
         self._host, self._port = host, port
 
+    async def on_start(self, host: str) -> None:
+        """Listening and driving: start what else the server runs (a PD bootstrap server)."""
+
+    async def on_close(self) -> None:
+        """Stopped: close what `on_start` opened."""
+
 
 class SimServerHandle:
     """A simulated server listening on a port: `.url`, `.server` (engine inside), `close()`."""
@@ -729,6 +743,7 @@ class SimServerHandle:
         self.server.abort_all()
         await self._runner.cleanup()
         await self.server.stop_driver()
+        await self.server.on_close()
 
     @classmethod
     async def start(cls, server: SimServer, host: str, port: int) -> SimServerHandle:
@@ -756,6 +771,12 @@ class SimServerHandle:
                 break
         server.bind(host, bound)
         server.start_driver()
+        try:
+            await server.on_start(host)
+        except BaseException:
+            await runner.cleanup()
+            await server.stop_driver()
+            raise
         return cls(server, runner, host, bound)
 
 

@@ -40,6 +40,12 @@ examples:
       --backend-profile gpu2:30000=llama3-8b-h100
   prefix-router serve --backends gpu1:30000,gpu2:30000 --state redis://redis:6379/0 \
       --cluster prod    # run the same on each replica
+  prefix-router serve --prefill http://p1:30000 8998 --prefill http://p2:30000 8998 \
+      --decode http://d1:30000 --decode http://d2:30000   # SGLang PD disaggregation
+
+PD mode (--prefill/--decode): each request goes to a prefill and a decode server with SGLang's
+bootstrap fields; the pair is priced together (prefill TTFT + KV transfer + N x decode TG) unless
+--prefill-policy / --decode-policy choose each side on its own.
 """
 
 
@@ -59,6 +65,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--speedup", type=float, help="simulated backends run this many times faster")
     a("--policy", help='routing policy (default: "cost" if available, else "cache_aware")')
+    a(
+        "--prefill",
+        action="append",
+        nargs="+",
+        metavar=("URL", "BOOTSTRAP_PORT"),
+        help="PD mode: a prefill server and its bootstrap port (default --bootstrap-port); "
+        "repeatable, with --decode",
+    )
+    a("--decode", action="append", metavar="URL", help="PD mode: a decode server (repeatable)")
+    a("--bootstrap-port", type=int, help="PD mode: prefill servers' bootstrap port (default 8998)")
+    a(
+        "--prefill-policy",
+        help="PD mode: choose prefill servers by this policy alone (default: the pair is priced "
+        "together: TTFT + KV transfer + N x TG)",
+    )
+    a("--decode-policy", help="PD mode: choose decode servers by this policy alone")
     a("--host", help="listen address (default 127.0.0.1)")
     a("--port", type=int, help="listen port (default 30000)")
     a(
@@ -209,11 +231,16 @@ def run(args: argparse.Namespace) -> int:
             record_secret=args.record_secret,
             record_max_bytes=_megabytes(args.record_max_mb),
             workers=args.workers,
+            prefill=[" ".join(p) for p in args.prefill] if args.prefill else None,
+            decode=args.decode,
+            bootstrap_port=args.bootstrap_port,
+            prefill_policy=args.prefill_policy,
+            decode_policy=args.decode_policy,
         )
     except (ValidationError, FileNotFoundError) as exc:
         print(f"bad configuration: {exc}", file=sys.stderr)
         return 2
-    if not config.backends and not config.embedded:
+    if not config.backends and not config.embedded and not config.prefill:
         print("no backends: pass --backend URL, --backends URL,URL or --embedded K")
         return 2
     if config.record is not None and not Path(config.record).parent.is_dir():
@@ -221,5 +248,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from router.server.workers import default_workers, serve_workers
 
+    if config.prefill:
+        # PD mode's pair price reads both pools' state, and only the prefill side travels
+        # between workers: it runs as one process until the decode side is shared too
+        if config.workers not in (None, 1):
+            print("--workers: PD mode (--prefill/--decode) runs one process", file=sys.stderr)
+            return 2
+        return serve(config)
     workers = config.workers or default_workers()
     return serve(config) if workers == 1 else serve_workers(config, workers)

@@ -52,6 +52,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="wall-clock period of streaming progress updates (default 0.02)",
     )
+    parser.add_argument(
+        "--mode",
+        choices=("mixed", "prefill", "decode"),
+        default="mixed",
+        help="mixed (default): ordinary servers; prefill / decode: SGLang's PD disaggregation "
+        "roles, met through the bootstrap fields a PD router adds (backends/sim/pd_server.py)",
+    )
+    parser.add_argument(
+        "--bootstrap-port",
+        type=int,
+        default=0,
+        help="--mode prefill: first bootstrap port, one per server (default 0: ephemeral)",
+    )
+    parser.add_argument(
+        "--link-gbps",
+        type=float,
+        default=None,
+        help="--mode prefill: KV transfer link, GB/s (default: the profile's, 40)",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
     parser.add_argument("--log-level", default="info", help="logging level (default info)")
 
@@ -65,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--count must be >= 1")
     if args.stream_interval <= 0:
         raise SystemExit("--stream-interval must be > 0")
+    if args.link_gbps is not None and not args.link_gbps > 0:
+        raise SystemExit("--link-gbps must be > 0")
+    if not 0 <= args.bootstrap_port < 65536:
+        raise SystemExit("--bootstrap-port must be a port number")
     _install_uvloop()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(args))
@@ -92,23 +115,41 @@ async def _serve(args: argparse.Namespace) -> None:
         stream_interval_s=args.stream_interval,
         access_log=args.access_log,
     )
-    handles = await start_sim_servers(
-        args.count,
-        host=args.host,
-        base_port=args.port,
-        profile=args.profile,
-        config=config,
-        engine_config={"schedule_policy": args.schedule_policy},
-    )
+    if args.mode == "mixed":
+        handles = await start_sim_servers(
+            args.count,
+            host=args.host,
+            base_port=args.port,
+            profile=args.profile,
+            config=config,
+            engine_config={"schedule_policy": args.schedule_policy},
+        )
+    else:
+        from backends.sim.pd_server import start_pd_servers
+
+        handles = await start_pd_servers(
+            args.mode,
+            args.count,
+            host=args.host,
+            base_port=args.port,
+            bootstrap_base_port=args.bootstrap_port,
+            profile=args.profile,
+            config=config,
+            engine_config={"schedule_policy": args.schedule_policy},
+            link_bytes_per_s=args.link_gbps * 1e9 if args.link_gbps else None,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         for h in handles:
+            boot = getattr(h.server, "bootstrap_port", None)
             log.info(
-                "simulated SGLang server %s (profile %s, model %s, speedup %g)",
+                "simulated SGLang server %s (%s%s, profile %s, model %s, speedup %g)",
                 h.url,
+                args.mode,
+                f", bootstrap port {boot}" if boot is not None else "",
                 args.profile,
                 args.model,
                 args.speedup,

@@ -28,11 +28,16 @@ with --slo-ttft it also sheds, on arrival, requests predicted to miss that TTFT.
 result gains goodput_rps (requests with TTFT within --slo-ttft, or --slo-ttft-p90, per second),
 shed (count; a capacity search counts a shed request as a failed one) and router_wait_p90.
 
+--pd 4:4 simulates 4 prefill + 4 decode servers (SGLang's PD disaggregation: KV moved over a
+--link-gbps link) and compares PD routers: 'pair' and '<prefill>+<decode>' policy pairs.
+
 --trace takes a path (Mooncake JSONL, Azure CSV, chat-log JSONL) or a bundled name:
 conversation, azure-conv, azure-code, mtbench-chat.
 """
 
 __all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
+
+_DEFAULT_POLICIES = "round_robin,cache_aware,cost"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--policies",
-        default="round_robin,cache_aware,cost",
+        default=_DEFAULT_POLICIES,
         help="comma-separated policies to run (default: round_robin,cache_aware,cost)",
     )
     parser.add_argument("--start", type=float, default=0.0, help="window start, seconds of trace")
@@ -101,6 +106,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="with --scheduler on: shed on arrival requests predicted to miss this TTFT",
     )
+    parser.add_argument(
+        "--pd",
+        default=None,
+        metavar="P:D",
+        help="a PD-disaggregated pool of P prefill and D decode servers instead of --backends; "
+        "--policies then names PD routers: 'pair' (ours, the paired price) or "
+        "'<prefill>+<decode>' policies chosen independently (default pair,"
+        "cache_aware+power_of_two)",
+    )
+    parser.add_argument(
+        "--link-gbps",
+        type=float,
+        default=None,
+        metavar="GB/S",
+        help="with --pd: KV transfer link per server, GB/s (default: the profile's, 40)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write results JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="write a TTFT CDF PNG here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -146,6 +167,17 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"{flag} must be a positive number, got {value:g}")
     if args.scheduler == "off" and (args.slo_ttft is not None or args.scheduler_budget):
         return _fail("--slo-ttft and --scheduler-budget need --scheduler on")
+    if args.link_gbps is not None and not (args.link_gbps > 0 and math.isfinite(args.link_gbps)):
+        return _fail(f"--link-gbps must be a positive number, got {args.link_gbps:g}")
+    if args.pd is not None:
+        from router.commands._simulate_pd import DEFAULT_PD_ROUTERS, run_pd
+
+        if args.profile not in PROFILES:
+            return _fail(f"unknown profile {args.profile!r}; known: {', '.join(PROFILES)}")
+        if args.scheduler == "on" or args.kv_events:
+            return _fail("--pd runs without --scheduler and --kv-events")
+        given = args.policies if args.policies != _DEFAULT_POLICIES else DEFAULT_PD_ROUTERS
+        return run_pd(args, [p.strip() for p in given.split(",") if p.strip()])
     names = [p.strip() for p in args.profile.split(",") if p.strip()]
     unknown = [n for n in names if n not in PROFILES]
     if not names or unknown:

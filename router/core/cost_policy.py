@@ -505,6 +505,7 @@ class CostPolicy(BasePolicy):
             predicted_cached_tokens=best_cached,
             predicted_ttft_s=routed.ttft_s,
             reason=f"cost {best_cost:.3f}s",
+            cost_s=best_cost,
             explain=Explanation(
                 queue_s=queue_s,
                 prefill_s=prefill_s,

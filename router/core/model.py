@@ -233,6 +233,9 @@ class Choice:
     predicted_ttft_s: float | None = None
     reason: str = ""
     explain: Explanation | None = None
+    # The policy's own price of this choice (cost: TTFT + N x TG + externalities), in seconds;
+    # what the PD pair router (router/core/pd.py) adds to the decode side's price.
+    cost_s: float | None = None
 
 
 @runtime_checkable

@@ -53,7 +53,7 @@ __all__ = [
 POLICIES: dict[str, type[BasePolicy]] = {}
 
 # Modules holding policies that are not baselines; imported when this module is.
-_BUILTIN_MODULES = ("router.core.cache_aware", "router.core.cost_policy")
+_BUILTIN_MODULES = ("router.core.cache_aware", "router.core.cost_policy", "router.core.pd")
 _IMPORT_ERRORS: dict[str, str] = {}
 
 P = TypeVar("P", bound=type[BasePolicy])

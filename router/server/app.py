@@ -25,6 +25,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -41,6 +42,7 @@ from router.server.config import ServerConfig
 from router.server.errors import error_middleware
 from router.server.kv_events import KVEventsManager
 from router.server.metrics import RouterMetrics
+from router.server.pd import PDProxy, PDSetup
 from router.server.pool import BackendPool
 from router.server.protocol import JsonErrorRunner
 from router.server.proxy import Proxy
@@ -102,8 +104,12 @@ def _make_hasher(config: ServerConfig, policy: Policy) -> BlockHasher | None:
 
 
 async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterator[None]:
-    policy_name, policy = build_policy(config)
-    core = RoutingCore(policy, [])
+    pd = PDSetup.build(config) if config.prefill else None  # PD mode: router/server/pd.py
+    if pd is None:
+        policy_name, policy = build_policy(config)
+        core = RoutingCore(policy, [])
+    else:  # the prefill side is the core that status, KV events and replicas follow
+        policy_name, policy, core = pd.name, pd.pd.prefill.policy, pd.pd.prefill
     shared = open_state(config.state, cluster=config.cluster, replica=config.replica_id)
     # workers of one router batch their events over ~2 ms: fewer wakeups per request in every
     # process, at a sync delay far below any request's time (docs/workers.md)
@@ -119,25 +125,28 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
     )
-    pool = BackendPool(
-        core,
-        session,
-        health_interval_s=config.health_interval_s,
-        health_timeout_s=config.health_timeout_s,
-        breaker_failures=config.breaker_failures,
-        breaker_cooldown_s=config.breaker_cooldown_s,
-        profile_for=config.profile_for,
-    )
-    proxy = Proxy(
-        config=config,
-        core=core,
-        policy=policy,
-        pool=pool,
-        session=session,
-        metrics=metrics,
-        hasher=hasher,
-        sync=sync,
-    )
+
+    def new_pool(of: RoutingCore) -> BackendPool:
+        return BackendPool(
+            of,
+            session,
+            health_interval_s=config.health_interval_s,
+            health_timeout_s=config.health_timeout_s,
+            breaker_failures=config.breaker_failures,
+            breaker_cooldown_s=config.breaker_cooldown_s,
+            profile_for=config.profile_for,
+        )
+
+    pool = new_pool(core)
+    proxy_args: dict[str, Any] = {"config": config, "policy": policy, "session": session}
+    proxy_args.update(metrics=metrics, hasher=hasher, sync=sync)
+    if pd is None:
+        proxy = Proxy(core=core, pool=pool, **proxy_args)
+    else:
+        pd.decode_pool = new_pool(pd.pd.decode)
+        proxy = PDProxy(
+            setup=pd, prefill_pool=pool, core=pd.pd.decode, pool=pd.decode_pool, **proxy_args
+        )
     state = RouterState(
         config=config,
         policy_name=policy_name,
@@ -160,15 +169,22 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
         proxy.scheduling = SchedulerDriver.build(core, scheduler_config(config), metrics)
         state.status.scheduler_stats = proxy.scheduling.stats
     app[STATE] = state
-    for url in config.backends:
+    for url in config.backends if pd is None else pd.prefill_urls:
         pool.add(url)
+    if pd is not None:
+        for url in pd.decode_urls:
+            pd.pool().add(url)
     try:
         await pool.start()
+        if pd is not None:
+            await pd.pool().start()
         await sync.start()
         if config.record is not None:
             state.record.start(config.record)
     except BaseException:
         await pool.stop()
+        if pd is not None:
+            await pd.pool().stop()
         await kv_events.stop()
         await sync.stop()  # closes the store's connections
         await session.close()
@@ -184,6 +200,8 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
     finally:
         await state.record.stop()
         await pool.stop()
+        if pd is not None:
+            await pd.pool().stop()
         await kv_events.stop()
         await sync.stop()
         if proxy.background:

@@ -109,6 +109,13 @@ class ServerConfig(BaseSettings):
     workers: int | None = Field(default=None, ge=1)
     worker_index: int | None = Field(default=None, ge=0)
     worker_sockets: list[str] = Field(default_factory=list)
+    # PD disaggregation (router/server/pd.py): prefill servers as "URL" or "URL BOOTSTRAP_PORT",
+    # decode servers as URLs; both given turns PD mode on. No side policy: the paired price.
+    prefill: list[str] = Field(default_factory=list)
+    decode: list[str] = Field(default_factory=list)
+    bootstrap_port: int = Field(default=8998, gt=0, lt=65536)  # SGLang's default
+    prefill_policy: str | None = None
+    decode_policy: str | None = None
 
     @field_validator("state")
     @classmethod
@@ -153,6 +160,17 @@ class ServerConfig(BaseSettings):
                 out.append(url)
         return out
 
+    @field_validator("prefill")
+    @classmethod
+    def _check_prefill(cls, value: list[str]) -> list[str]:
+        """Each prefill server: 'URL' or 'URL BOOTSTRAP_PORT' (as SMG's --prefill)."""
+        for item in value:
+            parts = item.split()
+            port_ok = len(parts) < 2 or (parts[1].isdigit() and 0 < int(parts[1]) < 65536)
+            if not 1 <= len(parts) <= 2 or not port_ok:
+                raise ValueError(f"a prefill server is URL [BOOTSTRAP_PORT], got {item!r}")
+        return value
+
     @field_validator("backend_profiles", "kv_event_endpoints", mode="before")
     @classmethod
     def _parse_backend_profiles(cls, value: Any) -> Any:
@@ -196,6 +214,12 @@ class ServerConfig(BaseSettings):
     def _protect_needs_keys(self) -> ServerConfig:
         if self.protect_status and not (self.api_keys or self.admin_key):
             raise ValueError("protect_status needs --api-key or --admin-key (a key to check)")
+        if bool(self.prefill) != bool(self.decode):
+            raise ValueError("PD mode needs both --prefill and --decode servers")
+        if self.prefill and (self.backends or self.embedded or self.scheduler):
+            raise ValueError(
+                "PD mode (--prefill/--decode) takes no --backend, --embedded or --scheduler"
+            )
         return self
 
     def profile_for(self, url: str) -> str:

@@ -73,7 +73,7 @@ from backends.sglang import TokenUsage, abort_request, usage_from_sse_chunk
 from router.core.blocks import BlockHasher
 from router.core.model import Policy, RouteRequest
 from router.core.prompt import Prompt, PromptError, parse_chat, parse_completion, parse_generate
-from router.core.routing import NoBackendError, RoutingCore
+from router.core.routing import Decision, NoBackendError, RoutingCore
 from router.server.auth import check_client
 from router.server.config import ServerConfig
 from router.server.errors import REQUEST_ID_KEY, ApiError, sse_error_event
@@ -116,11 +116,14 @@ PARSERS: dict[EndpointKind, Callable[[Mapping[str, Any]], Prompt]] = {
 class _UpstreamFailed(Exception):
     """The backend failed before any byte reached the client: the request may be re-routed."""
 
-    def __init__(self, reason: str, *, trip: bool, status: int | None = None) -> None:
+    def __init__(
+        self, reason: str, *, trip: bool, status: int | None = None, backend: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.trip = trip
         self.status = status
+        self.backend = backend  # who failed, when not the attempt's backend (PD: the prefill)
 
 
 class _ClientGone(Exception):
@@ -386,9 +389,7 @@ class Proxy:
                     ticket = ticket_for(request, body, route_req, now)
                     decision = await self.scheduling.bind(ticket)
                 else:
-                    decision = self.core.route(
-                        route_req, asyncio.get_running_loop().time(), exclude=exclude
-                    )
+                    decision = self._route(route_req, asyncio.get_running_loop().time(), exclude)
             except NoBackendError:
                 break
             if self._sharing:
@@ -415,9 +416,10 @@ class Proxy:
                 now = asyncio.get_running_loop().time()
                 self._end(flight, ok=False)
                 self.metrics.errors.inc("upstream_5xx" if failed.status else "upstream_connect")
-                self.pool.report_failure(decision.backend, now, failed.reason, trip=failed.trip)
-                exclude.add(decision.backend)
-                log.warning("rid=%s backend=%s failed: %s", rid, decision.backend, failed.reason)
+                culprit = failed.backend or decision.backend
+                self._report_failure(culprit, now, failed)
+                exclude.add(culprit)
+                log.warning("rid=%s backend=%s failed: %s", rid, culprit, failed.reason)
         headers = {"Retry-After": str(self.config.retry_after_s)}
         if last is not None:
             raise ApiError(
@@ -429,6 +431,14 @@ class Proxy:
         raise ApiError(
             503, "no healthy backend available", code="no_healthy_backend", headers=headers
         )
+
+    def _route(self, route_req: RouteRequest, now: float, exclude: set[str]) -> Decision:
+        """Where the attempt goes (the PD proxy, router/server/pd.py, routes a pair here)."""
+        return self.core.route(route_req, now, exclude=exclude)
+
+    def _report_failure(self, backend: str, now: float, failed: _UpstreamFailed) -> None:
+        """A backend failed an attempt before any byte reached the client."""
+        self.pool.report_failure(backend, now, failed.reason, trip=failed.trip)
 
     def _upstream_payload(
         self, raw: bytes, body: dict[str, Any], endpoint: Endpoint, rid: str, stream: bool

@@ -1,0 +1,455 @@
+"""Prefill-decode disaggregation: one request, two servers, chosen together as a pair.
+
+In SGLang's PD mode a request is prefilled on a prefill server, its KV cache is sent over a
+link to a decode server, and the decode server streams the answer. The client waits for
+
+    TTFT_p          queue + uncached prefill at prefill server p (its radix cache, its PP)
+    + transfer_pd   prompt tokens x KV bytes per token / link bandwidth (min of both ends)
+    + wait_pd       what is left of d's wait for KV room once the KV arrives
+    + step_d        d's decode step that emits the first token (the request joins its batch)
+
+and then reads N tokens at d's step time. The pair (p, d) minimising
+
+    price(p, d) = cost_p + transfer_pd + wait_pd + step_d + N x step_d
+
+wins, where cost_p is the `cost` policy's price of p with no decode (TTFT plus the delay p's
+prefill imposes on the first tokens pending there) and step_d is d's learned decode step with
+this request joined to its batch (`DecodeCostPolicy`): the KV of its decoding requests, of the
+requests on their way to it, this prompt and half of the expected output. The KV room of d is
+its pool less what its decoding and incoming requests hold, their expected outputs included;
+when the request does not fit, the wait for room is the deficit over the rate d frees KV (its
+KV in use turns over once per expected output, N steps). The wait overlaps prefill and
+transfer: a decode server that will have room by the time the KV lands costs nothing more,
+which is what makes the choice a pair and not two independent choices. With every link the
+same speed and every decode server fitting, the price separates and the pair is the best
+prefill server with the best decode server.
+
+`PDRouter` holds two `RoutingCore`s, one per pool, and feeds each the events of its side: the
+prefill core sees routed / first token (= the prefill server's answer, its prefill done) /
+finished; the decode core sees routed / first token (the client's first token) / finished.
+With `pair=None` it routes each side with its own core's policy, independently (the way
+gateways such as SMG do: e.g. cache_aware for prefill, power_of_two for decode), so the
+simulator and the proxy compare both with the same code.
+
+No I/O and no clock: `now` is an argument, as everywhere in `router/core`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from router.core.cost import OutputLengthModel, PerfModel
+from router.core.cost_policy import DEFAULT_PRIOR, CostPolicy
+from router.core.model import (
+    BackendSpec,
+    BackendState,
+    BasePolicy,
+    Choice,
+    RequestRecord,
+    RouteRequest,
+)
+from router.core.policies import build_config, register_policy
+from router.core.routing import Decision, NoBackendError, RoutingCore
+
+__all__ = [
+    "DecodeCostConfig",
+    "DecodeCostPolicy",
+    "DecodeQuote",
+    "PDDecision",
+    "PDRouter",
+    "PairConfig",
+    "PairQuote",
+    "PrefillQuote",
+    "best_pair",
+    "transfer_time_s",
+]
+
+# Llama-3.1-8B in BF16: 2 (K, V) x 32 layers x 8 KV heads x 128 dims x 2 bytes.
+_LLAMA8B_KV_BYTES = 131_072
+# One 400 Gb/s RDMA NIC per GPU (InfiniBand NDR / ConnectX-7) at ~80% of line rate.
+_DEFAULT_LINK_BYTES_PER_S = 40e9
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PairConfig:
+    """What the pair price needs beyond the two pools' own models."""
+
+    kv_bytes_per_token: int = _LLAMA8B_KV_BYTES
+    # Each server's link for KV transfer, unless `PDRouter(links=...)` names its own.
+    link_bytes_per_s: float = _DEFAULT_LINK_BYTES_PER_S
+
+    def __post_init__(self) -> None:
+        if self.kv_bytes_per_token <= 0:
+            raise ValueError("kv_bytes_per_token must be positive")
+        if not self.link_bytes_per_s > 0:
+            raise ValueError("link_bytes_per_s must be positive")
+
+
+def transfer_time_s(prompt_tokens: int, kv_bytes_per_token: int, link_bytes_per_s: float) -> float:
+    """Seconds to move a prompt's KV cache over a link (SGLang sends the whole prompt's KV)."""
+    if prompt_tokens <= 0:
+        return 0.0
+    return prompt_tokens * kv_bytes_per_token / link_bytes_per_s
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrefillQuote:
+    """One prefill server's offer: its predicted TTFT and its price (TTFT + externality)."""
+
+    backend: str
+    ttft_s: float
+    cost_s: float
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecodeQuote:
+    """One decode server's offer for a request of N expected output tokens.
+
+    `step_s`: its decode step with the request joined (TG); `room_wait_s`: until the request's
+    KV fits, counted from now (inf: it can never fit); `cost_s` = (1 + N) x step_s.
+    """
+
+    backend: str
+    step_s: float
+    room_wait_s: float
+    cost_s: float
+
+    def __post_init__(self) -> None:
+        if self.step_s < 0 or self.room_wait_s < 0 or self.cost_s < 0:
+            raise ValueError(f"negative term in {self!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PairQuote:
+    """The price of one (prefill, decode) pair; see the module docstring for the terms."""
+
+    prefill: PrefillQuote
+    decode: DecodeQuote
+    transfer_s: float
+    wait_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill.cost_s + self.transfer_s + self.wait_s + self.decode.cost_s
+
+    @property
+    def ttft_s(self) -> float:
+        """The client's predicted first token: prefill, transfer, room wait, one decode step."""
+        return self.prefill.ttft_s + self.transfer_s + self.wait_s + self.decode.step_s
+
+
+def best_pair(
+    prefills: Sequence[PrefillQuote],
+    decodes: Sequence[DecodeQuote],
+    transfer_s: Callable[[str, str], float],
+) -> PairQuote | None:
+    """The cheapest pair of all P x D (None if either side is empty); ties: first offered.
+
+    Pairs whose decode side can never fit are taken only when no other pair exists.
+    """
+    best: PairQuote | None = None
+    best_key = (True, math.inf)
+    for p in prefills:
+        for d in decodes:
+            move = transfer_s(p.backend, d.backend)
+            never = math.isinf(d.room_wait_s)
+            wait = 0.0 if never else max(0.0, d.room_wait_s - p.ttft_s - move)
+            quote = PairQuote(prefill=p, decode=d, transfer_s=move, wait_s=wait)
+            key = (never, quote.total_s)
+            if best is None or key < best_key:
+                best, best_key = quote, key
+    return best
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecodeCostConfig:
+    """Knobs of the decode side's price."""
+
+    output_default: int = 256  # expected output before any request has finished
+
+    def __post_init__(self) -> None:
+        if self.output_default < 0:
+            raise ValueError("output_default must be non-negative")
+
+
+@register_policy
+class DecodeCostPolicy(BasePolicy):
+    """Decode servers by (1 + N) x TG at their batch, and their KV room (module docstring).
+
+    TG is each server's own `PerfModel` decode line, from its prior, calibrated on every
+    finished request: its mean inter-token gap against the batch's KV when it was routed.
+    A decode server does no prefill, so the gap is the step itself (no mixed steps to net out).
+    """
+
+    name: ClassVar[str] = "pd_decode"
+    needs_blocks: ClassVar[bool] = False
+
+    def __init__(self, rng: random.Random | None = None, **options: Any) -> None:
+        super().__init__(rng)
+        self.config = build_config(DecodeCostConfig, options, self.name)
+        self.outputs = OutputLengthModel(default=self.config.output_default)
+        self._models: dict[str, PerfModel] = {}
+        self._kv_at: dict[str, dict[str, int]] = {}  # rid -> backend -> batch KV priced
+        self._routed_kv: dict[str, int] = {}  # rid -> batch KV at the chosen backend
+
+    def on_backend_added(self, spec: BackendSpec) -> None:
+        if spec.id not in self._models:
+            self._models[spec.id] = PerfModel(spec.prior or DEFAULT_PRIOR)
+
+    def on_backend_removed(self, backend_id: str) -> None:
+        self._models.pop(backend_id, None)
+
+    def _model(self, state: BackendState) -> PerfModel:
+        model = self._models.get(state.id)
+        if model is None:
+            self.on_backend_added(state.spec)
+            model = self._models[state.id]
+        return model
+
+    def quote(
+        self, req: RouteRequest, backends: Sequence[BackendState], now: float
+    ) -> list[DecodeQuote]:
+        """Every decode server's offer for `req` (remembered until the request is routed)."""
+        n = req.prompt_tokens
+        out = self.outputs.expect(req.max_tokens)
+        kv_at: dict[str, int] = {}
+        quotes: list[DecodeQuote] = []
+        for state in backends:
+            model = self._model(state)
+            incoming = state.pending_prefill_tokens  # routed here, KV not arrived / not joined
+            batch_kv = state.decoding_kv_tokens + incoming + n + int(out / 2)
+            step = model.decode_step_time(batch_kv)
+            kv_at[state.id] = batch_kv
+            quotes.append(
+                DecodeQuote(
+                    backend=state.id,
+                    step_s=step,
+                    room_wait_s=_room_wait_s(state, n, out, step),
+                    cost_s=(1.0 + out) * step,
+                )
+            )
+        self._kv_at[req.rid] = kv_at
+        return quotes
+
+    def choose(self, req: RouteRequest, backends: Sequence[BackendState], now: float) -> Choice:
+        """On its own (no pair): the cheapest decode server, room wait included."""
+        quotes = self.quote(req, backends, now)
+        pick = min(quotes, key=lambda q: q.room_wait_s + q.cost_s)
+        return Choice(
+            backend=pick.backend, reason="pd_decode", cost_s=pick.room_wait_s + pick.cost_s
+        )
+
+    def on_routed(self, rec: RequestRecord, now: float) -> None:
+        priced = self._kv_at.pop(rec.request.rid, None)
+        kv = None if priced is None else priced.get(rec.backend)
+        if kv is not None:
+            self._routed_kv[rec.request.rid] = kv
+
+    def on_finished(self, rec: RequestRecord, now: float, output_tokens: int) -> None:
+        self.outputs.observe(output_tokens)
+        kv = self._routed_kv.pop(rec.request.rid, None)
+        model = self._models.get(rec.backend)
+        if kv is None or model is None or rec.first_token_at is None or output_tokens < 2:
+            return
+        model.observe_decode(kv, (now - rec.first_token_at) / (output_tokens - 1))
+
+    def on_failed(self, rec: RequestRecord, now: float) -> None:
+        self._routed_kv.pop(rec.request.rid, None)
+        self._kv_at.pop(rec.request.rid, None)
+
+    def learned(self) -> dict[str, dict[str, float]]:
+        """Each decode server's learned step, for /stats."""
+        return {
+            b: {
+                "decode_step_s": m.learned().decode_step_s,
+                "decode_s_per_kv_token": m.learned().decode_s_per_kv_token,
+            }
+            for b, m in self._models.items()
+        }
+
+
+def _room_wait_s(state: BackendState, n: int, out: float, step_s: float) -> float:
+    """Seconds until `n + out` KV tokens fit on `state` (0 now; inf never).
+
+    In use: the decoding requests' KV, the incoming prompts, and every in-flight request's
+    expected output (SGLang's decode server reserves room before the transfer). KV frees at
+    about `used / (out x step)` tokens per second: the batch turns over once per output.
+    """
+    capacity = state.spec.kv_capacity_tokens
+    if capacity is None:
+        return 0.0
+    need = n + out
+    if need > capacity:
+        return math.inf
+    used = state.decoding_kv_tokens + state.pending_prefill_tokens + len(state.in_flight) * out
+    deficit = used + need - capacity
+    if deficit <= 0:
+        return 0.0
+    return deficit * max(out, 1.0) * step_s / max(used, 1.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PDDecision:
+    """Where one request goes on each side, and the pair's price when it was priced."""
+
+    prefill: Decision
+    decode: Decision
+    quote: PairQuote | None = None
+
+
+class PDRouter:
+    """Two pools, one decision per request; see the module docstring."""
+
+    def __init__(
+        self,
+        prefill: RoutingCore,
+        decode: RoutingCore,
+        *,
+        pair: PairConfig | None = None,
+        links: Mapping[str, float] | None = None,
+        hold_prefill: bool = False,
+    ) -> None:
+        """`pair` None: each side routes by its own policy. `links`: bytes/s per server id.
+
+        `hold_prefill`: a request counts in its prefill server's load until it finishes, not
+        until its prefill does, as SMG counts it (its load guards ride the response body);
+        the independent baselines use it to play SMG.
+        """
+        if pair is not None:
+            if not isinstance(prefill.policy, CostPolicy):
+                raise TypeError("pair pricing needs the `cost` policy on the prefill pool")
+            if not isinstance(decode.policy, DecodeCostPolicy):
+                raise TypeError("pair pricing needs the `pd_decode` policy on the decode pool")
+        self.prefill = prefill
+        self.decode = decode
+        self.pair = pair
+        self.links = dict(links or {})
+        self.hold_prefill = hold_prefill
+        self._prefill_open: set[str] = set()
+        self._prefill_held: set[str] = set()  # prefill done, still counted (hold_prefill)
+
+    def _link(self, backend: str) -> float:
+        default = self.pair.link_bytes_per_s if self.pair else _DEFAULT_LINK_BYTES_PER_S
+        return self.links.get(backend, default)
+
+    def transfer_s(self, req: RouteRequest, prefill: str, decode: str) -> float:
+        per_token = self.pair.kv_bytes_per_token if self.pair else _LLAMA8B_KV_BYTES
+        bandwidth = min(self._link(prefill), self._link(decode))
+        return transfer_time_s(req.prompt_tokens, per_token, bandwidth)
+
+    def route(
+        self,
+        req: RouteRequest,
+        now: float,
+        *,
+        exclude_prefill: Collection[str] = (),
+        exclude_decode: Collection[str] = (),
+    ) -> PDDecision:
+        """Choose and record both sides (NoBackendError if a pool has nothing routable)."""
+        # A prefill server decodes nothing, and its answer (the prefill's end) is always seen,
+        # streamed or not.
+        prefill_req = dataclasses.replace(req, max_tokens=0, first_token_seen=True)
+        if self.pair is None:
+            p = self.prefill.route(prefill_req, now, exclude=exclude_prefill)
+            try:
+                d = self.decode.route(req, now, exclude=exclude_decode)
+            except NoBackendError:
+                self.prefill.on_failed(req.rid, now)
+                raise
+            self._prefill_open.add(req.rid)
+            return PDDecision(prefill=p, decode=d)
+        pstates = _routable(self.prefill, exclude_prefill)
+        dstates = _routable(self.decode, exclude_decode)
+        if not pstates or not dstates:
+            side = "prefill" if not pstates else "decode"
+            raise NoBackendError(f"no routable {side} server for {req.rid!r}")
+        cost = self.prefill.policy
+        assert isinstance(cost, CostPolicy)
+        dpolicy = self.decode.policy
+        assert isinstance(dpolicy, DecodeCostPolicy)
+        pquotes = []
+        for state in pstates:
+            c = cost.choose(prefill_req, [state], now)
+            ttft = c.predicted_ttft_s or 0.0
+            pquotes.append(
+                PrefillQuote(
+                    backend=c.backend,
+                    ttft_s=ttft,
+                    cost_s=ttft if c.cost_s is None else c.cost_s,
+                    cached_tokens=c.predicted_cached_tokens,
+                )
+            )
+        dquotes = dpolicy.quote(req, dstates, now)
+        quote = best_pair(pquotes, dquotes, lambda p, d: self.transfer_s(req, p, d))
+        assert quote is not None
+        chosen_p = next(s for s in pstates if s.id == quote.prefill.backend)
+        # choose() once more on the winner alone, so the cost policy's books hold its numbers
+        pchoice = cost.choose(prefill_req, [chosen_p], now)
+        p = self.prefill.route(prefill_req, now, choice=pchoice)
+        dchoice = Choice(
+            backend=quote.decode.backend,
+            predicted_ttft_s=quote.ttft_s,
+            reason=f"pair {quote.total_s:.3f}s",
+            cost_s=quote.total_s,
+        )
+        d = self.decode.route(req, now, choice=dchoice)
+        self._prefill_open.add(req.rid)
+        return PDDecision(prefill=p, decode=d, quote=quote)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def on_prefill_done(self, rid: str, now: float, cached_tokens: int | None = None) -> None:
+        """The prefill server answered: its prefill (and first token) is done."""
+        if rid not in self._prefill_open:
+            return
+        self._prefill_open.discard(rid)
+        self.prefill.on_first_token(rid, now, cached_tokens)
+        if self.hold_prefill:
+            self._prefill_held.add(rid)
+        else:
+            self.prefill.on_finished(rid, now, 1, cached_tokens)
+
+    def on_prefill_failed(self, rid: str, now: float) -> None:
+        """The prefill side ended without an answer (its request failed or was cancelled)."""
+        if rid in self._prefill_open or rid in self._prefill_held:
+            self._prefill_open.discard(rid)
+            self._prefill_held.discard(rid)
+            self.prefill.on_failed(rid, now)
+
+    def prefill_open(self, rid: str) -> bool:
+        return rid in self._prefill_open
+
+    def on_first_token(self, rid: str, now: float) -> None:
+        """The decode server streamed the client's first token."""
+        self.on_prefill_done(rid, now)  # it cannot come before the prefill finished
+        self.decode.on_first_token(rid, now)
+
+    def on_finished(
+        self, rid: str, now: float, output_tokens: int, cached_tokens: int | None = None
+    ) -> None:
+        self.on_prefill_done(rid, now, cached_tokens)
+        if rid in self._prefill_held:
+            self._prefill_held.discard(rid)
+            self.prefill.on_finished(rid, now, 1, cached_tokens)
+        self.decode.on_finished(rid, now, output_tokens)
+
+    def on_failed(self, rid: str, now: float) -> None:
+        self.on_prefill_failed(rid, now)
+        self.decode.on_failed(rid, now)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "mode": "pair" if self.pair else "independent",
+            "prefill": self.prefill.stats(),
+            "decode": self.decode.stats(),
+        }
+
+
+def _routable(core: RoutingCore, exclude: Collection[str]) -> list[BackendState]:
+    return [s for s in core.backends() if s.routable and s.id not in exclude]

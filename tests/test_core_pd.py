@@ -1,0 +1,236 @@
+"""The PD pair price (router/core/pd.py): hand-computed pairs, the decode quote, PDRouter books."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from router.core.model import BackendSpec, BackendState, PerfPrior, RequestRecord, RouteRequest
+from router.core.pd import (
+    DecodeCostPolicy,
+    DecodeQuote,
+    PairConfig,
+    PDRouter,
+    PrefillQuote,
+    best_pair,
+    transfer_time_s,
+)
+from router.core.policies import make_policy
+from router.core.routing import NoBackendError, RoutingCore
+
+# 10k tokens/s prefill, 10 ms decode steps plus 1 us per KV token: easy arithmetic.
+PRIOR = PerfPrior(
+    prefill_tokens_per_s=10_000.0,
+    prefill_s_per_token_ctx=0.0,
+    decode_step_s=0.01,
+    decode_s_per_kv_token=1e-6,
+)
+
+
+def _req(rid: str, blocks: tuple[int, ...], prompt: int, max_tokens: int = 20) -> RouteRequest:
+    return RouteRequest(
+        rid=rid, blocks=blocks, block_tokens=1000, prompt_tokens=prompt, max_tokens=max_tokens
+    )
+
+
+def test_transfer_is_prompt_kv_over_the_link() -> None:
+    # 4000 tokens x 128 KiB = 524,288,000 bytes at 40 GB/s
+    assert transfer_time_s(4000, 131_072, 40e9) == pytest.approx(0.0131072)
+    assert transfer_time_s(0, 131_072, 40e9) == 0.0
+
+
+def _p(backend: str, ttft: float, cost: float) -> PrefillQuote:
+    return PrefillQuote(backend=backend, ttft_s=ttft, cost_s=cost)
+
+
+def _d(backend: str, step: float, wait: float, out: int = 100) -> DecodeQuote:
+    return DecodeQuote(backend=backend, step_s=step, room_wait_s=wait, cost_s=(1 + out) * step)
+
+
+def test_best_pair_adds_the_four_terms() -> None:
+    prefills = [_p("p1", 0.5, 0.5), _p("p2", 0.2, 0.3)]
+    # d1: 101 x 10 ms = 1.01 s, room now; d2: 101 x 8 ms = 0.808 s, room in 1.0 s
+    decodes = [_d("d1", 0.010, 0.0), _d("d2", 0.008, 1.0)]
+    quote = best_pair(prefills, decodes, lambda p, d: 0.1)
+    # (p2, d1) = 0.3 + 0.1 + 0 + 1.01 = 1.41; (p2, d2) = 0.3 + 0.1 + 0.7 + 0.808 = 1.908
+    # (p1, d1) = 0.5 + 0.1 + 0 + 1.01 = 1.61; (p1, d2) = 0.5 + 0.1 + 0.4 + 0.808 = 1.808
+    assert quote is not None
+    assert (quote.prefill.backend, quote.decode.backend) == ("p2", "d1")
+    assert quote.total_s == pytest.approx(1.41)
+    assert quote.ttft_s == pytest.approx(0.2 + 0.1 + 0.0 + 0.010)
+
+
+def test_a_room_wait_hidden_behind_a_slower_prefill_makes_it_a_pair() -> None:
+    prefills = [_p("p1", 0.5, 0.5), _p("p2", 0.2, 0.3)]
+    decodes = [_d("d1", 0.010, 0.0), _d("d2", 0.008, 0.6)]
+    quote = best_pair(prefills, decodes, lambda p, d: 0.1)
+    # (p1, d2) = 0.5 + 0.1 + max(0, 0.6 - 0.6) + 0.808 = 1.408 beats (p2, d1) = 1.41 and
+    # (p2, d2) = 0.3 + 0.1 + 0.3 + 0.808 = 1.508: neither side's best alone.
+    assert quote is not None
+    assert (quote.prefill.backend, quote.decode.backend) == ("p1", "d2")
+    assert quote.wait_s == pytest.approx(0.0)
+    assert quote.total_s == pytest.approx(1.408)
+
+
+def test_a_slow_link_moves_the_pair() -> None:
+    prefills = [_p("p1", 0.2, 0.2), _p("p2", 0.25, 0.25)]
+    decodes = [_d("d1", 0.01, 0.0)]
+    slow = {("p1", "d1"): 0.2, ("p2", "d1"): 0.01}
+    quote = best_pair(prefills, decodes, lambda p, d: slow[(p, d)])
+    assert quote is not None and quote.prefill.backend == "p2"  # 0.26 < 0.4
+
+
+def test_a_decode_server_that_can_never_fit_is_a_last_resort() -> None:
+    prefills = [_p("p1", 0.1, 0.1)]
+    never = _d("d1", 0.001, math.inf)
+    assert best_pair(prefills, [never, _d("d2", 0.5, 3.0)], lambda p, d: 0.0).decode.backend == "d2"  # type: ignore[union-attr]
+    alone = best_pair(prefills, [never], lambda p, d: 0.0)
+    assert alone is not None and alone.decode.backend == "d1"
+    assert best_pair([], [never], lambda p, d: 0.0) is None
+
+
+def _decode_state(kv: int, incoming: int, in_flight: int, capacity: int) -> BackendState:
+    state = BackendState(spec=BackendSpec(id="d", kv_capacity_tokens=capacity, prior=PRIOR))
+    state.decoding_kv_tokens = kv
+    state.pending_prefill_tokens = incoming
+    for i in range(in_flight):
+        state.in_flight[f"x{i}"] = RequestRecord(
+            request=_req(f"x{i}", (9,), 1), backend="d", routed_at=0
+        )
+    return state
+
+
+def test_decode_quote_by_hand() -> None:
+    policy = DecodeCostPolicy()
+    state = _decode_state(kv=1000, incoming=500, in_flight=2, capacity=2000)
+    (quote,) = policy.quote(_req("r", (1,), 100, max_tokens=20), [state], 0.0)
+    # no output seen yet: N = min(20, 256) = 20; batch KV = 1000 + 500 + 100 + 10 = 1610
+    step = 0.01 + 1610e-6
+    assert quote.step_s == pytest.approx(step)
+    assert quote.cost_s == pytest.approx(21 * step)
+    # used = 1000 + 500 + 2 x 20 = 1540; needs 120 more: fits in 2000
+    assert quote.room_wait_s == 0.0
+    tight = _decode_state(kv=1000, incoming=500, in_flight=2, capacity=1600)
+    (quote,) = policy.quote(_req("r", (1,), 100, max_tokens=20), [tight], 0.0)
+    # deficit 1540 + 120 - 1600 = 60 tokens, freed at 1540 per (20 x step) seconds
+    assert quote.room_wait_s == pytest.approx(60 * 20 * step / 1540)
+    never = _decode_state(kv=0, incoming=0, in_flight=0, capacity=100)
+    (quote,) = policy.quote(_req("r", (1,), 100, max_tokens=20), [never], 0.0)
+    assert math.isinf(quote.room_wait_s)
+
+
+def _pd(pair: bool = True, **links: float) -> PDRouter:
+    specs = [BackendSpec(id=b, kv_capacity_tokens=1_000_000, prior=PRIOR) for b in ("p0", "p1")]
+    dspecs = [BackendSpec(id=b, kv_capacity_tokens=100_000, prior=PRIOR) for b in ("d0", "d1")]
+    if pair:
+        prefill = RoutingCore(make_policy("cost", interference=0.0, calibrate=False), specs)
+        decode = RoutingCore(make_policy("pd_decode"), dspecs)
+        return PDRouter(
+            prefill,
+            decode,
+            pair=PairConfig(kv_bytes_per_token=1000, link_bytes_per_s=1e6),
+            links=links,
+        )
+    prefill = RoutingCore(make_policy("cache_aware"), specs)
+    decode = RoutingCore(make_policy("power_of_two"), dspecs)
+    return PDRouter(prefill, decode)
+
+
+def test_pd_router_prices_and_books_a_pair() -> None:
+    pd = _pd()
+    decision = pd.route(_req("r1", (1, 2, 3, 4), 4000), 0.0)
+    assert decision.quote is not None
+    assert (decision.prefill.backend, decision.decode.backend) == ("p0", "d0")
+    # 0.4 s prefill + 4000 x 1000 B at 1 MB/s = 4 s transfer + one step (10 ms + 4010 us)
+    assert decision.quote.transfer_s == pytest.approx(4.0)
+    assert decision.decode.predicted_ttft_s == pytest.approx(0.4 + 4.0 + 0.01 + 4010e-6)
+    pstate = {s.id: s for s in pd.prefill.backends()}["p0"]
+    dstate = {s.id: s for s in pd.decode.backends()}["d0"]
+    assert pstate.pending_prefill_tokens == 4000 and dstate.pending_prefill_tokens == 4000
+    # A second request while d0 expects r1's KV: d1 has the lighter batch, p1 the empty queue
+    second = pd.route(_req("r2", (7, 8), 2000), 0.0)
+    assert (second.prefill.backend, second.decode.backend) == ("p1", "d1")
+    pd.on_prefill_done("r1", 0.4, cached_tokens=0)
+    assert pstate.pending_prefill_tokens == 0 and not pstate.in_flight
+    pd.on_first_token("r1", 4.5)
+    assert dstate.decoding == 1 and dstate.decoding_kv_tokens == 4001
+    pd.on_finished("r1", 4.7, output_tokens=20)
+    pd.on_failed("r2", 1.0)
+    for core in (pd.prefill, pd.decode):
+        for state in core.backends():
+            assert not state.in_flight and state.pending_prefill_tokens == 0
+            assert state.decoding == 0 and state.decoding_kv_tokens == 0
+
+
+def test_the_prefill_side_follows_its_cache() -> None:
+    pd = _pd()
+    pd.route(_req("r1", (1, 2, 3, 4), 4000), 0.0)
+    pd.on_prefill_done("r1", 0.4, cached_tokens=0)
+    pd.on_finished("r1", 5.0, output_tokens=20)
+    # same prefix: p0 holds 3999 of it (n - 1 cap), p1 nothing
+    decision = pd.route(_req("r2", (1, 2, 3, 4), 4000), 6.0)
+    assert decision.prefill.backend == "p0"
+    assert decision.prefill.predicted_cached_tokens == 3999
+
+
+def test_a_slow_link_on_one_decode_server_steers_the_pair_off_it() -> None:
+    pd = _pd(d0=1e5)  # d0's link is ten times slower: 40 s for 4000 tokens
+    decision = pd.route(_req("r1", (1, 2, 3, 4), 4000), 0.0)
+    assert decision.decode.backend == "d1"
+
+
+def test_independent_mode_and_exclusions() -> None:
+    pd = _pd(pair=False)
+    decision = pd.route(_req("r1", (1, 2), 2000), 0.0, exclude_prefill={"p0"})
+    assert decision.quote is None and decision.prefill.backend == "p1"
+    with pytest.raises(NoBackendError):
+        pd.route(_req("r2", (1, 2), 2000), 0.0, exclude_decode={"d0", "d1"})
+    # the refused request left nothing behind on the prefill side
+    assert sum(len(s.in_flight) for s in pd.prefill.backends()) == 1
+    priced = _pd()
+    with pytest.raises(NoBackendError):
+        priced.route(_req("r3", (1,), 500), 0.0, exclude_prefill={"p0", "p1"})
+
+
+def test_pair_pricing_needs_the_two_cost_policies() -> None:
+    prefill = RoutingCore(make_policy("round_robin"), [BackendSpec(id="p")])
+    decode = RoutingCore(make_policy("pd_decode"), [BackendSpec(id="d")])
+    with pytest.raises(TypeError):
+        PDRouter(prefill, decode, pair=PairConfig())
+
+
+def test_decode_policy_learns_its_step_from_finished_requests() -> None:
+    specs = [BackendSpec(id="d0", kv_capacity_tokens=100_000, prior=PRIOR)]
+    core = RoutingCore(make_policy("pd_decode"), specs)
+    policy = core.policy
+    assert isinstance(policy, DecodeCostPolicy)
+    for i in range(40):  # each stream's gap is 20 ms, twice the prior's ~11 ms
+        rid = f"r{i}"
+        core.route(_req(rid, (i,), 1000), float(i))
+        core.on_first_token(rid, i + 0.1)
+        core.on_finished(rid, i + 0.1 + 19 * 0.02, output_tokens=20)
+    learned = policy.learned()["d0"]
+    step = learned["decode_step_s"] + learned["decode_s_per_kv_token"] * 1010
+    assert step == pytest.approx(0.02, rel=0.05)
+
+
+def test_hold_prefill_counts_the_request_until_it_finishes_as_smg_does() -> None:
+    specs = [BackendSpec(id="p0", kv_capacity_tokens=1_000_000, prior=PRIOR)]
+    dspecs = [BackendSpec(id="d0", kv_capacity_tokens=100_000, prior=PRIOR)]
+    pd = PDRouter(
+        RoutingCore(make_policy("cache_aware"), specs),
+        RoutingCore(make_policy("power_of_two"), dspecs),
+        hold_prefill=True,
+    )
+    pd.route(_req("r1", (1, 2), 2000), 0.0)
+    (pstate,) = pd.prefill.backends()
+    pd.on_prefill_done("r1", 0.2, cached_tokens=0)
+    assert pstate.load == 1  # still counted: SMG's load guard lives as long as the response
+    pd.on_first_token("r1", 0.3)
+    pd.on_finished("r1", 0.5, output_tokens=20)
+    assert pstate.load == 0
+    pd.route(_req("r2", (1, 2), 2000), 1.0)
+    pd.on_prefill_done("r2", 1.2)
+    pd.on_failed("r2", 1.3)
+    assert pstate.load == 0 and pd.prefill.stats()["in_flight"] == 0

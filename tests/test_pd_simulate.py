@@ -1,0 +1,118 @@
+"""The PD simulator (router/replay/pd_simulate.py, backends/sim/pd.py) and `simulate --pd`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from backends.sim.pd import KVLink
+from backends.sim.perf import get_profile
+from router.cli import main
+from router.replay.gentrace import MultiTurnConfig, multi_turn
+from router.replay.pd_simulate import PDSimConfig, simulate_pd
+from router.replay.traces import Trace, TraceRequest
+
+PROFILE = get_profile("llama3-8b-h100")
+
+
+def _one(prompt: int, output: int) -> Trace:
+    blocks = tuple(range(1, -(-prompt // 512) + 1))
+    req = TraceRequest(
+        index=0, timestamp=0.0, input_length=prompt, output_length=output, hash_ids=blocks
+    )
+    return Trace(name="one", block_size=512, requests=(req,))
+
+
+def test_a_lone_request_pays_prefill_transfer_and_one_join_step() -> None:
+    run = simulate_pd(_one(4096, 101), "pair", PDSimConfig(prefill=1, decode=1, profile=PROFILE))
+    (o,) = run.outcomes
+    prefill = PROFILE.step_overhead_s + PROFILE.prefill_time(4096, 4096)
+    transfer = 4096 * PROFILE.kv_bytes_per_token() / 40e9  # 13.4 ms at the default link
+    join = PROFILE.step_overhead_s  # an idle decode server: the join step reads no batch
+    assert o.error is None
+    assert o.ttft == pytest.approx(prefill + transfer + join, rel=1e-6)
+    # 100 decode steps of a batch of one whose KV grows from 4097 to 4196 tokens
+    steps = [PROFILE.decode_step_time(1, 4097 + k) for k in range(100)]
+    assert o.tpot == pytest.approx(sum(steps) / 100, rel=1e-6)
+
+
+def test_a_slower_link_adds_its_transfer_time() -> None:
+    fast = simulate_pd(_one(4096, 10), "pair", PDSimConfig(prefill=1, decode=1, profile=PROFILE))
+    slow_cfg = PDSimConfig(prefill=1, decode=1, profile=PROFILE, link_bytes_per_s=4e9)
+    slow = simulate_pd(_one(4096, 10), "pair", slow_cfg)
+    extra = 4096 * PROFILE.kv_bytes_per_token() * (1 / 4e9 - 1 / 40e9)
+    assert slow.outcomes[0].ttft == pytest.approx(fast.outcomes[0].ttft + extra, rel=1e-6)  # type: ignore[operator]
+
+
+def test_link_queues_transfers_in_order() -> None:
+    link = KVLink(1e6, 1000)  # 1 ms per token
+    assert link.send(10, 0.0) == pytest.approx(0.01)
+    assert link.send(10, 0.005) == pytest.approx(0.02)  # waits for the first
+    assert link.send(10, 1.0) == pytest.approx(1.01)
+
+
+@pytest.mark.parametrize("router", ["pair", "cache_aware+power_of_two", "round_robin+least_load"])
+def test_every_request_of_a_chat_trace_completes(router: str) -> None:
+    trace = multi_turn(MultiTurnConfig(duration_s=60, session_rate=1.0, seed=3))
+    run = simulate_pd(trace, router, PDSimConfig(prefill=2, decode=2, profile=PROFILE))
+    assert run.summary["failed"] == 0
+    assert run.summary["completed"] == len(trace.requests)
+    assert all(o.ttft is not None and o.ttft > 0 for o in run.outcomes)
+    assert run.summary["hit_ratio"] > 0  # the prefill servers' caches are used
+    books = run.stats
+    for side in ("prefill", "decode"):
+        assert books[side]["in_flight"] == 0
+        assert sum(b["routed"] for b in books[side]["backends"].values()) == len(trace.requests)
+
+
+def test_pair_keeps_conversations_on_their_prefill_server() -> None:
+    # a one-block system prompt: the hits come from each conversation's own history
+    trace = multi_turn(
+        MultiTurnConfig(duration_s=120, session_rate=1.0, system_prompt_len=512, seed=3)
+    )
+    cfg = PDSimConfig(prefill=4, decode=2, profile=PROFILE)
+    pair = simulate_pd(trace, "pair", cfg).summary
+    scattered = simulate_pd(trace, "round_robin+round_robin", cfg).summary
+    assert pair["hit_ratio"] > scattered["hit_ratio"] + 0.08  # 0.50 against 0.39
+
+
+def test_simulate_pd_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pd.json"
+    code = main(
+        [
+            "simulate",
+            "--trace",
+            "conversation",
+            "--duration",
+            "60",
+            "--pd",
+            "2:2",
+            "--quiet",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["pd"] == {"prefill": 2, "decode": 2}
+    assert set(doc["results"]) == {"pair", "cache_aware+power_of_two"}
+    assert "p90 TPOT" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--pd", "4"], "PREFILL:DECODE"),
+        (["--pd", "0:2"], "PREFILL:DECODE"),
+        (["--pd", "2:2", "--policies", "pair,nope+cost"], "PD router"),
+        (["--pd", "2:2", "--link-gbps", "0"], "--link-gbps"),
+    ],
+)
+def test_simulate_pd_cli_errors(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["simulate", "--trace", "conversation", "--duration", "10", "--quiet", *args])
+    assert code == 2
+    assert message in capsys.readouterr().err

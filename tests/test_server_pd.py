@@ -1,0 +1,189 @@
+"""`serve` in PD mode over real HTTP: simulated prefill and decode servers, the openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from server_fixtures import router_for
+
+from backends.sim.pd_server import bootstrap_port_of, start_pd_servers
+from backends.sim.server import SimServerConfig, SimServerHandle
+from router.server.app import RunningServer
+from router.server.pd import PDProxy, parse_prefill, with_bootstrap
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+LONG = "You are a careful assistant who answers questions about the sea and its ships. " * 40
+
+
+@asynccontextmanager
+async def pd_pool(
+    prefills: int = 2, decodes: int = 2, **router: Any
+) -> AsyncIterator[tuple[list[SimServerHandle], list[SimServerHandle], RunningServer]]:
+    cfg = SimServerConfig(speedup=20.0)
+    pre = await start_pd_servers("prefill", prefills, config=cfg)
+    dec = await start_pd_servers("decode", decodes, config=cfg)
+    try:
+        specs = [f"{h.url} {bootstrap_port_of(h)}" for h in pre]
+        async with router_for(
+            [], prefill=specs, decode=[h.url for h in dec], policy=None, **router
+        ) as server:
+            yield pre, dec, server
+    finally:
+        for h in pre + dec:
+            await h.close()
+
+
+def _proxy(server: RunningServer) -> PDProxy:
+    proxy = server.state.proxy
+    assert isinstance(proxy, PDProxy)
+    return proxy
+
+
+async def test_openai_sdk_chat_and_completions_through_a_pd_pool() -> None:
+    async with pd_pool() as (_, _, server):
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+        models = await client.models.list()
+        assert [m.id for m in models.data] == [MODEL]
+        resp = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": LONG}], max_tokens=7
+        )
+        assert resp.choices[0].message.content
+        assert resp.usage is not None and resp.usage.completion_tokens == 7
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": LONG}], max_tokens=9, stream=True
+        )
+        pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        assert "".join(pieces)
+        comp = await client.completions.create(model=MODEL, prompt=LONG, max_tokens=5)
+        assert comp.usage is not None and comp.usage.completion_tokens == 5
+        # every request ended on both sides; the prefill side saw the repeated prompt cached
+        pd = _proxy(server).pd
+        for core in (pd.prefill, pd.decode):
+            stats = core.stats()
+            assert stats["in_flight"] == 0
+            assert sum(b["routed"] for b in stats["backends"].values()) == 3
+            assert sum(b["finished"] for b in stats["backends"].values()) == 3
+        reported = sum(b["reported_cached_tokens"] for b in pd.prefill.stats()["backends"].values())
+        assert reported > 0
+
+
+async def test_generate_streams_from_the_decode_server() -> None:
+    async with pd_pool() as (pre, dec, server), aiohttp.ClientSession() as session:
+        body = {"text": LONG, "sampling_params": {"max_new_tokens": 6}, "stream": True}
+        async with session.post(server.url + "/generate", json=body) as resp:
+            assert resp.status == 200
+            backend = resp.headers["X-Prefix-Router-Backend"]
+            events = [
+                json.loads(line[5:])
+                async for raw in resp.content
+                if (line := raw.decode().strip()).startswith("data:") and "[DONE]" not in line
+            ]
+        assert backend in {h.url for h in dec}
+        assert events[-1]["meta_info"]["completion_tokens"] == 6
+        body["stream"] = False
+        async with session.post(server.url + "/generate", json=body) as resp:
+            out = await resp.json()
+        assert out["meta_info"]["completion_tokens"] == 6
+        # the second prompt hit the prefill server that holds it: its cached tokens reported
+        assert out["meta_info"]["cached_tokens"] == 0  # the decode server's own
+        pd = _proxy(server).pd
+        backends = pd.prefill.stats()["backends"]
+        assert sum(b["reported_cached_tokens"] for b in backends.values()) > 0
+        assert max(b["routed"] for b in backends.values()) == 2  # both on the cached one
+        del pre
+
+
+async def test_a_dead_prefill_server_is_retried_before_the_first_byte() -> None:
+    async with pd_pool() as (pre, _, server), aiohttp.ClientSession() as session:
+        pd = _proxy(server).pd
+        first = pd.prefill.backends()[0].id  # equal prices: the first offered wins
+        victim = next(h for h in pre if h.url == first)
+        await victim.close()  # it stops listening; the router still believes it healthy
+        for i in range(4):
+            body = {"text": f"{i} {LONG}", "sampling_params": {"max_new_tokens": 3}}
+            async with session.post(server.url + "/generate", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["meta_info"]["completion_tokens"] == 3
+        assert server.state.metrics.retries.get() >= 1
+        assert server.state.pool.entries[first].last_error is not None
+        for core in (pd.prefill, pd.decode):
+            assert core.stats()["in_flight"] == 0
+        # the failed attempt's decode server was not blamed
+        assert all(e.last_error is None for e in pd_decode_pool(server).entries.values())
+
+
+async def test_a_dead_decode_server_is_retried_and_blamed() -> None:
+    async with pd_pool() as (_, dec, server), aiohttp.ClientSession() as session:
+        pd = _proxy(server).pd
+        first = pd.decode.backends()[0].id
+        await next(h for h in dec if h.url == first).close()
+        body = {"text": LONG, "sampling_params": {"max_new_tokens": 3}, "stream": True}
+        async with session.post(server.url + "/generate", json=body) as resp:
+            assert resp.status == 200
+            assert resp.headers["X-Prefix-Router-Backend"] != first
+            assert b"[DONE]" in await resp.read()
+        assert pd_decode_pool(server).entries[first].last_error is not None
+        assert all(e.last_error is None for e in server.state.pool.entries.values())
+        for core in (pd.prefill, pd.decode):
+            assert core.stats()["in_flight"] == 0
+
+
+def pd_decode_pool(server: RunningServer) -> Any:
+    return _proxy(server).setup.pool()
+
+
+async def test_a_prefill_refusal_comes_back_to_the_client() -> None:
+    async with pd_pool() as (_, _, server), aiohttp.ClientSession() as session:
+        body = {"text": "word " * 200_000, "sampling_params": {"max_new_tokens": 3}}
+        async with session.post(server.url + "/generate", json=body) as resp:
+            assert resp.status == 400
+        pd = _proxy(server).pd
+        await asyncio.sleep(0.1)
+        assert pd.prefill.stats()["in_flight"] == 0 and pd.decode.stats()["in_flight"] == 0
+
+
+async def test_independent_side_policies() -> None:
+    async with pd_pool(prefill_policy="cache_aware", decode_policy="power_of_two") as (
+        _,
+        _,
+        server,
+    ):
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+        resp = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
+        assert resp.usage is not None and resp.usage.completion_tokens == 4
+        assert server.state.policy_name == "pd:cache_aware+power_of_two"
+
+
+def test_bootstrap_fields_are_spliced_or_replaced() -> None:
+    out = json.loads(with_bootstrap(b'{"text": "hi"}', "h", 8998, 5))
+    assert out == {"text": "hi", "bootstrap_host": "h", "bootstrap_port": 8998, "bootstrap_room": 5}
+    out = json.loads(with_bootstrap(b'{"bootstrap_room": 1, "x": 2}', "h", 1, 7))
+    assert out["bootstrap_room"] == 7 and out["x"] == 2
+    assert json.loads(with_bootstrap(b"{}", "h", 1, 2))["bootstrap_port"] == 1
+    assert parse_prefill("http://p:30000 9000", 8998) == ("http://p:30000", 9000)
+    assert parse_prefill("p:30000", 8998)[1] == 8998
+    with pytest.raises(ValueError):
+        parse_prefill("http://p:1 x", 1)
+
+
+def test_pd_mode_refuses_more_than_one_worker() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "router", "serve", "--prefill", "http://127.0.0.1:9",
+         "--decode", "http://127.0.0.1:10", "--workers", "2"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "PD mode" in proc.stderr and "Traceback" not in proc.stderr

@@ -13,6 +13,8 @@ VENV="$E2E_DIR/venv"
 STAMP="$VENV/.e2e-ready-sglang-$SGLANG_VERSION"
 if [[ -f "$STAMP" ]]; then
   echo "e2e env: reusing $VENV (sglang $SGLANG_VERSION)"
+  # the router itself: this checkout, with the dependencies its pyproject now names (seconds)
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[hf,kv-events]'
   exit 0
 fi
 echo "e2e env: building $VENV for sglang $SGLANG_VERSION (several minutes, ~7 GB)"

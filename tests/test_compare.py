@@ -70,10 +70,32 @@ def test_parse_targets() -> None:
     two = parse_targets("cost,cost@2", sorted(POLICIES))
     assert [(t.name, t.workers) for t in two] == [("cost", 1), ("cost@2", 2)]
     bad_ones = ("nope", "sglang-router:cost", "smg:cost", "smg:", "vllm:cache_aware", "oracle")
-    bad_ones += ("cost@0", "cost@x", "nope@2")
+    queued = parse_targets("cost+queue,smg:cache_aware+queue", sorted(POLICIES))
+    assert [(t.name, t.kind, t.policy, t.queue) for t in queued] == [
+        ("cost+queue", "ours", "cost", True),
+        ("smg:cache_aware+queue", "smg", "cache_aware", True),
+    ]
+    bad_ones += ("cost@0", "cost@x", "nope@2", "cost+fast", "sglang-router:cache_aware+queue")
     for bad in (*bad_ones, "cost,cost", ""):
         with pytest.raises(ValueError):
             parse_targets(bad, sorted(POLICIES))
+
+
+def test_queue_targets_turn_on_each_routers_own_admission() -> None:
+    from router.replay.compare import _router_argv
+
+    config = CompareConfig(backends=2, profile="llama3-8b-h100", queue_deadline_s=1.5)
+    urls = ["http://a", "http://b"]
+    ours, smg = parse_targets("cost+queue,smg:cache_aware+queue", sorted(POLICIES))
+    argv = _router_argv(ours, config, 1, urls, 2)
+    assert argv[argv.index("--scheduler") + 1] == "on"
+    assert argv[argv.index("--slo-ttft") + 1] == "1.5"
+    argv = _router_argv(smg, config, 1, urls, 2)
+    assert argv[argv.index("--max-concurrent-requests") + 1] == "64"
+    assert argv[argv.index("--queue-size") + 1] == "100"
+    assert argv[argv.index("--queue-timeout-secs") + 1] == "2"  # whole seconds, rounded
+    plain = _router_argv(parse_targets("cost", sorted(POLICIES))[0], config, 1, urls, 2)
+    assert "--scheduler" not in plain
 
 
 def test_load_window_one_clear_error(tmp_path: Path) -> None:

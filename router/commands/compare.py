@@ -31,7 +31,10 @@ also keeps what our router learned (its /stats per target); --outcomes keeps eve
 Targets: our policies by name (cost, cache_aware, round_robin, ...), SMG 1.13 (the Shepherd
 Model Gateway, what SGLang users run now) as smg:cache_aware, smg:least_load, smg:prefix_hash,
 smg:power_of_two, ..., and sglang-router 0.3.2 as sglang-router:cache_aware, ... (the bench
-extra installs both).
+extra installs both). A "+queue" suffix turns on
+the router's own admission: ours as `serve --scheduler on --slo-ttft S`, SMG with
+`--max-concurrent-requests 32xN --queue-size 100 --queue-timeout-secs S` (S: --slo-ttft-p90
+when given in seconds, else 2); a 429 counts as a failed request.
 Ours runs as one process; POLICY@N (cost@2) runs it as `serve --workers N`.
 
 example (about 2 minutes per target):
@@ -128,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             load=args.load,
             speedup=args.speedup,
             stream_interval_s=args.stream_interval,
+            queue_deadline_s=slo_given if slo_given is not None else 2.0,
             api=args.api,
         )
     except ValueError as exc:

@@ -77,12 +77,16 @@ class Target:
     kind: Literal["ours", "sglang-router", "smg"]
     policy: str
     workers: int = 1  # ours: `serve --workers N` ("cost@2"); one process unless asked
+    # "+queue": admission and a queue in the router. Ours: `--scheduler on --slo-ttft S`; SMG:
+    # `--max-concurrent-requests`, `--queue-size`, `--queue-timeout-secs S` (CompareConfig).
+    queue: bool = False
 
 
 def parse_targets(spec: str, our_policies: Sequence[str]) -> list[Target]:
     """Parse "cost,cost@2,smg:cache_aware,sglang-router:cache_aware"; ValueError if bad.
 
     `POLICY@N` is ours with N worker processes (`serve --workers N`); plain `POLICY` is one.
+    A `+queue` suffix (ours or SMG's) turns on the router's own admission and queue.
     """
     targets: list[Target] = []
     theirs = " or ".join(f"{k}:<{'|'.join(v.policies)}>" for k, v in LAUNCHERS.items())
@@ -90,7 +94,13 @@ def parse_targets(spec: str, our_policies: Sequence[str]) -> list[Target]:
         name = raw.strip()
         if not name:
             continue
-        kind, sep, policy = name.partition(":")
+        base, plus, option = name.partition("+")
+        if plus and option != "queue":
+            raise ValueError(f"{name!r}: the only option after + is 'queue'")
+        if plus and base.startswith("sglang-router:"):
+            raise ValueError(f"{name!r}: sglang-router 0.3.2 has no queue to turn on")
+        queue = bool(plus)
+        kind, sep, policy = base.partition(":")
         if sep:
             launcher = LAUNCHERS.get(kind)
             if launcher is None:
@@ -99,16 +109,18 @@ def parse_targets(spec: str, our_policies: Sequence[str]) -> list[Target]:
                 raise ValueError(
                     f"unknown {kind} policy {policy!r}; known: " + ", ".join(launcher.policies)
                 )
-            targets.append(Target(name=name, kind=kind, policy=policy))  # type: ignore[arg-type]
+            targets.append(Target(name=name, kind=kind, policy=policy, queue=queue))  # type: ignore[arg-type]
         else:
-            policy, at, count = name.partition("@")
+            policy, at, count = base.partition("@")
             if policy not in our_policies or policy == "oracle":
                 ours = ", ".join(p for p in our_policies if p != "oracle")
                 raise ValueError(f"unknown target {name!r}; ours: {ours}, or {theirs}")
             if at and (not count.isdigit() or int(count) < 1):
                 raise ValueError(f"{name!r}: workers after @ must be a positive integer")
             workers = int(count) if at else 1
-            targets.append(Target(name=name, kind="ours", policy=policy, workers=workers))
+            targets.append(
+                Target(name=name, kind="ours", policy=policy, workers=workers, queue=queue)
+            )
     if not targets:
         raise ValueError("no targets given")
     if len({t.name for t in targets}) != len(targets):
@@ -124,6 +136,10 @@ class CompareConfig:
     profile: str
     load: float = 1.0
     speedup: float = 1.0
+    # "+queue" targets: the TTFT deadline (ours: --slo-ttft; SMG: --queue-timeout-secs) and
+    # SMG's in-flight limit per backend (its queue holds SMG's default 100 beyond it)
+    queue_deadline_s: float = 2.0
+    smg_concurrency_per_backend: int = 32
     # wall-clock seconds between a stream's chunks at the simulated backends (their default):
     # a longer one spends less of a small box's CPU relaying chunks, for every target alike
     stream_interval_s: float = 0.02
@@ -290,14 +306,22 @@ def _router_argv(
     target: Target, config: CompareConfig, port: int, urls: list[str], metrics_port: int
 ) -> list[str]:
     if target.kind != "ours":
-        return LAUNCHERS[target.kind].argv(
+        argv = LAUNCHERS[target.kind].argv(
             config.python, port=port, policy=target.policy, worker_urls=urls,
             metrics_port=metrics_port,
         )  # fmt: skip
+        if target.queue:  # SMG 1.13's concurrency limit, queue and queue timeout
+            limit = config.smg_concurrency_per_backend * len(urls)
+            wait = max(1, round(config.queue_deadline_s))  # whole seconds
+            argv += ["--max-concurrent-requests", str(limit), "--queue-size", "100",
+                     "--queue-timeout-secs", str(wait)]  # fmt: skip
+        return argv
     # --profile: the router's prior for every backend is the pool's profile, as in `simulate`
     argv = [config.python, "-m", "router", "serve", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--policy", target.policy, "--profile", config.profile, "--log-level", "WARNING"]
     argv += ["--workers", str(target.workers)]
+    if target.queue:
+        argv += ["--scheduler", "on", "--slo-ttft", f"{config.queue_deadline_s:g}"]
     for url in urls:
         argv += ["--backend", url]
     return argv

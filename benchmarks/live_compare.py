@@ -95,6 +95,9 @@ def run_window(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
         print(f"{name}: round_robin capacity (p90 <= {slo:g} s) at load {load}", flush=True)
     else:
         load = args.load
+        if source == "given" and p90_at(0.05) > slo:  # out of reach even on an idle pool
+            slo, source = auto_slo(window, SimConfig(profiles=profiles)), "auto"
+            print(f"{name}: p90 <= {args.slo} s out of reach even idle; SLO {slo:g} s", flush=True)
     out_json = RESULTS / f"live_{name}{args.suffix}.json"
     cmd = [
         sys.executable, "-m", "router", "compare", "--trace", str(path),

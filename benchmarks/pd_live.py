@@ -33,10 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from router.replay.client import ReplayConfig, replay
-from router.replay.compare import ProcessSet, _tail, _wait_ready
+from router.replay.compare import ProcessSet, _tail
 from router.replay.gentrace import MultiTurnConfig, multi_turn
 from router.replay.metrics import summarize, write_json
 from router.replay.pd_simulate import PDSimConfig, simulate_pd, tpot_p90
@@ -91,28 +89,23 @@ async def run_target(
         common = ["--host", "127.0.0.1", "--profile", PROFILE, "--speedup", f"{args.speedup:g}"]
         common += ["--log-level", "warning"]
         py = sys.executable
-        psim = procs.start(
+        deadline = time.monotonic() + 90
+        await procs.start_ready(
             f"{slug}-prefill",
             [py, "-m", "router", "sim", "--mode", "prefill", "--count", str(p), "--port",
              str(base), "--bootstrap-port", str(base + p), *common],
+            [u + "/health" for u in purls], deadline,
         )  # fmt: skip
-        dsim = procs.start(
+        await procs.start_ready(
             f"{slug}-decode",
             [py, "-m", "router", "sim", "--mode", "decode", "--count", str(d), "--port",
              str(base + 2 * p), *common],
+            [u + "/health" for u in durls], deadline,
         )  # fmt: skip
-        deadline = time.monotonic() + 90
-        async with aiohttp.ClientSession() as session:
-            for url in purls:
-                await _wait_ready(session, url + "/health", psim, deadline)
-            for url in durls:
-                await _wait_ready(session, url + "/health", dsim, deadline)
-            argv = _router_argv(target, port, list(zip(purls, boots, strict=True)), durls, port + 1)
-            router = procs.start(slug, argv)
-            url = f"http://127.0.0.1:{port}"
-            paths = ("/v1/models", "/health") if target.startswith("smg:") else ("/readiness",)
-            for path in paths:
-                await _wait_ready(session, url + path, router, deadline)
+        argv = _router_argv(target, port, list(zip(purls, boots, strict=True)), durls, port + 1)
+        url = f"http://127.0.0.1:{port}"
+        paths = ("/v1/models", "/health") if target.startswith("smg:") else ("/readiness",)
+        router = await procs.start_ready(slug, argv, [url + path for path in paths], deadline)
         started = time.monotonic()
         run = await replay(
             window, ReplayConfig(url=url, api="completions", load=load, speedup=args.speedup)

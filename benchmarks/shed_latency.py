@@ -27,7 +27,7 @@ from typing import Any
 
 import aiohttp
 
-from router.replay.compare import ProcessSet, _wait_ready
+from router.replay.compare import ProcessSet
 from router.replay.metrics import percentile, write_json
 from router.replay.ports import free_port, free_port_block
 from router.replay.textgen import BlockTextGenerator
@@ -71,24 +71,21 @@ async def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         for i in range(args.requests)
     ]
     try:
-        sim = procs.start(
+        await procs.start_ready(
             "sim",
             [py, "-m", "router", "sim", "--count", str(args.backends), "--port", str(sim_port),
              "--profile", "llama3-8b-h100", "--log-level", "warning"],
+            [b + "/health" for b in backends], time.monotonic() + 60,
         )  # fmt: skip
-        async with aiohttp.ClientSession() as s:
-            for b in backends:
-                await _wait_ready(s, b + "/health", sim, time.monotonic() + 60)
-        router = procs.start(
+        await procs.start_ready(
             "router",
             [py, "-m", "router", "serve", "--workers", "1", "--backends", ",".join(backends),
              "--port", str(port), "--profile", "llama3-8b-h100", "--scheduler", "on",
              "--slo-ttft", f"{args.slo:g}", "--log-level", "WARNING"],
+            [url + "/readiness"], time.monotonic() + 60,
         )  # fmt: skip
-        async with aiohttp.ClientSession() as s:
-            await _wait_ready(s, url + "/readiness", router, time.monotonic() + 60)
-            async with s.get(url + "/v1/models") as resp:
-                model = (await resp.json())["data"][0]["id"]
+        async with aiohttp.ClientSession() as s, s.get(url + "/v1/models") as resp:
+            model = (await resp.json())["data"][0]["id"]
         timeout = aiohttp.ClientTimeout(total=300)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as s:

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from router.replay.client import ReplayConfig, replay  # noqa: E402
-from router.replay.compare import ProcessSet, _wait_ready  # noqa: E402
+from router.replay.compare import ProcessSet  # noqa: E402
 from router.replay.metrics import RequestOutcome  # noqa: E402
 from router.replay.ports import free_port, free_port_block  # noqa: E402
 from router.replay.traces import Trace, load_trace  # noqa: E402
@@ -192,23 +192,20 @@ async def soak(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     backends = [f"http://127.0.0.1:{sim_port + i}" for i in range(args.backends)]
     py = sys.executable
     try:
-        sim = procs.start(
+        await procs.start_ready(
             "sim",
             [py, "-m", "router", "sim", "--count", str(args.backends), "--port", str(sim_port),
              "--speedup", str(args.speedup), "--profile", "llama3-8b-h100-hicache",
              "--stream-interval", str(args.stream_interval)],
+            [b + "/health" for b in backends], time.monotonic() + 60,
         )  # fmt: skip
-        async with aiohttp.ClientSession() as s:
-            for b in backends:
-                await _wait_ready(s, b + "/health", sim, time.monotonic() + 60)
-        router = procs.start(
+        router = await procs.start_ready(
             "router",
             [py, "-m", "router", "serve", "--workers", "1",
              "--backends", ",".join(backends), "--port", str(port),
              "--log-level", "WARNING"],
+            [url + "/readiness"], time.monotonic() + 60,
         )  # fmt: skip
-        async with aiohttp.ClientSession() as s:
-            await _wait_ready(s, url + "/readiness", router, time.monotonic() + 60)
         pid = router.proc.pid
         ports = {sim_port + i for i in range(args.backends)}
         before = await idle_figures(url, pid, 1.0, ports)

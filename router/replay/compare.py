@@ -195,6 +195,17 @@ class ProcessSet:
         self.started_pids.append(proc.pid)
         return child
 
+    async def start_ready(
+        self, name: str, argv: Sequence[str], ready_urls: Sequence[str], deadline: float
+    ) -> _Child:
+        """`start`, then wait until every URL in `ready_urls` answers 200 (`time.monotonic()`
+        deadline); StartupError, with the tail of its log, if the child exits or is late."""
+        child = self.start(name, argv)
+        async with aiohttp.ClientSession() as session:
+            for url in ready_urls:
+                await _wait_ready(session, url, child, deadline)
+        return child
+
     def pids(self) -> list[int]:
         return [c.proc.pid for c in self.children]
 
@@ -341,7 +352,8 @@ async def run_target(
         base = free_port_block(config.backends + 2)
         urls = [f"http://127.0.0.1:{base + i}" for i in range(config.backends)]
         router_port = base + config.backends
-        sims = procs.start(
+        deadline = time.monotonic() + config.startup_timeout_s
+        await procs.start_ready(
             f"{slug}-sim",
             [
                 config.python, "-m", "router", "sim", "--host", "127.0.0.1",
@@ -349,20 +361,19 @@ async def run_target(
                 "--profile", config.profile, "--speedup", f"{config.speedup:g}",
                 "--stream-interval", f"{config.stream_interval_s:g}", "--log-level", "warning",
             ],
+            [url + "/health" for url in urls],
+            deadline,
         )  # fmt: skip
-        deadline = time.monotonic() + config.startup_timeout_s
-        async with aiohttp.ClientSession() as session:
-            for url in urls:
-                await _wait_ready(session, url + "/health", sims, deadline)
-            router = procs.start(
-                slug, _router_argv(target, config, router_port, urls, router_port + 1)
-            )
-            router_url = f"http://127.0.0.1:{router_port}"
-            # ours: /readiness; a reference router: its models and its own health (it routes
-            # once its workers passed startup)
-            paths = ("/readiness",) if target.kind == "ours" else LAUNCHERS[target.kind].ready_paths
-            for path in paths:
-                await _wait_ready(session, router_url + path, router, deadline)
+        router_url = f"http://127.0.0.1:{router_port}"
+        # ours: /readiness; a reference router: its models and its own health (it routes
+        # once its workers passed startup)
+        paths = ("/readiness",) if target.kind == "ours" else LAUNCHERS[target.kind].ready_paths
+        router = await procs.start_ready(
+            slug,
+            _router_argv(target, config, router_port, urls, router_port + 1),
+            [router_url + path for path in paths],
+            deadline,
+        )
         replay_config = ReplayConfig(
             url=router_url, api=config.api, load=config.load, speedup=config.speedup
         )

@@ -111,15 +111,24 @@ def test_aging_lets_a_long_request_that_waited_go_before_a_new_short_one() -> No
     assert _bound(pure_spt, 0.8)[0] == "new_short"
 
 
-def test_a_request_waits_for_the_backend_holding_its_prefix_rather_than_recompute() -> None:
+_PREFIX = (1, 2, 3, 4, 5, 6, 7, 8)  # 8000 tokens
+
+
+def _prefix_on_b0_behind_fill() -> Scheduler:
+    """Two backends; b0 holds `_PREFIX` (a finished request) and has 0.6 s queued after it."""
     s = _sched(backends=2, budget_s=0.5, coalesce_tokens=0)
-    prefix = (1, 2, 3, 4, 5, 6, 7, 8)
-    s.submit(_ticket("warm", 8000, blocks=prefix), 0.0)
+    s.submit(_ticket("warm", 8000, blocks=_PREFIX), 0.0)
     assert [b.decision.backend for b in s.step(0.0).bound] == ["b0"]
     s.core.on_first_token("warm", 0.8, cached_tokens=0)
     s.core.on_finished("warm", 0.8, output_tokens=1, cached_tokens=0)
     s.submit(_ticket("fill", 6000), 0.8)
     assert [b.decision.backend for b in s.step(0.8).bound] == ["b0"]  # idle tie: b0, 0.6 s
+    return s
+
+
+def test_a_request_waits_for_the_backend_holding_its_prefix_rather_than_recompute() -> None:
+    s = _prefix_on_b0_behind_fill()
+    prefix = _PREFIX
     # Same 8k prefix plus one block: 0.1 s of prefill at b0 after 0.6 s of queue, 0.9 s at b1.
     s.submit(_ticket("repeat", 9000, 0.8, blocks=(*prefix, 9)), 0.8)
     out = s.step(0.8)
@@ -130,14 +139,8 @@ def test_a_request_waits_for_the_backend_holding_its_prefix_rather_than_recomput
 
 
 def test_held_work_counts_as_queue_so_the_next_request_goes_elsewhere() -> None:
-    s = _sched(backends=2, budget_s=0.5, coalesce_tokens=0)
-    prefix = (1, 2, 3, 4, 5, 6, 7, 8)
-    s.submit(_ticket("warm", 8000, blocks=prefix), 0.0)
-    s.step(0.0)
-    s.core.on_first_token("warm", 0.8, cached_tokens=0)
-    s.core.on_finished("warm", 0.8, output_tokens=1, cached_tokens=0)
-    s.submit(_ticket("fill", 6000), 0.8)
-    s.step(0.8)  # b0: 0.6 s queued
+    s = _prefix_on_b0_behind_fill()
+    prefix = _PREFIX
     s.submit(_ticket("repeat", 9000, 0.8, blocks=(*prefix, 9)), 0.8)
     s.submit(_ticket("other", 1000, 0.8), 0.8)
     out = s.step(0.8)
@@ -188,14 +191,8 @@ def test_a_request_predicted_to_miss_its_deadline_is_shed_on_arrival_with_retry_
 
 
 def test_admission_prices_held_work_where_it_waits_not_spread_over_the_pool() -> None:
-    s = _sched(backends=2, budget_s=0.5, coalesce_tokens=0)
-    prefix = (1, 2, 3, 4, 5, 6, 7, 8)
-    s.submit(_ticket("warm", 8000, blocks=prefix), 0.0)
-    s.step(0.0)
-    s.core.on_first_token("warm", 0.8, cached_tokens=0)
-    s.core.on_finished("warm", 0.8, output_tokens=1, cached_tokens=0)
-    s.submit(_ticket("fill", 6000), 0.8)
-    s.step(0.8)  # b0: 0.6 s queued
+    s = _prefix_on_b0_behind_fill()
+    prefix = _PREFIX
     for i in range(2):  # 0.1 s each at b0 (cached prefix) beats 0.9 s at b1: both wait for b0
         s.submit(_ticket(f"repeat{i}", 9000, 0.8, blocks=(*prefix, 10 + i)), 0.8)
     assert s.step(0.8).bound == () and s.waiting() == 2

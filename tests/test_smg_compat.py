@@ -10,35 +10,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import free_port
+from reference_routers import first_generate, post_json, running
 
 from router.replay.launchers import smg_argv
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("smg") is None, reason="smg not installed"),
 ]
-
-
-def _post_json(url: str, body: Any, timeout: float = 10.0) -> tuple[int, Any]:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-        return 0, str(exc)
 
 
 @pytest.mark.parametrize("policy", ["cache_aware", "least_load"])
@@ -49,34 +33,18 @@ def test_smg_routes_to_sim_servers(sim_process: Any, tmp_path: Path, policy: str
     argv = smg_argv(
         sys.executable, port=port, policy=policy, worker_urls=sp.urls, metrics_port=free_port()
     )
-    with log_path.open("wb") as log:
-        router = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with running(argv, log_path):
         base = f"http://127.0.0.1:{port}"
         body = {"text": "Hello from SMG", "sampling_params": {"max_new_tokens": 8}}
-        deadline = time.monotonic() + 40
-        status, out = 0, None
-        while time.monotonic() < deadline:
-            status, out = _post_json(base + "/generate", body)
-            if status == 200:
-                break
-            time.sleep(0.3)
-        assert status == 200, f"{status} {out}\n{log_path.read_text(errors='replace')[-3000:]}"
+        out = json.loads(first_generate(base, body, log_path))
         assert out["meta_info"]["completion_tokens"] == 8
-        status, chat = _post_json(
+        status, chat = post_json(
             base + "/v1/chat/completions",
             {"model": "meta-llama/Llama-3.1-8B-Instruct",
              "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
         )  # fmt: skip
         assert status == 200, chat
         assert chat["usage"]["completion_tokens"] == 4
-    finally:
-        router.terminate()
-        try:
-            router.wait(10)
-        except subprocess.TimeoutExpired:
-            router.kill()
-            router.wait(10)
     assert sp.stop() == 0
     sim_log = sp.log_text()
     assert "Traceback" not in sim_log, sim_log

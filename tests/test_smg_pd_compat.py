@@ -11,34 +11,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from reference_routers import first_generate, post, running
 
 from router.replay.ports import free_port, free_port_block
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("smg") is None, reason="smg not installed"),
 ]
-
-
-def _post(url: str, body: Any, timeout: float = 10.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-        return 0, str(exc).encode()
 
 
 def test_smg_pd_mode_routes_to_sim_pd_servers(sim_process: Any, tmp_path: Path) -> None:
@@ -56,21 +40,10 @@ def test_smg_pd_mode_routes_to_sim_pd_servers(sim_process: Any, tmp_path: Path) 
     argv += ["--log-level", "warn", "--worker-startup-check-interval", "1"]
     argv += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
     log_path = tmp_path / "smg.log"
-    with log_path.open("wb") as log:
-        router = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with running(argv, log_path):
         base = f"http://127.0.0.1:{port}"
         body = {"text": "Hello from SMG in PD mode", "sampling_params": {"max_new_tokens": 8}}
-        deadline = time.monotonic() + 40
-        status, raw = 0, b""
-        while time.monotonic() < deadline:
-            status, raw = _post(base + "/generate", body)
-            if status == 200:
-                break
-            time.sleep(0.3)
-        assert status == 200, (
-            f"{status} {raw[:300]!r}\n{log_path.read_text(errors='replace')[-3000:]}"
-        )
+        raw = first_generate(base, body, log_path)
         assert json.loads(raw)["meta_info"]["completion_tokens"] == 8  # the decode server's
         chat = {
             "model": "meta-llama/Llama-3.1-8B-Instruct",
@@ -78,19 +51,12 @@ def test_smg_pd_mode_routes_to_sim_pd_servers(sim_process: Any, tmp_path: Path) 
             "max_tokens": 4,
             "stream": True,
         }
-        status, raw = _post(base + "/v1/chat/completions", chat)
+        status, raw = post(base + "/v1/chat/completions", chat)
         assert status == 200, raw[:300]
         events = [
             line[5:].strip() for line in raw.decode().splitlines() if line.startswith("data:")
         ]
         assert events[-1] == "[DONE]"
         assert any(json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-1])
-    finally:
-        router.terminate()
-        try:
-            router.wait(10)
-        except subprocess.TimeoutExpired:
-            router.kill()
-            router.wait(10)
     assert prefill.stop() == 0 and decode.stop() == 0
     assert "Traceback" not in prefill.log_text() + decode.log_text()

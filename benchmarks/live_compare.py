@@ -39,7 +39,7 @@ from typing import Any
 from router.replay.gentrace import MultiTurnConfig, multi_turn
 from router.replay.metrics import write_json
 from router.replay.simulate import SimConfig, capacity_p90, find_capacity, simulate_policy
-from router.replay.slo import auto_slo, parse_slo
+from router.replay.slo import auto_from_idle, auto_slo, idle_p90, parse_slo
 from router.replay.traces import Trace, bundled, load_trace, write_mooncake
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported
@@ -95,8 +95,9 @@ def run_window(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
         print(f"{name}: round_robin capacity (p90 <= {slo:g} s) at load {load}", flush=True)
     else:
         load = args.load
-        if source == "given" and p90_at(0.05) > slo:  # out of reach even on an idle pool
-            slo, source = auto_slo(window, SimConfig(profiles=profiles)), "auto"
+        idle = idle_p90(window, SimConfig(profiles=profiles))
+        if source == "given" and idle > slo:  # out of reach even on an idle pool
+            slo, source = auto_from_idle(idle), "auto"
             print(f"{name}: p90 <= {args.slo} s out of reach even idle; SLO {slo:g} s", flush=True)
     out_json = RESULTS / f"live_{name}{args.suffix}.json"
     cmd = [

@@ -21,7 +21,15 @@ import math
 from router.replay.simulate import SimConfig, simulate_policy
 from router.replay.traces import Trace
 
-__all__ = ["AUTO", "AUTO_FACTOR", "AUTO_LOAD", "auto_slo", "parse_slo"]
+__all__ = [
+    "AUTO",
+    "AUTO_FACTOR",
+    "AUTO_LOAD",
+    "auto_from_idle",
+    "auto_slo",
+    "idle_p90",
+    "parse_slo",
+]
 
 AUTO = "auto"
 AUTO_FACTOR = 2.0
@@ -38,8 +46,8 @@ def parse_slo(text: str) -> float | None:
     return value
 
 
-def auto_slo(trace: Trace, config: SimConfig) -> float:
-    """2 x round_robin's simulated p90 TTFT of `trace` at load 0.05 on `config`'s pool (s)."""
+def idle_p90(trace: Trace, config: SimConfig) -> float:
+    """round_robin's simulated p90 TTFT of `trace` at load 0.05 on `config`'s pool (s)."""
     idle = SimConfig(
         profiles=config.profiles,
         believed=config.believed,
@@ -47,5 +55,14 @@ def auto_slo(trace: Trace, config: SimConfig) -> float:
         seed=config.seed,
         engine=config.engine,
     )
-    summary = simulate_policy(trace, "round_robin", idle).summary
-    return math.ceil(AUTO_FACTOR * float(summary["ttft_p90"]) * 100) / 100
+    return float(simulate_policy(trace, "round_robin", idle).summary["ttft_p90"])
+
+
+def auto_from_idle(p90: float) -> float:
+    """The auto SLO from an idle p90 (`idle_p90`): twice it, rounded up to 10 ms."""
+    return math.ceil(AUTO_FACTOR * p90 * 100) / 100
+
+
+def auto_slo(trace: Trace, config: SimConfig) -> float:
+    """2 x round_robin's simulated p90 TTFT of `trace` at load 0.05 on `config`'s pool (s)."""
+    return auto_from_idle(idle_p90(trace, config))

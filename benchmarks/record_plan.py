@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -34,11 +33,10 @@ from router.replay.analyze import ideal_hit_ratio, lru_hit_ratio
 from router.replay.metrics import write_json
 from router.replay.plan import PlanConfig, check, format_plan, plan, plot_plan
 from router.replay.ports import free_port, free_port_block
-from router.replay.recording import live_view
+from router.replay.recording import leaked_prompt_words, live_view
 from router.replay.report import plot_ttft_cdf
 from router.replay.simulate import SimConfig, simulate_policy
-from router.replay.textgen import BlockTextGenerator
-from router.replay.traces import Trace, load_trace
+from router.replay.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -91,26 +89,6 @@ def _live(trace_path: Path, rec: Path, replay_json: Path, backends: int, profile
             if proc is not None:
                 proc.send_signal(2)
                 proc.wait(30)
-
-
-def _prompt_words(trace: Trace) -> set[str]:
-    gen = BlockTextGenerator(trace.block_size)
-    words: set[str] = set()
-    for r in trace.requests:
-        words.update(gen.prompt_text(r.hash_ids, r.input_length).split())
-    return words
-
-
-def _leaked(rec: Path, trace: Trace) -> list[str]:
-    """Prompt words found in the file outside its own field names and fixed values."""
-    text = rec.read_text()
-    fixed: set[str] = set()
-    for line in text.splitlines():
-        for key, value in json.loads(line).items():
-            fixed.update(
-                re.findall(r"[a-z]+", key + " " + (value if isinstance(value, str) else ""))
-            )
-    return sorted((set(re.findall(r"[a-z]+", text)) - fixed) & _prompt_words(trace))
 
 
 def tables(doc: dict[str, Any]) -> str:
@@ -208,7 +186,7 @@ def main() -> int:
         },
         "simulated_hit_ratio": hits,
         "live_hit_ratio_replay": replayed["hit_ratio"],
-        "prompt_words_in_file": _leaked(rec, original),
+        "prompt_words_in_file": leaked_prompt_words(rec, original),
         "file_bytes": rec.stat().st_size,
     }
 

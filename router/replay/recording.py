@@ -15,14 +15,16 @@ streamed requests that succeeded, the pool size (distinct backends) and the poli
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from router.replay.traces import TraceError, jsonl_objects
+from router.replay.textgen import BlockTextGenerator
+from router.replay.traces import Trace, TraceError, jsonl_objects
 
-__all__ = ["LiveView", "live_view", "merge", "read_lines", "write_lines"]
+__all__ = ["LiveView", "leaked_prompt_words", "live_view", "merge", "read_lines", "write_lines"]
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
@@ -99,3 +101,20 @@ def live_view(path: Path) -> LiveView:
         requests=len(lines),
         failed=sum(1 for o in lines if o.get("status") not in (None, 200)),
     )
+
+
+def leaked_prompt_words(path: Path, trace: Trace) -> list[str]:
+    """Words of `trace`'s prompts (as replay generates their text) found in the recording at
+    `path` anywhere but in its own field names and string values: [] when no text leaked."""
+    text = path.read_text()
+    fixed: set[str] = set()
+    for line in text.splitlines():
+        for key, value in json.loads(line).items():
+            fixed.update(
+                re.findall(r"[a-z]+", key + " " + (value if isinstance(value, str) else ""))
+            )
+    gen = BlockTextGenerator(trace.block_size)
+    words: set[str] = set()
+    for r in trace.requests:
+        words.update(gen.prompt_text(r.hash_ids, r.input_length).split())
+    return sorted((set(re.findall(r"[a-z]+", text)) - fixed) & words)

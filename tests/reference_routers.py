@@ -64,3 +64,19 @@ def first_generate(base: str, body: Any, log_path: Path, timeout_s: float = 40.0
         time.sleep(0.3)
     tail = log_path.read_text(errors="replace")[-3000:]
     raise AssertionError(f"{status} {raw[:300]!r}\n{tail}")
+
+
+def routes_generate_and_chat(argv: Sequence[str], port: int, log_path: Path, hello: str) -> None:
+    """Run the router: a /generate of 8 tokens and a chat of 4 come back whole through it."""
+    with running(argv, log_path):
+        base = f"http://127.0.0.1:{port}"
+        body = {"text": hello, "sampling_params": {"max_new_tokens": 8}}
+        out = json.loads(first_generate(base, body, log_path))
+        assert out["meta_info"]["completion_tokens"] == 8
+        status, chat = post_json(
+            base + "/v1/chat/completions",
+            {"model": "meta-llama/Llama-3.1-8B-Instruct",
+             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        )  # fmt: skip
+        assert status == 200, chat
+        assert chat["usage"]["completion_tokens"] == 4

@@ -8,14 +8,13 @@ their log can be checked: the HTTP/2 probe must leave no traceback there.
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import free_port
-from reference_routers import first_generate, post_json, running
+from reference_routers import routes_generate_and_chat
 
 from router.replay.compare import sglang_router_argv
 
@@ -36,18 +35,7 @@ def test_sglang_router_routes_to_sim_servers(sim_process: Any, tmp_path: Path) -
         sys.executable, port=port, policy="cache_aware", worker_urls=sp.urls,
         metrics_port=free_port(),
     )  # fmt: skip
-    with running(argv, router_log):
-        base = f"http://127.0.0.1:{port}"
-        body = {"text": "Hello from sglang-router", "sampling_params": {"max_new_tokens": 8}}
-        out = json.loads(first_generate(base, body, router_log))
-        assert out["meta_info"]["completion_tokens"] == 8
-        status, chat = post_json(
-            base + "/v1/chat/completions",
-            {"model": "meta-llama/Llama-3.1-8B-Instruct",
-             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
-        )  # fmt: skip
-        assert status == 200, chat
-        assert chat["usage"]["completion_tokens"] == 4
+    routes_generate_and_chat(argv, port, router_log, "Hello from sglang-router")
     assert sp.stop() == 0
     sim_log = sp.log_text()
     assert "Traceback" not in sim_log, sim_log

@@ -9,14 +9,13 @@ its load monitor's /v1/loads). Skipped where the bench extra (smg) is not instal
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import free_port
-from reference_routers import first_generate, post_json, running
+from reference_routers import routes_generate_and_chat
 
 from router.replay.launchers import smg_argv
 
@@ -33,18 +32,7 @@ def test_smg_routes_to_sim_servers(sim_process: Any, tmp_path: Path, policy: str
     argv = smg_argv(
         sys.executable, port=port, policy=policy, worker_urls=sp.urls, metrics_port=free_port()
     )
-    with running(argv, log_path):
-        base = f"http://127.0.0.1:{port}"
-        body = {"text": "Hello from SMG", "sampling_params": {"max_new_tokens": 8}}
-        out = json.loads(first_generate(base, body, log_path))
-        assert out["meta_info"]["completion_tokens"] == 8
-        status, chat = post_json(
-            base + "/v1/chat/completions",
-            {"model": "meta-llama/Llama-3.1-8B-Instruct",
-             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
-        )  # fmt: skip
-        assert status == 200, chat
-        assert chat["usage"]["completion_tokens"] == 4
+    routes_generate_and_chat(argv, port, log_path, "Hello from SMG")
     assert sp.stop() == 0
     sim_log = sp.log_text()
     assert "Traceback" not in sim_log, sim_log

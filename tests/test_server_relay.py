@@ -12,7 +12,10 @@ import math
 
 import pytest
 
-from router.server.proxy import _body_usage, _first_data, _has_done, _last_data, _loads, _splice
+from router.server.proxy import _body_usage, _loads, _splice
+from router.server.sse import first_data as _first_data
+from router.server.sse import has_done as _has_done
+from router.server.sse import last_data as _last_data
 
 
 def test_splice_adds_keys_without_reserialising() -> None:

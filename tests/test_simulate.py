@@ -359,6 +359,7 @@ def test_apply_kv_events_sets_the_index_from_engine_events() -> None:
     apply_kv_events(index, "b", [AllBlocksCleared()], 0.0)
     assert index.match([1, 2, 3]) == {}
 
+
 def test_scheduler_on_adds_goodput_shed_and_router_wait_to_each_result(
     gsp_trace: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

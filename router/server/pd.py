@@ -45,11 +45,11 @@ from router.server.proxy import (
     Endpoint,
     Proxy,
     _body_usage,
-    _data_of,
     _Flight,
-    _split_events,
     _UpstreamFailed,
 )
+from router.server.sse import data_of as _data_of
+from router.server.sse import split_events as _split_events
 
 __all__ = ["PDProxy", "PDSetup", "parse_prefill", "with_bootstrap"]
 

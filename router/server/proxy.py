@@ -67,7 +67,7 @@ from typing import Any, Literal
 import aiohttp
 import orjson
 from aiohttp import web
-from yarl import URL
+from aiohttp.abc import AbstractStreamWriter
 
 from backends.sglang import TokenUsage, abort_request, usage_from_sse_chunk
 from router.core.blocks import BlockHasher
@@ -85,6 +85,9 @@ from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
 from router.server.recorder import Recorder
 from router.server.scheduling import SchedulerDriver, ticket_for
+from router.server.sse import ClientGone as _ClientGone
+from router.server.sse import SseRelay, data_of, has_done, last_data, usage_at
+from router.server.upstream import Target, Upstream, UpstreamError, UpstreamResponse
 from router.state import StateSync
 
 __all__ = ["Endpoint", "Proxy"]
@@ -126,11 +129,9 @@ class _UpstreamFailed(Exception):
         self.backend = backend  # who failed, when not the attempt's backend (PD: the prefill)
 
 
-class _ClientGone(Exception):
-    """A write to the client failed: it went away. Never the backend's fault."""
-
-
-async def _to_client(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+async def _to_client(
+    request: web.Request, response: web.StreamResponse, data: bytes
+) -> AbstractStreamWriter:
     """Send `data` to the client, so that its failures cannot pass for the backend's.
 
     A write to a client that hung up raises `aiohttp.ClientConnectionResetError`, which is
@@ -139,9 +140,13 @@ async def _to_client(request: web.Request, response: web.StreamResponse, data: b
     every backend's breaker (benchmarks/faults.py, disconnect_storm).
     """
     try:
-        if not response.prepared:
-            await response.prepare(request)
-        await response.write(data)
+        writer = await response.prepare(request)
+        assert writer is not None
+        if data:
+            await response.write(data)  # the first one goes out with the headers
+        elif hasattr(writer, "send_headers"):  # aiohttp >= 3.11 holds headers for the body
+            writer.send_headers()
+        return writer
     except ConnectionError as exc:
         raise _ClientGone() from exc
 
@@ -199,13 +204,17 @@ class Proxy:
         # request ids: a random per-process prefix and a serial (a uuid4 each costs more)
         self._rid_prefix = uuid.uuid4().hex[:16]
         self._rid_serial = itertools.count(1)
-        self._urls: dict[tuple[str, str], URL] = {}
+        self._targets: dict[tuple[str, str], Target] = {}
+        self.timeout = aiohttp.ClientTimeout(  # the PD prefill side's aiohttp requests
+            total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
+        )
+        # the model requests' own HTTP client: streams relayed from its read callback
+        self.upstream = Upstream(
+            connect_timeout_s=config.connect_timeout_s, read_timeout_s=config.read_timeout_s
+        )
         self.background: set[asyncio.Task[None]] = set()
         # --scheduler on: requests wait in the router until bound (router/server/scheduling.py)
         self.scheduling: SchedulerDriver | None = None
-        self.timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
-        )
 
     # ----- entry points -----------------------------------------------------------------
 
@@ -262,7 +271,9 @@ class Proxy:
         return self.hasher.route_request(prompt, rid)
 
     def close(self) -> None:
-        """Stop the hashing thread (after the requests that use it have ended)."""
+        """Stop the hashing thread (after the requests that use it have ended); close idle
+        upstream connections."""
+        self.upstream.close()
         if self._hash_executor is not None:
             self._hash_executor.shutdown(wait=True, cancel_futures=True)
             self._hash_executor = None
@@ -535,108 +546,122 @@ class Proxy:
         strip_usage: bool,
     ) -> web.StreamResponse:
         assert flight.backend is not None
-        url = self._urls.get((flight.backend, endpoint.path))
-        if url is None:  # parsed once per backend and path, not per request
-            url = self._urls[(flight.backend, endpoint.path)] = URL(flight.backend + endpoint.path)
-        headers = {"Content-Type": "application/json", "X-Request-Id": flight.rid}
+        target = self._targets.get((flight.backend, endpoint.path))
+        if target is None:  # parsed once per backend and path, not per request
+            target = self.upstream.target(flight.backend + endpoint.path)
+            self._targets[(flight.backend, endpoint.path)] = target
+        headers = b"Content-Type: application/json\r\nX-Request-Id: %b\r\n" % (
+            flight.rid.encode("ascii", "replace"),
+        )
         try:
             try:
-                upstream = await self.session.post(
-                    url, data=payload, headers=headers, timeout=self.timeout
-                )
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                raise _UpstreamFailed(f"connect: {exc!r}", trip=True) from None
-            async with upstream:
-                if upstream.status >= 500:
-                    text = await upstream.text(errors="replace")
-                    raise _UpstreamFailed(
-                        f"status {upstream.status}: {text[:200]}",
-                        trip=False,
-                        status=upstream.status,
-                    )
-                self.pool.report_success(flight.backend)
-                content_type = upstream.headers.get("Content-Type", "application/json")
-                if not stream or upstream.status != 200 or "event-stream" not in content_type:
-                    raw = await upstream.read()
-                    if upstream.status == 200:
-                        flight.usage = _body_usage(raw, endpoint.kind)
-                        # no first-token event: a whole response's latency is not a TTFT
-                        self._end(flight, ok=True)
-                    else:
-                        self._end(flight, ok=False)
-                    out = {
-                        "Content-Type": content_type,
-                        "X-Request-Id": flight.rid,
-                        "X-Prefix-Router-Backend": flight.backend,
-                    }
-                    if flight.reason is not None:
-                        out[REASON_HEADER] = flight.reason
-                    return web.Response(body=raw, status=upstream.status, headers=out)
-                out = {
-                    "Content-Type": content_type,
-                    "Cache-Control": "no-cache",
-                    "X-Request-Id": flight.rid,
-                    "X-Prefix-Router-Backend": flight.backend,
-                }
-                if flight.reason is not None:
-                    out[REASON_HEADER] = flight.reason
-                response = web.StreamResponse(status=upstream.status, headers=out)
-                return await self._relay(request, upstream, response, flight, endpoint, strip_usage)
+                upstream = await self.upstream.post(target, payload, headers)
+            except (UpstreamError, TimeoutError) as exc:
+                raise _UpstreamFailed(f"connect: {exc}", trip=True) from None
+            try:
+                return await self._answer(request, upstream, flight, endpoint, stream, strip_usage)
+            finally:
+                upstream.release()  # pooled when the body ended cleanly, else closed
         except asyncio.CancelledError:
             # the client went away (aiohttp cancels the handler): stop the backend's work too
             if not flight.ended:
                 self._abort_upstream(flight.backend, flight.rid)
             raise
 
+    async def _answer(
+        self,
+        request: web.Request,
+        upstream: UpstreamResponse,
+        flight: _Flight,
+        endpoint: Endpoint,
+        stream: bool,
+        strip_usage: bool,
+    ) -> web.StreamResponse:
+        """The backend's answer, its head in: a 5xx to retry, a whole body, or a relayed stream."""
+        assert flight.backend is not None
+        if upstream.status >= 500:
+            try:
+                text = (await upstream.read())[:200].decode(errors="replace")
+            except (UpstreamError, TimeoutError) as exc:
+                text = f"(body lost: {exc})"
+            raise _UpstreamFailed(
+                f"status {upstream.status}: {text}", trip=False, status=upstream.status
+            )
+        self.pool.report_success(flight.backend)
+        content_type = upstream.headers.get("content-type", "application/json")
+        if not stream or upstream.status != 200 or "event-stream" not in content_type:
+            try:
+                raw = await upstream.read()
+            except (UpstreamError, TimeoutError) as exc:
+                raise _UpstreamFailed(f"body broke: {exc}", trip=True) from None
+            if upstream.status == 200:
+                flight.usage = _body_usage(raw, endpoint.kind)
+                # no first-token event: a whole response's latency is not a TTFT
+                self._end(flight, ok=True)
+            else:
+                self._end(flight, ok=False)
+            out = {
+                "Content-Type": content_type,
+                "X-Request-Id": flight.rid,
+                "X-Prefix-Router-Backend": flight.backend,
+            }
+            if flight.reason is not None:
+                out[REASON_HEADER] = flight.reason
+            return web.Response(body=raw, status=upstream.status, headers=out)
+        out = {
+            "Content-Type": content_type,
+            "Cache-Control": "no-cache",
+            "X-Request-Id": flight.rid,
+            "X-Prefix-Router-Backend": flight.backend,
+        }
+        if flight.reason is not None:
+            out[REASON_HEADER] = flight.reason
+        response = web.StreamResponse(status=upstream.status, headers=out)
+        return await self._relay(request, upstream, response, flight, endpoint, strip_usage)
+
     async def _relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         response: web.StreamResponse,
         flight: _Flight,
         endpoint: Endpoint,
         strip_usage: bool,
     ) -> web.StreamResponse:
-        """Copy each upstream read's complete SSE events in one write; parse only for feedback.
+        """Relay the SSE events; parse only for feedback (router/server/sse.py).
 
-        The first data event is the first token (and, on /generate, says cached tokens); an
-        OpenAI event with a `usage` object is parsed (and dropped when the client did not ask
-        for usage); a /generate stream's last data event is parsed once, at its end.
+        Until the first complete event the response is not prepared, so a backend that breaks
+        before it is retried elsewhere; after that each upstream read goes to the client from
+        the read callback (router/server/upstream.py) and this coroutine wakes only to drain
+        a full client buffer and at the end.
         """
         assert flight.backend is not None
         generate = endpoint.kind == "generate"
-        pending = b""  # bytes after the last complete event
-        last_data = b""  # generate: the latest run of events that held data
-        done = False
+        relay = SseRelay(
+            generate=generate,
+            on_first=lambda cached: self._first_token(flight, cached),
+            on_usage=lambda events: self._feedback(flight, events, strip_usage),
+        )
         broken: str | None = None
         try:
-            async for chunk in upstream.content.iter_any():
-                data = pending + chunk if pending else chunk
-                cut = data.rfind(b"\n\n")
-                if cut < 0:
-                    pending = data
-                    continue
-                events, pending = data[: cut + 2], data[cut + 2 :]
-                if flight.ttft_s is None:
-                    first = _first_data(events)
-                    if first is not None:
-                        self._first_token(flight, _early_cached(generate, first))
-                if generate:
-                    if b"data:" in events:
-                        last_data = events
-                elif _has_usage(events):
-                    events = self._feedback(flight, events, strip_usage)
-                if not done and b"[DONE]" in events:
-                    done = _has_done(events)
-                if events:
-                    await _to_client(request, response, events)
-            if pending.strip():
-                done = done or _has_done(pending)
-                await _to_client(request, response, pending)
-            if not done:
+            events = b""
+            while not events:  # the first complete event(s), reading paused after them
+                chunk = await upstream.next_payload()
+                if not chunk:
+                    break
+                events = relay.events_of(chunk)
+            if events or relay.pending.strip():  # else nothing came: retried elsewhere
+                writer = await _to_client(request, response, events)
+                relay.transport = request.transport
+                relay.chunked = getattr(writer, "chunked", True)
+                await upstream.relay(relay, writer.drain)
+                if relay.pending.strip():
+                    relay.done = relay.done or has_done(relay.pending)
+                    await _to_client(request, response, relay.pending)
+            if not relay.done:
                 broken = "stream ended without [DONE]"
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-            broken = f"stream broke: {exc!r}"
+        except (UpstreamError, TimeoutError) as exc:
+            broken = f"stream broke: {exc}"
         except (_ClientGone, ConnectionError):
             # the client reset the connection while we wrote to it
             self.metrics.errors.inc("client_disconnect")
@@ -658,13 +683,11 @@ class Proxy:
                 await response.write(sse_error_event("the backend failed mid-stream"))
                 await response.write_eof()
             return response
-        if generate and last_data and flight.usage is None:
-            payload = _last_data(last_data)
+        if generate and relay.last_data and flight.usage is None:
+            payload = last_data(relay.last_data)
             if payload is not None:
                 with contextlib.suppress(ValueError):
                     flight.usage = usage_from_sse_chunk(_loads(payload))
-        if not response.prepared:
-            await response.prepare(request)
         self._end(flight, ok=True)
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
@@ -676,7 +699,7 @@ class Proxy:
         Only the event around each `"usage": {` is cut out and parsed (the other events of the
         read pass as they are); a rewritten chunk is serialised with orjson.
         """
-        at = _usage_at(events, 0)
+        at = usage_at(events, 0)
         while at >= 0:
             start = events.rfind(b"\n\n", 0, at)
             start = 0 if start < 0 else start + 2
@@ -684,12 +707,12 @@ class Proxy:
             end = len(events) if end < 0 else end + 2
             replacement = self._usage_event(flight, events[start:end], strip_usage)
             events = events[:start] + replacement + events[end:]
-            at = _usage_at(events, start + len(replacement))
+            at = usage_at(events, start + len(replacement))
         return events
 
     def _usage_event(self, flight: _Flight, event: bytes, strip_usage: bool) -> bytes:
         """One event holding a usage object: read it; what the client gets of it."""
-        data = _data_of(event)
+        data = data_of(event)
         if data is None:
             return event
         try:
@@ -723,82 +746,6 @@ def _batch_size(body: Mapping[str, Any]) -> int:
     if isinstance(ids, list) and ids and isinstance(ids[0], list):
         return len(ids)
     return 0
-
-
-def _usage_at(data: bytes, start: int) -> int:
-    """Where the next usage object starts at or after `start` (-1: none); see `_has_usage`."""
-    spaced, compact = data.find(b'"usage": {', start), data.find(b'"usage":{', start)
-    if spaced < 0 or 0 <= compact < spaced:
-        return compact
-    return spaced
-
-
-def _has_usage(data: bytes) -> bool:
-    """An OpenAI chunk with a usage object (SGLang sends `"usage": null` on the others).
-
-    Two substring tests (pydantic's compact JSON, json.dumps' spaced) cost far less than a
-    regular expression over every read; other spellings are missed (no feedback, no harm).
-    """
-    return b'"usage": {' in data or b'"usage":{' in data
-
-
-def _split_events(events: bytes) -> list[bytes]:
-    """Complete SSE events (each ending in a blank line) one by one."""
-    parts = events.split(b"\n\n")
-    return [part + b"\n\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
-
-
-def _data_of(event: bytes) -> bytes | None:
-    """The payload of a `data:` event, None for comments and other fields."""
-    text = event.strip()
-    if not text.startswith(b"data:"):
-        return None
-    return text[5:].strip()
-
-
-def _first_data(events: bytes) -> bytes | None:
-    """The first data payload other than [DONE] (the first token), if any."""
-    if b"data:" not in events:
-        return None
-    for event in _split_events(events):
-        data = _data_of(event)
-        if data is not None and data != b"[DONE]":
-            return data
-    return None
-
-
-def _last_data(events: bytes) -> bytes | None:
-    """The last data payload other than [DONE] (a /generate stream's final counts)."""
-    for event in reversed(_split_events(events)):
-        data = _data_of(event)
-        if data is not None and data != b"[DONE]":
-            return data
-    return None
-
-
-def _has_done(events: bytes) -> bool:
-    """Whether a line of `events` is `data: [DONE]` (JSON strings cannot hold a raw newline,
-    so a `[DONE]` inside generated text never sits on a line of its own)."""
-    at = events.find(b"[DONE]")
-    while at >= 0:
-        start = events.rfind(b"\n", 0, at) + 1
-        end = events.find(b"\n", at)
-        line = events[start : end if end >= 0 else len(events)].strip()
-        if line.startswith(b"data:") and line[5:].strip() == b"[DONE]":
-            return True
-        at = events.find(b"[DONE]", at + 6)
-    return False
-
-
-def _early_cached(generate: bool, data: bytes) -> int | None:
-    """Cached tokens known at the first chunk: SGLang's /generate chunks carry meta_info."""
-    if not generate:
-        return None  # OpenAI streams report usage only in their last chunk
-    try:
-        usage = usage_from_sse_chunk(_loads(data))
-    except ValueError:
-        return None
-    return usage.cached_tokens if usage is not None else None
 
 
 def _body_usage(raw: bytes, kind: EndpointKind) -> TokenUsage | None:

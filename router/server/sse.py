@@ -1,0 +1,180 @@
+"""Server-sent events as the relay sees them: only what feedback needs is parsed.
+
+`SseRelay` is the sink of one streamed response (router/server/upstream.py calls it from the
+backend's read callback): each read's complete events go to the client's transport in one
+write (an incomplete tail waits for the next read), the first data event is the first token
+(and, on /generate, says cached tokens), an OpenAI event holding `usage` is handed to the
+proxy (which reads it and may drop it), and a /generate stream's last run of data events is
+kept for its final counts. Nothing here awaits: a sink runs inside `data_received`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from backends.sglang import usage_from_sse_chunk
+from router.server.jsonbody import loads as _loads
+
+__all__ = [
+    "DRAIN_ABOVE",
+    "ClientGone",
+    "SseRelay",
+    "data_of",
+    "early_cached",
+    "first_data",
+    "has_done",
+    "has_usage",
+    "last_data",
+    "split_events",
+    "usage_at",
+]
+
+# A client transport's buffer above this asks the relay to pause the backend until it drains
+# (asyncio's default high-water mark: aiohttp's writer pauses at the same size).
+DRAIN_ABOVE = 64 * 1024
+
+
+class ClientGone(Exception):
+    """A write to the client failed: it went away. Never the backend's fault."""
+
+
+class SseRelay:
+    """One stream's relay state: events out, feedback in; called once per upstream read."""
+
+    __slots__ = (
+        "chunked",
+        "done",
+        "first_seen",
+        "generate",
+        "last_data",
+        "on_first",
+        "on_usage",
+        "pending",
+        "transport",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        generate: bool,
+        on_first: Callable[[int | None], None],
+        on_usage: Callable[[bytes], bytes],
+    ) -> None:
+        self.generate = generate
+        self.on_first = on_first  # the first token, with cached tokens when known
+        self.on_usage = on_usage  # events holding a usage object -> what the client gets
+        self.pending = b""  # bytes after the last complete event
+        self.last_data = b""  # generate: the latest run of events that held data
+        self.done = False  # `data: [DONE]` passed
+        self.first_seen = False
+        self.transport: asyncio.Transport | None = None
+        self.chunked = True
+
+    def events_of(self, chunk: bytes) -> bytes:
+        """The complete events of `pending + chunk`, after feedback (b"": none complete yet)."""
+        data = self.pending + chunk if self.pending else chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self.pending = data
+            return b""
+        events, self.pending = data[: cut + 2], data[cut + 2 :]
+        if not self.first_seen:
+            first = first_data(events)
+            if first is not None:
+                self.first_seen = True
+                self.on_first(early_cached(self.generate, first))
+        if self.generate:
+            if b"data:" in events:
+                self.last_data = events
+        elif has_usage(events):
+            events = self.on_usage(events)
+        if not self.done and b"[DONE]" in events:
+            self.done = has_done(events)
+        return events
+
+    def __call__(self, chunk: bytes) -> bool:
+        """The upstream sink: write the read's events; True when the client's buffer is full."""
+        events = self.events_of(chunk)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ClientGone()
+        if events:
+            transport.write(b"%x\r\n%b\r\n" % (len(events), events) if self.chunked else events)
+        return transport.get_write_buffer_size() > DRAIN_ABOVE
+
+
+def usage_at(data: bytes, start: int) -> int:
+    """Where the next usage object starts at or after `start` (-1: none); see `has_usage`."""
+    spaced, compact = data.find(b'"usage": {', start), data.find(b'"usage":{', start)
+    if spaced < 0 or 0 <= compact < spaced:
+        return compact
+    return spaced
+
+
+def has_usage(data: bytes) -> bool:
+    """An OpenAI chunk with a usage object (SGLang sends `"usage": null` on the others).
+
+    Two substring tests (pydantic's compact JSON, json.dumps' spaced) cost far less than a
+    regular expression over every read; other spellings are missed (no feedback, no harm).
+    """
+    return b'"usage": {' in data or b'"usage":{' in data
+
+
+def split_events(events: bytes) -> list[bytes]:
+    """Complete SSE events (each ending in a blank line) one by one."""
+    parts = events.split(b"\n\n")
+    return [part + b"\n\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
+def data_of(event: bytes) -> bytes | None:
+    """The payload of a `data:` event, None for comments and other fields."""
+    text = event.strip()
+    if not text.startswith(b"data:"):
+        return None
+    return text[5:].strip()
+
+
+def first_data(events: bytes) -> bytes | None:
+    """The first data payload other than [DONE] (the first token), if any."""
+    if b"data:" not in events:
+        return None
+    for event in split_events(events):
+        data = data_of(event)
+        if data is not None and data != b"[DONE]":
+            return data
+    return None
+
+
+def last_data(events: bytes) -> bytes | None:
+    """The last data payload other than [DONE] (a /generate stream's final counts)."""
+    for event in reversed(split_events(events)):
+        data = data_of(event)
+        if data is not None and data != b"[DONE]":
+            return data
+    return None
+
+
+def has_done(events: bytes) -> bool:
+    """Whether a line of `events` is `data: [DONE]` (JSON strings cannot hold a raw newline,
+    so a `[DONE]` inside generated text never sits on a line of its own)."""
+    at = events.find(b"[DONE]")
+    while at >= 0:
+        start = events.rfind(b"\n", 0, at) + 1
+        end = events.find(b"\n", at)
+        line = events[start : end if end >= 0 else len(events)].strip()
+        if line.startswith(b"data:") and line[5:].strip() == b"[DONE]":
+            return True
+        at = events.find(b"[DONE]", at + 6)
+    return False
+
+
+def early_cached(generate: bool, data: bytes) -> int | None:
+    """Cached tokens known at the first chunk: SGLang's /generate chunks carry meta_info."""
+    if not generate:
+        return None  # OpenAI streams report usage only in their last chunk
+    try:
+        usage = usage_from_sse_chunk(_loads(data))
+    except ValueError:
+        return None
+    return usage.cached_tokens if usage is not None else None

@@ -1,0 +1,319 @@
+"""The relay's own HTTP/1.1 client against real sockets and hand-written responses.
+
+Each test starts an asyncio TCP server on loopback that reads one request and answers with
+exactly the bytes the test chose (split how the test chose): framing the aiohttp and uvicorn
+servers in the other tests never produce (a chunk size split across reads, a 100 Continue,
+an idle close, a stall) is covered here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+
+import pytest
+
+from router.server.upstream import Upstream, UpstreamError
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head + await reader.readexactly(length)
+
+
+@asynccontextmanager
+async def _server(script: Script) -> AsyncIterator[str]:
+    """A server running `script(reader, writer, connection_number)` per connection."""
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            await script(reader, writer, connections)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def _client(read_timeout_s: float = 5.0) -> Upstream:
+    return Upstream(connect_timeout_s=2.0, read_timeout_s=read_timeout_s)
+
+
+def _chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+async def test_chunked_body_split_at_every_byte_is_reassembled_and_the_connection_reused() -> None:
+    events = [b'data: {"n": %d}\n\n' % i for i in range(5)] + [b"data: [DONE]\n\n"]
+    body = _chunked(*events)
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    whole = head + body
+    seen: list[int] = []
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        seen.append(n)
+        while True:
+            try:
+                await _read_request(r)
+            except asyncio.IncompleteReadError:
+                return
+            for i in range(len(whole)):  # one byte per write: every split a reader can meet
+                w.write(whole[i : i + 1])
+                await w.drain()
+                await asyncio.sleep(0)
+
+    upstream = _client()
+    async with _server(script) as url:
+        target = upstream.target(url + "/generate")
+        for _ in range(3):
+            response = await upstream.post(target, b'{"text": "hi"}', b"X-Request-Id: r\r\n")
+            assert response.status == 200
+            assert response.headers["content-type"] == "text/event-stream"
+            got: list[bytes] = []
+            await response.relay(partial(_keep, got), _no_drain)
+            assert b"".join(got) == b"".join(events)
+        upstream.close()
+    assert seen == [1]  # three requests, one connection
+
+
+def _keep(into: list[bytes], data: bytes) -> bool:
+    into.append(data)
+    return False
+
+
+async def _no_drain() -> None:
+    raise AssertionError("no drain was asked for")
+
+
+async def test_content_length_close_delimited_and_100_continue_bodies() -> None:
+    answers = [
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno",
+        b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"until": "close"}',
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+    ]
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _read_request(r)
+        w.write(answers[n - 1])
+        await w.drain()
+        if n in (3,):  # the body ends with the connection
+            w.close()
+            return
+        await asyncio.sleep(0.05)
+
+    upstream = _client()
+    async with _server(script) as url:
+        target = upstream.target(url + "/v1/completions")
+        bodies = []
+        for _ in answers:
+            response = await upstream.post(target, b"{}", b"")
+            bodies.append((response.status, await response.read()))
+        upstream.close()
+    assert bodies == [(200, b"hello"), (404, b"no"), (200, b'{"until": "close"}'), (204, b"")]
+
+
+async def test_request_bytes_on_the_wire() -> None:
+    sent: list[bytes] = []
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        sent.append(await _read_request(r))
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+        await asyncio.sleep(0.05)
+
+    upstream = _client()
+    async with _server(script) as url:
+        port = url.rsplit(":", 1)[1]
+        response = await upstream.post(
+            upstream.target(url + "/generate?x=1"), b'{"a": 1}', b"X-Request-Id: abc\r\n"
+        )
+        assert await response.read() == b"ok"
+        upstream.close()
+    assert sent == [
+        b"POST /generate?x=1 HTTP/1.1\r\nHost: 127.0.0.1:%b\r\nContent-Length: 8\r\n"
+        b"X-Request-Id: abc\r\n\r\n"
+        b'{"a": 1}' % port.encode()
+    ]
+
+
+async def test_a_connection_the_server_dropped_while_idle_is_written_again_fresh() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % n)
+        await w.drain()
+        # no Connection: close, yet the server closes right after (a keep-alive timeout)
+
+    upstream = _client()
+    async with _server(script) as url:
+        target = upstream.target(url + "/generate")
+        first = await upstream.post(target, b"{}", b"")
+        assert await first.read() == b"1"
+        await asyncio.sleep(0.1)  # the close reaches the pooled connection
+        second = await upstream.post(target, b"{}", b"")
+        assert await second.read() == b"2"
+        upstream.close()
+
+
+async def test_stale_connection_closed_as_the_request_goes_out_is_retried_once() -> None:
+    """The race the idle check cannot see: the server closes without answering."""
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _read_request(r)
+        if n == 1:
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+            await w.drain()
+            await _read_request(r)  # the second request arrives on the same connection...
+            return  # ...and the server closes it unanswered
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")
+        await w.drain()
+        await asyncio.sleep(0.05)
+
+    upstream = _client()
+    async with _server(script) as url:
+        target = upstream.target(url + "/generate")
+        assert await (await upstream.post(target, b"{}", b"")).read() == b"a"
+        assert await (await upstream.post(target, b"{}", b"")).read() == b"b"
+        upstream.close()
+
+
+async def test_refused_malformed_and_silent_backends_raise() -> None:
+    upstream = _client(read_timeout_s=0.3)
+    async with _server(_stall) as url:
+        dead = url.rsplit(":", 1)[0] + ":1"
+        with pytest.raises(UpstreamError, match=r"connect to 127\.0\.0\.1:1"):
+            await upstream.post(upstream.target(dead + "/generate"), b"{}", b"")
+        with pytest.raises(TimeoutError, match="no byte from the backend"):
+            await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
+
+    async def garbage(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _read_request(r)
+        w.write(b"SPDY/9 what\r\n\r\n")
+        await w.drain()
+        await asyncio.sleep(0.1)
+
+    async with _server(garbage) as url:
+        with pytest.raises(UpstreamError, match="malformed response head"):
+            await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
+
+    async def bad_chunk(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
+        await w.drain()
+        await asyncio.sleep(0.1)
+
+    async with _server(bad_chunk) as url:
+        response = await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
+        with pytest.raises(UpstreamError, match="malformed chunk size"):
+            await response.read()
+    upstream.close()
+
+
+async def _stall(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+    await _read_request(r)
+    await asyncio.sleep(2)
+
+
+async def test_a_stream_that_breaks_midway_raises_after_what_arrived() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        w.write(b"6\r\ndata: \r\n3\r\n1\n\n\r\n")
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.transport.abort()  # a reset, no terminal chunk
+
+    upstream = _client()
+    async with _server(script) as url:
+        response = await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
+        got: list[bytes] = []
+        with pytest.raises(UpstreamError):
+            await response.relay(lambda data: got.append(data) is not None, _no_drain)
+        assert b"".join(got) == b"data: 1\n\n"
+        response.release()
+        upstream.close()
+
+
+async def test_a_sink_that_asks_for_a_drain_pauses_the_backend_until_drained() -> None:
+    pieces = [b"x" * 1000 for _ in range(20)]
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in pieces:
+            w.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await w.drain()
+            await asyncio.sleep(0.002)
+        w.write(b"0\r\n\r\n")
+        await w.drain()
+        await asyncio.sleep(0.05)
+
+    upstream = _client()
+    drains = 0
+    got: list[bytes] = []
+    draining = False
+
+    def sink(data: bytes) -> bool:
+        assert not draining  # nothing arrives while the client drains
+        got.append(data)
+        return True  # every read: the client's buffer is full
+
+    async def drain() -> None:
+        nonlocal drains, draining
+        drains += 1
+        draining = True
+        await asyncio.sleep(0.01)
+        draining = False
+
+    async with _server(script) as url:
+        response = await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
+        await response.relay(sink, drain)
+        upstream.close()
+    assert b"".join(got) == b"".join(pieces)
+    assert drains >= 1
+
+
+async def test_a_sink_error_ends_the_exchange_and_closes_the_connection() -> None:
+    class Gone(Exception):
+        pass
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await w.drain()
+        for _ in range(100):
+            w.write(b"3\r\nabc\r\n")
+            await w.drain()
+            await asyncio.sleep(0.01)
+
+    def sink(data: bytes) -> bool:
+        raise Gone()
+
+    upstream = _client()
+    async with _server(script) as url:
+        response = await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
+        with pytest.raises(Gone):
+            await response.relay(sink, _no_drain)
+        response.release()
+        assert not upstream._idle.get(upstream.target(url + "/generate").key)  # not pooled
+        upstream.close()

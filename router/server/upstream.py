@@ -127,7 +127,9 @@ class _Connection(asyncio.Protocol):
         self._head_waiter = self.loop.create_future()
         self.last_read = time.monotonic()
         self._timer = self.loop.call_later(self.read_timeout_s, self._check_silence)
-        self.transport.writelines((head, body))
+        # one write, one segment: `writelines` may send the head alone, waking the backend
+        # for half a request (on uvloop it cost 8x aiohttp's single write per short request)
+        self.transport.write(head + body)
         return self._head_waiter
 
     def _check_silence(self) -> None:

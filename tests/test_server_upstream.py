@@ -317,3 +317,20 @@ async def test_a_sink_error_ends_the_exchange_and_closes_the_connection() -> Non
         response.release()
         assert not upstream._idle.get(upstream.target(url + "/generate").key)  # not pooled
         upstream.close()
+
+
+async def test_chunk_extensions_and_trailers_are_skipped() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _read_request(r)
+        w.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;name=value\r\nhello\r\n1 \r\n!\r\n0\r\nX-Trailer: t\r\n\r\n"
+        )
+        await w.drain()
+        await asyncio.sleep(0.05)
+
+    upstream = _client()
+    async with _server(script) as url:
+        response = await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
+        assert await response.read() == b"hello!"
+        upstream.close()

@@ -245,7 +245,9 @@ class _Connection(asyncio.Protocol):
                 if end < 0:
                     self._chunk_buf = data[pos:]
                     break
-                line = data[pos:end].split(b";", 1)[0].strip()
+                line = data[pos:end]
+                if b";" in line:  # chunk extensions: ignored
+                    line = line.split(b";", 1)[0].strip()
                 try:
                     self._left = int(line, 16)
                 except ValueError:

@@ -124,6 +124,10 @@ async def test_stats_and_readiness_cover_both_pools() -> None:
             assert resp.status == 200
             ready = await resp.json()
         assert ready["healthy_backends"] == 2 and ready["healthy_decode_backends"] == 2
+        async with session.get(server.url + "/metrics") as resp:
+            text = await resp.text()
+        gauges = [line for line in text.splitlines() if "backend_healthy{" in line]
+        assert all(any(h.url in line for line in gauges) for h in pre + dec)
         for h in dec:  # no decode server left: nothing can be served
             await h.close()
         deadline = asyncio.get_running_loop().time() + 10

@@ -160,7 +160,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax1.axvline(doc["live_load"], color="grey", linestyle="--", linewidth=0.8)
     ax2.axvline(doc["live_load"], color="grey", linestyle="--", linewidth=0.8)
     ax1.set_ylabel("p90 TPOT (ms)")
-    ax2.set_ylabel("decode servers with requests waiting for KV room\n(share of samples at arrivals)")
+    ax2.set_ylabel("requests waiting for decode KV room\n(share of decode servers at arrivals)")
     for ax in (ax1, ax2):
         ax.set_xlabel("load (x the trace's arrival rate); dashed: pd_live.py's load")
         ax.grid(True, alpha=0.25)

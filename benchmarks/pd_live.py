@@ -15,10 +15,16 @@ The load is SMG's capacity as the simulator sees it: the highest load at which
 `cache_aware+power_of_two` keeps p90 TTFT <= the SLO on this window (find_capacity, to
 `--precision`), or `--load`. Our simulated cache_aware is sglang-router 0.3.2's rule, not SMG
 1.13's own: the live runs are the check. Figures: p90 TTFT and p90 TPOT per target, failed
-requests; checks: our p90 TTFT <= 0.7 x SMG's, our p90 TPOT <= SMG's, no failure.
+requests; checks: our p90 TTFT <= 0.7 x SMG's, our p90 TPOT <= SMG's, no failure, per run.
+TPOT is each request's mean gap between output tokens after the first, as the client sees
+them ((last token's arrival - first token's) / (output tokens - 1)); p90 across requests.
+`--runs N` repeats the targets N times, every other run in reverse order (so neither side
+always runs first on a warm box). `decode_ceiling` in the JSON: the decode step with the KV
+pool full, which bounds every request's TPOT (docs/pd.md, benchmarks/pd_tpot.py).
 Results: benchmarks/results/pd_live.json. Taken on a shared 2-core box.
 
-Run:  python benchmarks/pd_live.py                       (~6 minutes)
+Run:  python benchmarks/pd_live.py                       (~2 minutes a run)
+      python benchmarks/pd_live.py --runs 3
       python benchmarks/pd_live.py --load 3 --targets pair,smg:cache_aware+power_of_two
 """
 
@@ -33,11 +39,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from backends.sim.perf import get_profile
 from router.replay.client import ReplayConfig, replay
 from router.replay.compare import ProcessSet, _tail
 from router.replay.gentrace import MultiTurnConfig, multi_turn
-from router.replay.metrics import summarize, write_json
-from router.replay.pd_simulate import PDSimConfig, simulate_pd, tpot_p90
+from router.replay.metrics import RequestOutcome, percentile, summarize, write_json
+from router.replay.pd_simulate import PDSimConfig, simulate_pd
 from router.replay.ports import free_port_block
 from router.replay.simulate import capacity_p90, find_capacity
 from router.replay.traces import Trace
@@ -111,13 +118,45 @@ async def run_target(
             window, ReplayConfig(url=url, api="completions", load=load, speedup=args.speedup)
         )
         summary = summarize(run.outcomes, wall_s=time.monotonic() - started)
-        summary["tpot_p90"] = tpot_p90(run.outcomes)
+        summary.update(tpot_figures(run.outcomes))
         errors = sorted({o.error for o in run.outcomes if o.error})[:5]
         summary["errors"] = errors
+        summary["decode_split"] = await decode_split(durls)
         summary["router_log_tail"] = _tail(router.log_path, 600)
         return summary
     finally:
         procs.stop_all()
+
+
+async def decode_split(urls: list[str]) -> dict[str, dict[str, float]]:
+    """Requests and output tokens each decode server finished (its `sglang:*` counters)."""
+    import aiohttp
+
+    wanted = {"sglang:num_requests_total": "requests", "sglang:generation_tokens_total": "tokens"}
+    split: dict[str, dict[str, float]] = {}
+    async with aiohttp.ClientSession() as session:
+        for url in urls:
+            async with session.get(url + "/metrics") as resp:
+                text = await resp.text()
+            row = split[url] = {}
+            for line in text.splitlines():
+                name, _, value = line.partition("{")
+                if name in wanted:
+                    row[wanted[name]] = float(value.rsplit(" ", 1)[1])
+    return split
+
+
+def tpot_figures(outcomes: list[RequestOutcome]) -> dict[str, float]:
+    """p50 / p90 / p99 / max of the per-request TPOT (mean gap after the first token)."""
+    tpots = sorted(o.tpot for o in outcomes if o.tpot is not None and not o.failed)
+    figures = {f"tpot_p{q}": percentile(tpots, q) for q in (50, 90, 99)}
+    figures["tpot_max"] = tpots[-1] if tpots else float("nan")
+    return figures
+
+
+def _runs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs of a result file (files from before `--runs` hold one, at the top level)."""
+    return doc.get("runs") or [{"results": doc["results"], "checks": doc["checks"]}]
 
 
 def table(paths: list[Path]) -> str:
@@ -125,24 +164,73 @@ def table(paths: list[Path]) -> str:
     import json
 
     rows = [
-        "| run | load | target | p90 TTFT s | p50 TTFT s | p90 TPOT ms | failed | sim p90 TTFT s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | load | target | p90 TTFT s | p50 TTFT s | p90 TPOT ms | mean TPOT ms | failed "
+        "| requests per decode server | sim p90 TTFT s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in paths:
         doc = json.loads(path.read_text())
-        for target, res in doc["results"].items():
-            sim = doc["simulated"].get(target.removeprefix("smg:"), {}).get("ttft_p90")
+        many = len(_runs(doc)) > 1
+        for i, run in enumerate(_runs(doc)):
+            name = f"{path.name} #{i + 1}" if many else path.name
+            for target, res in run["results"].items():
+                sim = doc["simulated"].get(target.removeprefix("smg:"), {}).get("ttft_p90")
+                split = res.get("decode_split")
+                per_decode = (
+                    " / ".join(f"{row['requests']:.0f}" for row in split.values()) if split else "-"
+                )
+                rows.append(
+                    f"| {name} | {doc['load']:.3f} | {target} | {res['ttft_p90']:.3f} | "
+                    f"{res['ttft_p50']:.3f} | {res['tpot_p90'] * 1000:.2f} | "
+                    f"{res['tpot_mean'] * 1000:.2f} | {res['failed']} | {per_decode} | "
+                    + (f"{sim:.3f} |" if sim is not None else "- |")
+                )
+            checks = run["checks"]
+            mean = checks.get("pair_tpot_mean_over_smg")
             rows.append(
-                f"| {path.name} | {doc['load']:.3f} | {target} | {res['ttft_p90']:.3f} | "
-                f"{res['ttft_p50']:.3f} | {res['tpot_p90'] * 1000:.1f} | {res['failed']} | "
-                + (f"{sim:.3f} |" if sim is not None else "- |")
+                f"| {name} | | pair / SMG | {checks['pair_ttft_p90_over_smg']:.2f}x | | "
+                f"{checks['pair_tpot_p90_over_smg']:.4f}x | "
+                + (f"{mean:.4f}x | | | |" if mean is not None else "- | | | |")
             )
-        checks = doc["checks"]
-        rows.append(
-            f"| {path.name} | | pair / SMG | {checks['pair_ttft_p90_over_smg']:.2f}x | | "
-            f"{checks['pair_tpot_p90_over_smg']:.3f}x | | |"
-        )
     return "\n".join(rows)
+
+
+def _checks(results: dict[str, Any]) -> dict[str, Any]:
+    smg = results.get(f"smg:{SMG_PAIR}")
+    ours = results.get("pair")
+    checks: dict[str, Any] = {"no_failures": all(r["failed"] == 0 for r in results.values())}
+    if smg and ours:
+        checks["pair_ttft_p90_over_smg"] = ours["ttft_p90"] / smg["ttft_p90"]
+        checks["pair_tpot_p90_over_smg"] = ours["tpot_p90"] / smg["tpot_p90"]
+        checks["pair_tpot_mean_over_smg"] = ours["tpot_mean"] / smg["tpot_mean"]
+        checks["ttft_ok"] = checks["pair_ttft_p90_over_smg"] <= 0.7
+        checks["tpot_ok"] = checks["pair_tpot_p90_over_smg"] <= 1.0
+    return checks
+
+
+def _all_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every run's checks side by side, and whether each held in all of them."""
+    checks = [r["checks"] for r in runs]
+    out: dict[str, Any] = {
+        "runs": len(runs),
+        **{f"{k}_all": all(c.get(k, False) for c in checks)
+           for k in ("no_failures", "ttft_ok", "tpot_ok")},
+    }  # fmt: skip
+    for key in ("pair_ttft_p90_over_smg", "pair_tpot_p90_over_smg", "pair_tpot_mean_over_smg"):
+        out[key] = [c.get(key) for c in checks]
+    return out
+
+
+def _decode_ceiling() -> dict[str, float]:
+    """The decode step at an empty and at a full KV pool (the range every TPOT lies in)."""
+    profile = get_profile(PROFILE)
+    full = profile.kv_capacity_tokens
+    return {
+        "kv_capacity_tokens": full,
+        "step_s_weights_only": profile.decode_step_time(1, 0),
+        "step_s_full_kv": profile.decode_step_time(1, full),
+        "s_per_kv_token": profile.decode_coefficients()[1],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", type=float, default=None, help="default: SMG's sim capacity")
     parser.add_argument("--precision", type=float, default=0.02)
     parser.add_argument("--speedup", type=float, default=1.0)
+    parser.add_argument(
+        "--runs", type=int, default=1, help="repeat the targets, every other run reversed"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "pd_live.json")
     parser.add_argument("--table", nargs="*", type=Path, help="print the README rows and stop")
     args = parser.parse_args(argv)
@@ -184,26 +275,27 @@ def main(argv: list[str] | None = None) -> int:
         load = capacity = round(found.max_load, 3)
         print(f"simulated {SMG_PAIR} capacity (p90 TTFT <= {args.slo_ttft_p90:g} s): {load}")
     simulated = {r: sim_at(r, load) for r in ("pair", SMG_PAIR)}
-    results: dict[str, Any] = {}
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    targets = args.targets.split(",")
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="pd-live-") as tmp:
-        for target in args.targets.split(","):
-            load_before = os.getloadavg()
-            res = asyncio.run(run_target(window, target, args, load, Path(tmp)))
-            res["loadavg_before"] = load_before
-            results[target] = res
-            print(
-                f"{target}: p90 TTFT {res['ttft_p90']:.3f} s, p90 TPOT "
-                f"{res['tpot_p90'] * 1000:.1f} ms, failed {res['failed']}",
-                flush=True,
-            )
-    smg = results.get(f"smg:{SMG_PAIR}")
-    ours = results.get("pair")
-    checks: dict[str, Any] = {"no_failures": all(r["failed"] == 0 for r in results.values())}
-    if smg and ours:
-        checks["pair_ttft_p90_over_smg"] = ours["ttft_p90"] / smg["ttft_p90"]
-        checks["pair_tpot_p90_over_smg"] = ours["tpot_p90"] / smg["tpot_p90"]
-        checks["ttft_ok"] = checks["pair_ttft_p90_over_smg"] <= 0.7
-        checks["tpot_ok"] = checks["pair_tpot_p90_over_smg"] <= 1.0
+        for i in range(args.runs):
+            order = targets if i % 2 == 0 else targets[::-1]
+            results: dict[str, Any] = {}
+            for target in order:
+                load_before = os.getloadavg()
+                res = asyncio.run(run_target(window, target, args, load, Path(tmp)))
+                res["loadavg_before"] = load_before
+                results[target] = res
+                print(
+                    f"run {i + 1}/{args.runs} {target}: p90 TTFT {res['ttft_p90']:.3f} s, "
+                    f"p90 TPOT {res['tpot_p90'] * 1000:.3f} ms (mean "
+                    f"{res['tpot_mean'] * 1000:.3f}), failed {res['failed']}",
+                    flush=True,
+                )
+            runs.append({"order": order, "results": results, "checks": _checks(results)})
+            print(f"run {i + 1} checks: {runs[-1]['checks']}", flush=True)
     doc = {
         "window": {"trace": "multi_turn seed 1", "start": args.start, "duration": args.duration},
         "profile": PROFILE,
@@ -214,15 +306,16 @@ def main(argv: list[str] | None = None) -> int:
         "speedup": args.speedup,
         "machine": "shared 2-core box, no GPU; simulated PD servers in real time",
         "command": "python benchmarks/pd_live.py " + " ".join(argv or sys.argv[1:]),
+        "decode_ceiling": _decode_ceiling(),
         "simulated": {
-            r: {k: s[k] for k in ("ttft_p90", "tpot_p90", "failed", "hit_ratio")}
+            r: {k: s[k] for k in ("ttft_p90", "tpot_p90", "tpot_mean", "failed", "hit_ratio")}
             for r, s in simulated.items()
         },
-        "results": results,
-        "checks": checks,
+        "runs": runs,
+        "checks": _all_runs(runs),
     }
     write_json(args.out, doc)
-    print(f"checks: {checks}")
+    print(f"checks over {args.runs} run(s): {doc['checks']}")
     return 0
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
+from backends.sim.engine import Engine
 from backends.sim.pd import KVLink
 from backends.sim.perf import get_profile
 from router.cli import main
@@ -65,6 +67,29 @@ def test_every_request_of_a_chat_trace_completes(router: str) -> None:
     for side in ("prefill", "decode"):
         assert books[side]["in_flight"] == 0
         assert sum(b["routed"] for b in books[side]["backends"].values()) == len(trace.requests)
+
+
+def test_no_tpot_exceeds_the_step_with_a_full_decode_pool() -> None:
+    # one decode server behind two prefill servers, loaded past its KV pool
+    trace = multi_turn(MultiTurnConfig(seed=1)).window(240.0, 120.0)
+    seen: list[tuple[float, int, int]] = []
+
+    def probe(now: float, engines: Mapping[str, Engine]) -> None:
+        assert set(engines) == {"d0"}
+        load = engines["d0"].load()
+        seen.append((now, load.waiting, engines["d0"].batch_kv_tokens()))
+
+    cfg = PDSimConfig(prefill=2, decode=1, profile=PROFILE, load=2.0)
+    run = simulate_pd(trace, "pair", cfg, probe=probe)
+    assert run.summary["failed"] == 0
+    assert len(seen) == len(trace.requests)  # once per arrival, in time order
+    assert [t for t, _, _ in seen] == sorted(t for t, _, _ in seen)
+    assert any(waiting for _, waiting, _ in seen)  # requests queued for decode KV room
+    assert max(kv for _, _, kv in seen) <= PROFILE.kv_capacity_tokens
+    ceiling = PROFILE.decode_step_time(1, PROFILE.kv_capacity_tokens)
+    tpots = [o.tpot for o in run.outcomes if o.tpot is not None]
+    assert max(tpots) <= ceiling
+    assert max(tpots) > 0.9 * ceiling  # and the queued ones run close to it
 
 
 def test_pair_keeps_conversations_on_their_prefill_server() -> None:

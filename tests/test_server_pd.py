@@ -100,6 +100,47 @@ async def test_generate_streams_from_the_decode_server() -> None:
         del pre
 
 
+async def test_stats_and_readiness_cover_both_pools() -> None:
+    async with pd_pool() as (pre, dec, server), aiohttp.ClientSession() as session:
+        body = {"text": LONG, "sampling_params": {"max_new_tokens": 4}}
+        for _ in range(2):
+            async with session.post(server.url + "/generate", json=body) as resp:
+                assert resp.status == 200
+        async with session.get(server.url + "/stats") as resp:
+            stats = await resp.json()
+        prefill_rows = {b["url"]: b for b in stats["backends"]}
+        assert set(prefill_rows) == {h.url for h in pre}
+        # the prefill side's counts are its own core's (the proxy's metrics follow the decode)
+        assert sorted(b["routed"] for b in prefill_rows.values()) == [0, 2]
+        assert sum(b["reported_cached_tokens"] for b in prefill_rows.values()) > 0
+        decode = stats["decode"]
+        assert decode["policy"] == "pd_decode"
+        decode_rows = {b["url"]: b for b in decode["backends"]}
+        assert set(decode_rows) == {h.url for h in dec}
+        assert sum(b["routed"] for b in decode_rows.values()) == 2
+        assert all(b["healthy"] and b["learned"]["decode_step_s"] > 0 for b in decode_rows.values())
+        assert decode["core"]["in_flight"] == 0
+        async with session.get(server.url + "/readiness") as resp:
+            assert resp.status == 200
+            ready = await resp.json()
+        assert ready["healthy_backends"] == 2 and ready["healthy_decode_backends"] == 2
+        async with session.get(server.url + "/metrics") as resp:
+            text = await resp.text()
+        gauges = [line for line in text.splitlines() if "backend_healthy{" in line]
+        assert all(any(h.url in line for line in gauges) for h in pre + dec)
+        for h in dec:  # no decode server left: nothing can be served
+            await h.close()
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            async with session.get(server.url + "/readiness") as resp:
+                ready = await resp.json()
+                if resp.status == 503:
+                    break
+            assert asyncio.get_running_loop().time() < deadline, ready
+            await asyncio.sleep(0.1)
+        assert ready == {"status": "not ready", "healthy_backends": 2, "healthy_decode_backends": 0}
+
+
 async def test_a_dead_prefill_server_is_retried_before_the_first_byte() -> None:
     async with pd_pool() as (pre, _, server), aiohttp.ClientSession() as session:
         pd = _proxy(server).pd

@@ -162,6 +162,18 @@ def test_decode_step_time_grows_with_batch_kv() -> None:
     assert fin.time - ft.time == pytest.approx(decode_time(H100, 101, 199), rel=1e-9)
 
 
+def test_batch_kv_counts_the_tokens_written_inside_a_decode_segment() -> None:
+    e = Engine(H100)
+    e.add_request(req("a", [], 1000, 400), 0.0)
+    e.add_request(req("b", [], 3000, 400), 0.0)
+    assert e.batch_kv_tokens() == 0  # nothing decoding yet
+    e.advance(0.5)  # both prefilled; a long decode segment runs to their finish
+    a, b = e.progress("a", 0.5), e.progress("b", 0.5)
+    assert 1 < b <= a < 400  # b joined a step later (a's step was under way when it came)
+    assert e.batch_kv_tokens() == 1000 + a + 3000 + b
+    assert e.load().kv_used_tokens == 4000 + 2 * 400  # the whole outputs stay reserved
+
+
 def test_chunked_prefill_lets_running_decodes_progress() -> None:
     e = Engine(H100)
     e.add_request(req("a", [], 100, 5000), 0.0)

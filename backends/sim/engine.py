@@ -252,11 +252,14 @@ class Engine:
             raise KeyError(f"no live request {rid!r}")
         if r.state != _DECODE:
             return 0
-        g = self._g
-        step = self._step
-        if step is not None and step.segment:
-            g += self._segment_steps_by(step, now - step.start)
-        return min(r.req.output_tokens, 1 + g - r.g0)
+        return min(r.req.output_tokens, 1 + self._g_at(now) - r.g0)
+
+    def batch_kv_tokens(self) -> int:
+        """KV tokens a decode step reads now: each decoding request's prompt and output so far.
+
+        Less than `load().kv_used_tokens`, which also counts reserved output not yet written.
+        """
+        return self._kv_base + len(self._decoding) * self._g_at(self._now)
 
     def probe(self, req: SimRequest) -> ProbeResult:
         """The cache hit `req` would get now (device, then host), touching nothing."""
@@ -363,6 +366,13 @@ class Engine:
         while m > 0 and self._segment_time(step, m) > elapsed:
             m -= 1
         return m
+
+    def _g_at(self, now: float) -> int:
+        """The decode-step counter at `now`, counting the steps done in a segment under way."""
+        step = self._step
+        if step is not None and step.segment:
+            return self._g + self._segment_steps_by(step, now - step.start)
+        return self._g
 
     def _batch_kv(self) -> int:
         return self._kv_base + len(self._decoding) * self._g

@@ -104,7 +104,7 @@ def run_pd(args: argparse.Namespace, routers: list[str]) -> int:
     title = f"{trace.name}: PD {prefill}P+{decode}D x {args.profile}, load {args.load:g}"
     print(format_table(results, title=title))
     for router, res in results.items():
-        print(f"  {router}: p90 TPOT {res['tpot_p90'] * 1000:.1f} ms")
+        print(f"  {router}: p90 TPOT {res['tpot_p90'] * 1000:.2f} ms")
     for router, cap in capacity.items():
         print(f"  capacity at p90 TTFT <= {slo:g} s: {router} {cap['max_load']:.3f}")
     if args.json is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,8 +122,13 @@ def simulate_pd(
     config: PDSimConfig,
     *,
     on_request: Callable[[], None] | None = None,
+    probe: Callable[[float, Mapping[str, Engine]], None] | None = None,
 ) -> PDRun:
-    """Run `trace` through a fresh PD pool routed by `router`; every request ends in an outcome."""
+    """Run `trace` through a fresh PD pool routed by `router`; every request ends in an outcome.
+
+    `probe(now, decode_engines)`, if given, is called at every arrival, before it is routed,
+    to read (never change) the decode servers' state (benchmarks/pd_tpot.py).
+    """
     started = time.perf_counter()
     profile = config.resolved_profile
     prior = prior_from_profile(profile)
@@ -250,6 +255,8 @@ def simulate_pd(
     for position, treq in enumerate(trace.requests):
         now = treq.timestamp / config.load
         run_until(now)
+        if probe is not None:
+            probe(now, dengines)
         rid = f"r{position}"
         req = route_request_from_hash_ids(
             rid, treq.hash_ids, trace.block_size, treq.input_length, treq.output_length

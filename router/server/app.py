@@ -50,7 +50,7 @@ from router.server.record_admin import RecordControl
 from router.server.scheduling import SchedulerDriver, scheduler_config
 from router.server.sglang_compat import ModelInfoRelay
 from router.server.siblings import Siblings
-from router.server.status import StatusApi
+from router.server.status import PoolView, StatusApi
 from router.state import StateSync, SyncConfig, open_state
 
 __all__ = [
@@ -162,6 +162,8 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
         model_info=ModelInfoRelay(pool, session, config.health_timeout_s),
         record=RecordControl(config, proxy, policy_name=policy_name, replica=sync.replica),
     )
+    if pd is not None:
+        state.status.decode = PoolView(pd.pd.decode, pd.pool())  # /stats, /readiness
     kv_events = KVEventsManager(policy, hasher, config.kv_events, config.kv_event_endpoints)
     pool.observers.append(kv_events)
     state.status.kv_events = kv_events

@@ -8,6 +8,9 @@
   learned prefill/decode speeds when the policy exposes them (`policy.learned`, optional),
   and under "replicas" the shared-state link (`StateSync.stats()`: this replica's id, the
   replicas alive, connected or not, events published / applied / dropped).
+- In PD mode (`serve --prefill/--decode`) the backends above are the prefill pool, with the
+  counts its own routing core kept; `decode` holds the decode pool's rows the same way, and
+  `/readiness` wants a healthy server in each pool (a request needs one of each).
 - `/metrics` refreshes the live gauges (health, in-flight, learned speeds, replicas seen,
   remote events applied) and renders the registry. None of these carry prompt text; /stats
   and /metrics do show backend URLs and errors, so `--protect-status` puts them behind a key
@@ -31,7 +34,7 @@ from router.server.metrics import RouterMetrics
 from router.server.pool import BackendPool
 from router.state import StateSync
 
-__all__ = ["StatusApi", "learned_all"]
+__all__ = ["PoolView", "StatusApi", "learned_all"]
 
 
 def _plain(value: Any) -> Any:
@@ -62,6 +65,18 @@ def _number(obj: Any, *names: str) -> float | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class PoolView:
+    """A second pool's core and health (PD mode's decode servers) for /stats and /readiness."""
+
+    core: RoutingCore
+    pool: BackendPool
+
+
+def _ready(pool: BackendPool) -> int:
+    return sum(1 for e in pool.entries.values() if e.healthy and not e.draining)
+
+
 class StatusApi:
     def __init__(
         self,
@@ -81,6 +96,7 @@ class StatusApi:
         self.policy_name = policy_name
         self.kv_events: Any = None  # the KV event subscriptions, when the app has them
         self.scheduler_stats: Callable[[], Any] | None = None  # set with --scheduler on
+        self.decode: PoolView | None = None  # set in PD mode: the decode pool
         metrics.registry.collectors.append(self._collect)
 
     def _states(self) -> dict[str, BackendState]:
@@ -97,7 +113,12 @@ class StatusApi:
         m.replicas.set(value=float(max(1, len(replicas))))
         m.remote_events.set_total(value=float(self.sync.applied))
         learned_by_backend = learned_all(self.policy)
-        for entry in self.pool.entries.values():
+        entries = list(self.pool.entries.values())
+        if self.decode is not None:
+            states.update((b.id, b) for b in self.decode.core.backends())
+            learned_by_backend.update(learned_all(self.decode.core.policy))
+            entries += self.decode.pool.entries.values()
+        for entry in entries:
             m.backend_healthy.set(entry.id, value=1.0 if entry.healthy else 0.0)
             state = states.get(entry.id)
             m.backend_in_flight.set(entry.id, value=float(state.load if state else 0))
@@ -113,43 +134,76 @@ class StatusApi:
         return web.json_response({"status": "ok"})
 
     async def readiness(self, request: web.Request) -> web.StreamResponse:
-        healthy = [e.url for e in self.pool.entries.values() if e.healthy and not e.draining]
-        if healthy:
-            return web.json_response({"status": "ready", "healthy_backends": len(healthy)})
+        body: dict[str, Any] = {"healthy_backends": _ready(self.pool)}
+        ready = body["healthy_backends"] > 0
+        if self.decode is not None:
+            body["healthy_decode_backends"] = _ready(self.decode.pool)
+            ready = ready and body["healthy_decode_backends"] > 0
+        if ready:
+            return web.json_response({"status": "ready", **body})
         return web.json_response(
-            {"status": "not ready", "healthy_backends": 0}, status=503, headers={"Retry-After": "1"}
+            {"status": "not ready", **body}, status=503, headers={"Retry-After": "1"}
         )
 
-    def stats_body(self) -> dict[str, Any]:
-        states = self._states()
+    def _rows(
+        self, core: RoutingCore, pool: BackendPool, policy: Policy, counts: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        """One row per pool entry; `counts`: per-backend counters (empty: the proxy's metrics)."""
+        states = {b.id: b for b in core.backends()}
         m = self.metrics
-        backends: list[dict[str, Any]] = []
-        learned_by_backend = learned_all(self.policy)
-        for entry in self.pool.entries.values():
+        learned_by_backend = learned_all(policy)
+        rows: list[dict[str, Any]] = []
+        for entry in pool.entries.values():
             state = states.get(entry.id)
             row = describe_entry(entry)
+            own = counts.get(entry.id)
             row.update(
                 load=state.load if state else 0,
                 reported_running=state.reported_running if state else None,
                 reported_waiting=state.reported_waiting if state else None,
-                routed=int(m.routed.get(entry.id)),
-                prompt_tokens=int(m.prompt_tokens.get(entry.id)),
-                predicted_cached_tokens=int(m.predicted_cached.get(entry.id)),
-                reported_cached_tokens=int(m.reported_cached.get(entry.id)),
                 learned=learned_by_backend.get(entry.id),
             )
-            backends.append(row)
+            if own is None:
+                row.update(
+                    routed=int(m.routed.get(entry.id)),
+                    prompt_tokens=int(m.prompt_tokens.get(entry.id)),
+                    predicted_cached_tokens=int(m.predicted_cached.get(entry.id)),
+                    reported_cached_tokens=int(m.reported_cached.get(entry.id)),
+                )
+            else:  # PD's prefill pool: the proxy's metrics are keyed by the decode server
+                row.update(
+                    routed=own["routed"],
+                    prompt_tokens=own["prompt_tokens_reported"],
+                    predicted_cached_tokens=own["predicted_cached_tokens_reported"],
+                    reported_cached_tokens=own["reported_cached_tokens"],
+                )
+            rows.append(row)
+        return rows
+
+    def stats_body(self) -> dict[str, Any]:
+        m = self.metrics
         core_stats: Any = None
         stats: Callable[[], Any] | None = getattr(self.core, "stats", None)
         if stats is not None:
             core_stats = _plain(stats())
+        decode: dict[str, Any] | None = None
+        counts: Mapping[str, Any] = {}
+        if self.decode is not None:
+            counts = self.core.stats()["backends"]
+            dcore = self.decode.core
+            decode = {
+                "policy": dcore.policy.name,
+                "backends": self._rows(dcore, self.decode.pool, dcore.policy, {}),
+                "core": _plain(dcore.stats()),
+            }
         return {
             "policy": self.policy_name,
             "in_flight": int(m.in_flight.get()),
             # the loop's task count: a leak shows as growth at rest (benchmarks/soak.py)
             "asyncio_tasks": len(asyncio.all_tasks()),
-            "backends": backends,
+            "backends": self._rows(self.core, self.pool, self.policy, counts),
             "core": core_stats,
+            "decode": decode,
             "replicas": self.sync.stats(),
             "kv_events": self.kv_events.stats() if self.kv_events is not None else None,
             "scheduler": self.scheduler_stats() if self.scheduler_stats is not None else None,

@@ -301,6 +301,8 @@ class Scheduler:
         self._boosted: dict[str, tuple[str, float]] = {}
         # Engine priority: tenant -> (prefill seconds bound, decayed over _SHARE_S; as of when).
         self._shares: dict[str, tuple[float, float]] = {}
+        self._fair_at = -math.inf  # when _fair (the decayed shares) was computed
+        self._fair: dict[str, float] = {}
         # When the last binds happened: the rate at which the pool takes held work.
         self._binds: deque[float] = deque(maxlen=256)
         self.shed_by_reason: dict[str, int] = {}
@@ -384,9 +386,7 @@ class Scheduler:
         boosted = self._boosted_work()
         # With engine priority, a slice of each backend is kept for under-share tenants.
         keep = self.config.reserve if boosted is not None else 0.0
-        kept = {
-            s.id: keep * (s.spec.max_running_requests or 0) for s in backends
-        }  # fmt: skip
+        kept = {s.id: keep * (s.spec.max_running_requests or 0) for s in backends}
 
         def room(b: str) -> bool:
             return queue[b] + ahead[b] < budget * (1 - keep) and slots[b] - kept[b] >= 1
@@ -601,13 +601,16 @@ class Scheduler:
         """
         if not self.config.engine_priority:
             return False
-        shares = {t: self._share(t, now) for t in self._shares}
-        active = [v for t, v in shares.items() if v > 1e-9 or t == tenant]
-        if tenant not in shares:
-            active.append(0.0)
-        if len(active) < 2:
+        if self._fair_at != now:  # once per instant: a step asks for every request it looks at
+            shares = {t: self._share(t, now) for t in self._shares}
+            for t in [t for t, v in shares.items() if v < 1e-6]:  # long gone: forget
+                del self._shares[t], shares[t]
+            self._fair_at, self._fair = now, shares
+        shares = self._fair
+        count = len(shares) + (tenant not in shares)
+        if count < 2:
             return False
-        return shares.get(tenant, 0.0) < sum(active) / len(active)
+        return shares.get(tenant, 0.0) < sum(shares.values()) / count
 
     def _share(self, tenant: str, now: float) -> float:
         value, at = self._shares[tenant]
@@ -616,6 +619,7 @@ class Scheduler:
     def _charge(self, tenant: str, prefill_s: float, now: float) -> None:
         value = self._share(tenant, now) if tenant in self._shares else 0.0
         self._shares[tenant] = (value + prefill_s, now)
+        self._fair_at = -math.inf  # the shares changed
 
     def _boosted_work(self) -> dict[str, float] | None:
         """Predicted prefill seconds of boosted requests not yet at their first token."""

@@ -416,13 +416,14 @@ class Scheduler:
             if self._waits_for_leader(req, now):
                 continue
             if boost and boosted is not None:
-                # It goes ahead of the engines' queued prefill: only boosted work is ahead.
-                # Only where a running slot is free: past that it would wait inside the engine.
+                # It goes ahead of the engines' queued prefill, but SGLang fills its prefill
+                # step with that queue (up to max_prefill_tokens): priced with the queue, plus
+                # the boosted work ahead of it; only where a running slot is free (past that it
+                # would wait inside the engine).
                 free = [s for s in backends if slots[s.id] >= 1 and boosted.get(s.id, 0.0) < budget]
                 if not free:
                     continue
-                jump = {b: boosted.get(b, 0.0) - queue[b] for b in queue}
-                choice = self._choose(req, free, now, jump)
+                choice = self._choose(req, free, now, dict(boosted))
                 b = choice.backend
             else:
                 choice = self._choose(req, backends, now, ahead)
@@ -525,10 +526,10 @@ class Scheduler:
         waited far past their deadline (multi-turn at 2x capacity: admitted p90 13 s, SLO 2 s).
         """
         if self._predictor is not None and self._under_share(item.ticket.tenant, now):
-            # It goes next here (fair share) and ahead of the engines' queues (priority).
+            # It goes next here (fair share), and ahead of the engines' queues (priority) but
+            # in a prefill step they fill: the policy's price with the boosted work added.
             boosted = self._boosted_work() or {}
-            jump = {s.id: boosted.get(s.id, 0.0) - self._queue_s(s, now) for s in backends}
-            placed = self._predictor.choose(item.ticket.req, backends, now, ahead=jump)
+            placed = self._predictor.choose(item.ticket.req, backends, now, ahead=boosted)
             self._predictor.forget(item.ticket.req.rid)
             return placed.predicted_ttft_s or item.prefill_s
         queues = [self._queue_s(s, now) for s in backends]

@@ -11,7 +11,10 @@ Three measurements, 8 x llama3-8b-h100 (conv-hicache: the HiCache profile), SLO 
     scheduler; with the scheduler, deadline admission at 2 s sheds on arrival.
 (c) fairness: a small tenant (multi-turn seed 2, whole conversations, ~10% of requests) beside
     a flooding one (multi-turn seed 1 at 3x cost's capacity): the small tenant's p90 TTFT
-    against its figure alone on the same pool, with and without the scheduler.
+    against its figure alone on the same pool, without the scheduler, with it, and with it
+    sending engine priorities (the engines run SGLang's --enable-priority-scheduling) with
+    0, 10% and 50% of each backend kept for the under-share tenant (the trade-off: the more
+    kept, the nearer solo the small tenant and the less the flood gets).
 
 Run:  flock /tmp/prefix-router-heavy.lock python benchmarks/scheduler.py   (~25 min, 2 cores)
       python benchmarks/scheduler.py --parts a --workloads multi-turn --precision 0.05
@@ -46,6 +49,8 @@ SEEDS = (2, 3, 4)
 CAPACITY_SCHEDULER = SchedulerConfig(late_last_s=SLO)
 # Overload runs: admission by the 2 s deadline as well.
 ADMISSION_SCHEDULER = SchedulerConfig(slo_ttft_s=SLO)
+# Fairness runs with engine priority: the share of each backend kept for under-share tenants.
+RESERVES = (0.0, 0.1, 0.5)
 
 
 def trace_for(workload: str, seed: int = 1) -> Trace:
@@ -156,16 +161,19 @@ def _tenant(r: TraceRequest) -> str:
     return (r.session or "").split(":", 1)[0]
 
 
-def _fairness(job: tuple[str, float, bool]) -> dict[str, Any]:
-    which, flood_load, on = job
+def _fairness(job: tuple[str, float, bool, float | None]) -> dict[str, Any]:
+    which, flood_load, on, reserve = job
     both, alone = fairness_trace(flood_load)
     trace = both if which == "both" else alone
     scheduler = ADMISSION_SCHEDULER if on else None
+    if on and reserve is not None:
+        scheduler = replace(ADMISSION_SCHEDULER, engine_priority=True, reserve=reserve)
     cfg = SimConfig(profiles=("llama3-8b-h100",) * 8, load=1.0, scheduler=scheduler,
                     goodput_slo_s=SLO)  # fmt: skip
     run = simulate_policy(trace, "cost", cfg, tenant_of=_tenant)
     tenants = {name: _figures(s) for name, s in run.summary["tenants"].items()}
-    return {"trace": which, "scheduler": on, "tenants": tenants}
+    return {"trace": which, "scheduler": on, "engine_priority_reserve": reserve,
+            "tenants": tenants}  # fmt: skip
 
 
 def _map(pool: ProcessPoolExecutor, fn: Callable[[Any], dict[str, Any]], jobs: list[Any],
@@ -254,12 +262,14 @@ def tables(doc: dict[str, Any]) -> str:
             )
     fair = doc.get("fairness", [])
     if fair:
-        out += ["", "| run | scheduler | tenant | requests | shed | p90 TTFT | goodput share |",
-                "|---|---|---|---|---|---|---|"]  # fmt: skip
+        out += ["", "| run | scheduler | engine priority, kept | tenant | requests | shed | "
+                "p90 TTFT | goodput share |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in fair:
+            reserve = r.get("engine_priority_reserve")
+            kept = "-" if reserve is None else f"on, {reserve:g}"
             for tenant, f in r["tenants"].items():
                 out.append(
-                    f"| {r['trace']} | {'on' if r['scheduler'] else 'off'} | {tenant} | "
+                    f"| {r['trace']} | {'on' if r['scheduler'] else 'off'} | {kept} | {tenant} | "
                     f"{f['requests']} | {f['shed']} | {f['ttft_p90']:.3f} | "
                     f"{f['goodput_share']:.3f} |"
                 )
@@ -290,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         "slo_ttft_p90_s": SLO,
         "capacity_scheduler": repr(CAPACITY_SCHEDULER),
         "admission_scheduler": repr(ADMISSION_SCHEDULER),
+        "fairness_reserves": list(RESERVES),
         "precision": args.precision,
     }
 
@@ -321,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                          if r["workload"] == "multi-turn" and r["seed"] == 1
                          and not r["scheduler"]), 9.935)  # fmt: skip
             doc["fairness_flood_load"] = 3 * base
-            jobs = [(which, 3 * base, on) for which in ("solo", "both") for on in (False, True)]
+            jobs = [(which, 3 * base, on, None) for which in ("solo", "both")
+                    for on in (False, True)]  # fmt: skip
+            jobs += [("both", 3 * base, True, r) for r in RESERVES]
             doc["fairness"] = _map(pool, _fairness, jobs, "fairness")
             save()
         if "a" in parts and seeds:

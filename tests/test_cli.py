@@ -148,3 +148,8 @@ def test_reader_closing_the_pipe_early_exits_quietly(
     assert "Traceback" not in err and "BrokenPipe" not in err, err
     assert err == ""
     assert code in codes
+
+
+def test_sim_priority_scheduling_needs_fcfs_as_sglang() -> None:
+    with pytest.raises(SystemExit, match="needs --schedule-policy fcfs"):
+        main(["sim", "--schedule-policy", "lpm", "--enable-priority-scheduling"])

@@ -29,9 +29,14 @@ PRIOR = PerfPrior(
 )
 
 
-def _sched(backends: int = 1, policy: str = "cost", **config: object) -> Scheduler:
+def _sched(
+    backends: int = 1, policy: str = "cost", max_running: int | None = None, **config: object
+) -> Scheduler:
     specs = [
-        BackendSpec(id=f"b{i}", kv_capacity_tokens=1_000_000, prior=PRIOR) for i in range(backends)
+        BackendSpec(
+            id=f"b{i}", kv_capacity_tokens=1_000_000, prior=PRIOR, max_running_requests=max_running
+        )
+        for i in range(backends)
     ]
     options = {"calibrate": False, "interference": 0.0} if policy == "cost" else {}
     core = RoutingCore(make_policy(policy, **options), specs)
@@ -306,3 +311,82 @@ def test_with_a_target_a_request_already_past_it_goes_after_those_that_can_still
 
     assert first_released(None) == "late"  # shortest first
     assert first_released(1.0) == "on_time"
+
+
+def _twenty_running_bound_at_ten_a_second(**config: object) -> Scheduler:
+    """One backend with 20 running slots, all taken by requests bound one every 0.1 s."""
+    s = _sched(max_running=20, budget_s=0.5, **config)
+    for i in range(20):
+        t = 0.1 * i
+        s.submit(_ticket(f"run{i}", 100, t, tenant="flood"), t)
+        assert _bound(s, t) == [f"run{i}"]
+        s.core.on_first_token(f"run{i}", t + 0.01, cached_tokens=0)  # decoding: still in flight
+    return s
+
+
+def test_a_backend_with_every_running_slot_taken_takes_nothing_more() -> None:
+    s = _twenty_running_bound_at_ten_a_second()
+    s.submit(_ticket("next", 100, 2.0), 2.0)
+    # Its predicted queue is ~0 s, far under the budget, but the engine would only queue it.
+    assert _bound(s, 2.0) == []
+    s.core.on_finished("run0", 2.1, output_tokens=10, cached_tokens=0)
+    assert _bound(s, 2.1) == ["next"]
+
+
+def test_admission_counts_the_requests_held_ahead_at_the_rate_the_pool_binds_them() -> None:
+    def late(**config: object) -> object:
+        s = _twenty_running_bound_at_ten_a_second(**config)
+        for i in range(10):  # held: no running slot; each predicted to meet a 5 s deadline
+            held = _ticket(f"held{i}", 100, 2.0, tenant="flood", deadline=5.0)
+            assert s.submit(held, 2.0) is None
+        assert _bound(s, 2.0) == [] and s.waiting() == 10
+        return s.submit(_ticket("late", 100, 2.0, tenant="flood", deadline=0.5), 2.0)
+
+    # 19 binds after the first in the 2 s up to now: 9.5 a second (a pool that stops binding
+    # shows a falling rate); 10 held ahead: 10 / 9.5 s, + 0.01 s of prefill.
+    shed = late()
+    assert shed is not None and shed.reason == "slo"  # type: ignore[attr-defined]
+    assert shed.predicted_ttft_s == pytest.approx(10 / 9.5 + 0.01)  # type: ignore[attr-defined]
+    # Priced by prefill seconds alone (queue ~0, 0.1 s held) it would be admitted, and wait.
+    assert late(rate_admission=False) is None
+
+
+def test_a_light_tenant_is_not_priced_behind_a_floods_backlog() -> None:
+    s = _twenty_running_bound_at_ten_a_second()
+    for i in range(10):
+        s.submit(_ticket(f"held{i}", 100, 2.0, tenant="flood", deadline=5.0), 2.0)
+    # Fair queueing interleaves tenants: one flood request is ahead of it, not ten.
+    assert s.submit(_ticket("small", 100, 2.0, tenant="small", deadline=0.5), 2.0) is None
+    s.core.on_finished("run0", 2.1, output_tokens=10, cached_tokens=0)
+    s.core.on_finished("run1", 2.1, output_tokens=10, cached_tokens=0)
+    assert _bound(s, 2.1) == ["held0", "small"]  # two slots free: not held1 before it
+
+
+def test_engine_priority_sends_an_under_share_tenant_ahead_and_past_the_budget() -> None:
+    def run(**config: object) -> list[tuple[str, int | None]]:
+        s = _sched(budget_s=0.1, **config)
+        s.submit(_ticket("busy", 8000, 0.0, tenant="flood"), 0.0)
+        out = [(b.ticket.req.rid, b.engine_priority) for b in s.step(0.0).bound]
+        s.submit(_ticket("flood1", 1000, 0.1, tenant="flood"), 0.1)
+        s.submit(_ticket("small", 1000, 0.1, tenant="small"), 0.1)
+        return out + [(b.ticket.req.rid, b.engine_priority) for b in s.step(0.1).bound]
+
+    # The flood has all the bound prefill: the small tenant is under its share. Inside the
+    # engine it goes ahead of the flood's queue, so holding it here would only delay it.
+    assert run(engine_priority=True) == [("busy", 0), ("small", 1)]
+    assert run() == [("busy", None)]  # both wait for the 0.8 s queue to drain
+    with pytest.raises(ValueError, match="reserve"):
+        SchedulerConfig(reserve=1.0)
+
+
+def test_a_reserve_keeps_running_slots_for_under_share_tenants() -> None:
+    def bound(reserve: float) -> list[str]:
+        s = _sched(max_running=4, budget_s=10.0, engine_priority=True, reserve=reserve)
+        for i in range(4):
+            s.submit(_ticket(f"flood{i}", 100, 0.0, tenant="flood"), 0.0)
+        out = _bound(s, 0.0)
+        s.submit(_ticket("small", 100, 0.1, tenant="small"), 0.1)
+        return out + _bound(s, 0.1)
+
+    assert bound(0.5) == ["flood0", "flood1", "small"]  # half the slots kept: 2 for the flood
+    assert bound(0.0) == ["flood0", "flood1", "flood2", "flood3"]  # no slot left for it

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from typing import ClassVar
 
 import openai
 import pytest
-from server_fixtures import serving
+from server_fixtures import router_for, serving
+
+from backends.sim.api import SimRequest
+from backends.sim.engine import Engine, EngineConfig
+from backends.sim.perf import get_profile
+from backends.sim.server import EngineFigures, EngineLike, build_engine, start_sim_servers
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 LONG = " ".join(f"Clause {i}: the tenant shall keep the premises tidy." for i in range(200))
@@ -99,3 +105,41 @@ async def test_the_api_key_is_the_tenant_when_no_header_names_one() -> None:
             tenants = (await resp.json())["scheduler"]["served_s_by_tenant"]
         (tenant,) = tenants
         assert tenant.startswith("key:") and "secret" not in tenant
+
+
+class _SeenPriorities(Engine):
+    """A real simulated engine run with priority scheduling that notes each request's priority
+    as it arrives: what the router sent in SGLang's `priority` field."""
+
+    seen: ClassVar[list[int | None]] = []
+
+    def add_request(self, req: SimRequest, now: float) -> None:
+        self.seen.append(req.priority)
+        super().add_request(req, now)
+
+
+def _priority_engine() -> tuple[EngineLike, EngineFigures]:
+    config = {"page_size": 16, "enable_priority_scheduling": True}
+    _, figures = build_engine("llama3-8b-h100", **config)
+    return _SeenPriorities(get_profile("llama3-8b-h100"), EngineConfig(**config)), figures
+
+
+async def test_engine_priority_reaches_the_backend_as_sglangs_priority_field() -> None:
+    _SeenPriorities.seen = []
+    handles = await start_sim_servers(1, speedup=20.0, engine_factory=_priority_engine)
+    try:
+        async with router_for(
+            [h.url for h in handles], policy="cost", scheduler=True, scheduler_engine_priority=True
+        ) as router:
+            client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="k", max_retries=0)
+            # The flood's request: alone, at its share (priority 0). The other tenant then has
+            # had none of the recent prefill: under its share, so 1 (ahead of the flood's).
+            assert await _chat(client, LONG, extra_headers={"X-Tenant": "flood"})
+            assert await _chat(client, "hello", extra_headers={"X-Tenant": "small"})
+            # A client's own `priority` (9) keeps its rank: 2 x 9, the under-share bit below it.
+            flood = {"X-Tenant": "flood"}
+            assert await _chat(client, "again", extra_headers=flood, extra_body={"priority": 9})
+    finally:
+        for h in handles:
+            await h.close()
+    assert _SeenPriorities.seen == [0, 1, 18]

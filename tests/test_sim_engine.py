@@ -241,6 +241,22 @@ def test_lpm_admits_longest_cached_prefix_first() -> None:
     assert order["lpm"] == ["hot", "cold"]
 
 
+def test_priority_scheduling_orders_the_queue_by_priority_then_arrival_as_sglang() -> None:
+    def admitted(enable: bool) -> list[str]:
+        e = Engine(H100, EngineConfig(max_running_requests=1, enable_priority_scheduling=enable))
+        e.add_request(req("busy", [], 1000, 50), 0.0)  # holds the one running slot
+        for t, (rid, priority) in enumerate((("none", None), ("low", 0), ("high", 3), ("mid", 1))):
+            e.add_request(dataclasses.replace(req(rid, [], 500, 1), priority=priority), 0.001 * t)
+        events = drain(e)
+        return [ev.rid for ev in events if isinstance(ev, FirstToken) and ev.rid != "busy"]
+
+    # Higher first, ties by arrival; no priority is the lowest (SGLang: -sys.maxsize - 1).
+    assert admitted(True) == ["high", "mid", "low", "none"]
+    assert admitted(False) == ["none", "low", "high", "mid"]  # off (SGLang's default): FCFS
+    with pytest.raises(ValueError, match="fcfs"):
+        EngineConfig(schedule_policy="lpm", enable_priority_scheduling=True)
+
+
 def test_abort_frees_resources_in_every_phase() -> None:
     e = Engine(H100, EngineConfig(max_running_requests=1))
     e.add_request(req("decoding", [], 500, 10_000), 0.0)

@@ -319,6 +319,9 @@ async def test_abort_request_by_rid(sim_server: Any) -> None:
          b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}', "max_tokens"),
         ("/v1/completions", b'{"model": "m"}', "prompt"),
         ("/v1/completions", b'{"prompt": 3}', "prompt"),
+        ("/generate", b'{"text": "hi", "priority": "high"}', "priority"),
+        ("/v1/chat/completions",
+         b'{"messages": [{"role": "user", "content": "x"}], "priority": 1.5}', "priority"),
     ],
 )  # fmt: skip
 async def test_bad_input_is_400(sim_server: Any, path: str, body: bytes, needle: str) -> None:

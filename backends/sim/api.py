@@ -35,6 +35,9 @@ class SimRequest:
     block_size: int
     prompt_tokens: int
     output_tokens: int  # tokens to generate (>= 1); the first comes out of prefill
+    # SGLang's per-request `priority` (higher first); only an engine run with
+    # `enable_priority_scheduling` reads it, and None then means the lowest.
+    priority: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:

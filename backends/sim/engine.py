@@ -27,6 +27,16 @@ A global decode-step counter `g` makes progress O(1): a request that entered dec
 has produced ``1 + g - g0`` tokens and finishes when ``g = g0 + output_tokens - 1``; a heap of
 those finish steps gives the earliest finish.
 
+**Priority** (opt-in, as SGLang 0.5.23's `--enable-priority-scheduling`, read in its
+`managers/schedule_policy.py` and `managers/scheduler.py`): with the fcfs policy the waiting
+queue is sorted by (priority, higher first; arrival) before each prefill step
+(`_sort_by_priority_and_fcfs`); a request without one gets the lowest priority
+(`_set_or_validate_priority`: -sys.maxsize - 1); the chunked request in progress still goes
+first; SGLang refuses priority scheduling with lpm (fcfs or lof only), so does this engine.
+Not modelled: SGLang's priority preemption, which retracts a running request for a waiting
+one only when the batch is full and the priorities differ by more than
+`--priority-scheduling-preemption-threshold` (default 10).
+
 **Admission and memory.** The waiting queue is FCFS, or LPM (longest cached prefix first, ties
 by arrival; like SGLang, LPM falls back to FCFS when more than `lpm_max_queue` wait). The head
 is admitted while running < `max_running_requests` and its KV fits: the cached prefix is locked,
@@ -51,6 +61,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import sys
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
@@ -84,6 +95,8 @@ class EngineConfig:
     page_size: int = 1  # informational: the cache works in the request's units (api.py)
     lpm_max_queue: int = 128  # LPM sorts only queues up to this long (SGLang: 128)
     enable_kv_events: bool = False
+    # SGLang's --enable-priority-scheduling: the waiting queue by (priority desc, arrival).
+    enable_priority_scheduling: bool = False
 
     def __post_init__(self) -> None:
         for name in ("chunked_prefill_size", "max_prefill_tokens", "max_running_requests"):
@@ -95,6 +108,8 @@ class EngineConfig:
             raise ValueError(
                 f"schedule_policy must be 'fcfs' or 'lpm', not {self.schedule_policy!r}"
             )
+        if self.enable_priority_scheduling and self.schedule_policy != "fcfs":
+            raise ValueError("priority scheduling needs schedule_policy 'fcfs' (as SGLang's)")
 
 
 class _Req:
@@ -447,6 +462,11 @@ class Engine:
 
     def _queue_order(self) -> list[_Req]:
         queue = list(self._waiting)
+        if self.config.enable_priority_scheduling and len(queue) > 1:
+            lowest = -sys.maxsize - 1
+            # stable sort: equal priorities keep arrival order (SGLang: wait_queue_entry_time)
+            queue.sort(key=lambda r: -(lowest if r.req.priority is None else r.req.priority))
+            return queue
         if self.config.schedule_policy == "lpm" and 1 < len(queue) <= self.config.lpm_max_queue:
             cache = self._cache
             hits = {id(r): cache.match(r.req.blocks, r.sizes).tokens for r in queue}

@@ -56,6 +56,8 @@ class GenRequest:
     stream: bool
     include_usage: bool = False  # OpenAI stream_options.include_usage
     model: str | None = None  # as the client named it (echoed back)
+    # SGLang's `priority` (all three endpoints take it); read only with priority scheduling
+    priority: int | None = None
 
     def __post_init__(self) -> None:
         if (self.input_ids is None) == (self.text is None):
@@ -98,6 +100,13 @@ def _opt_positive_int(value: Any, name: str) -> int | None:
         raise BadRequest(f"'{name}' must be an integer")
     if value < 0:
         raise BadRequest(f"'{name}' must be non-negative")
+    return value
+
+
+def _priority(body: Mapping[str, Any]) -> int | None:
+    value = body.get("priority")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise BadRequest("'priority' must be an integer")
     return value
 
 
@@ -166,6 +175,7 @@ def parse_generate(raw: Any) -> GenRequest:
             params.get("max_new_tokens"), "sampling_params.max_new_tokens"
         ),
         stream=_opt_bool(body, "stream"),
+        priority=_priority(body),
     )
 
 
@@ -197,6 +207,7 @@ def parse_completion(raw: Any) -> GenRequest:
         stream=_opt_bool(body, "stream"),
         include_usage=_stream_options(body),
         model=_model(body),
+        priority=_priority(body),
     )
 
 
@@ -222,6 +233,7 @@ def parse_chat(raw: Any) -> GenRequest:
         stream=_opt_bool(body, "stream"),
         include_usage=_stream_options(body),
         model=_model(body),
+        priority=_priority(body),
     )
 
 

@@ -382,6 +382,7 @@ class SimServer:
             block_size=self.config.page_size,
             prompt_tokens=n,
             output_tokens=out,
+            priority=gen.priority,
         )
         self._enter(req, sim, now, body or {})
         self._reqs[gen.rid] = req

@@ -142,6 +142,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="predicted prefill seconds a backend may have queued before the router holds the "
         "rest (default 0.5)",
     )
+    a(
+        "--scheduler-engine-priority",
+        action="store_true",
+        default=None,
+        help="the backends run SGLang's --enable-priority-scheduling: a tenant under its fair "
+        "share gets a higher `priority` there, ahead of a flooding tenant's queued prefill",
+    )
+    a(
+        "--scheduler-reserve",
+        type=float,
+        metavar="F",
+        help="with --scheduler-engine-priority: the share of each backend's budget and running "
+        "slots kept for under-share tenants (default 0)",
+    )
     a("--queue-size", type=int, help="requests the router's queue holds (default 1024; 429 past)")
     a(
         "--queue-timeout",
@@ -218,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
             scheduler=None if args.scheduler is None else args.scheduler == "on",
             slo_ttft_s=args.slo_ttft_s,
             scheduler_budget_s=args.scheduler_budget_s,
+            scheduler_engine_priority=args.scheduler_engine_priority,
+            scheduler_reserve=args.scheduler_reserve,
             queue_size=args.queue_size,
             queue_timeout_s=args.queue_timeout_s,
             seed=args.seed,

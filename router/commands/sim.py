@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--schedule-policy", choices=("fcfs", "lpm"), default="fcfs", help="waiting-queue order"
     )
     parser.add_argument(
+        "--enable-priority-scheduling",
+        action="store_true",
+        help="order the waiting queue by the request's `priority` (higher first), then "
+        "arrival, as SGLang's flag of that name (fcfs only)",
+    )
+    parser.add_argument(
         "--context-length", type=int, default=None, help="context length (default: the profile's)"
     )
     parser.add_argument(
@@ -88,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--link-gbps must be > 0")
     if not 0 <= args.bootstrap_port < 65536:
         raise SystemExit("--bootstrap-port must be a port number")
+    if args.enable_priority_scheduling and args.schedule_policy != "fcfs":
+        raise SystemExit("--enable-priority-scheduling needs --schedule-policy fcfs (as SGLang)")
     _install_uvloop()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(args))
@@ -122,7 +130,10 @@ async def _serve(args: argparse.Namespace) -> None:
             base_port=args.port,
             profile=args.profile,
             config=config,
-            engine_config={"schedule_policy": args.schedule_policy},
+            engine_config={
+                "schedule_policy": args.schedule_policy,
+                "enable_priority_scheduling": args.enable_priority_scheduling,
+            },
         )
     else:
         from backends.sim.pd_server import start_pd_servers
@@ -135,7 +146,10 @@ async def _serve(args: argparse.Namespace) -> None:
             bootstrap_base_port=args.bootstrap_port,
             profile=args.profile,
             config=config,
-            engine_config={"schedule_policy": args.schedule_policy},
+            engine_config={
+                "schedule_policy": args.schedule_policy,
+                "enable_priority_scheduling": args.enable_priority_scheduling,
+            },
             link_bytes_per_s=args.link_gbps * 1e9 if args.link_gbps else None,
         )
     stop = asyncio.Event()

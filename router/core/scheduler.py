@@ -14,7 +14,10 @@ scheduler asked the policy for.
 
 **Late binding.** A backend takes more work only while its predicted prefill queue (the cost
 policy's backlog in seconds, from the learned PP: `queue_s`) plus the work the scheduler holds
-for it stays under `budget_s`. The rest waits here, where the order can still change.
+for it stays under `budget_s`, and while it has a running slot free (fewer requests in flight
+than its `max_running_requests`: past that SGLang queues them where no order of ours applies;
+at 3x capacity multi-turn engines sat at their 256 slots with a prefill queue the budget
+allowed). The rest waits here, where the order can still change.
 
 **Order.** Higher `priority` first; within a priority, the tenant with the least service so
 far (virtual-time fair queueing: each bound request charges its tenant its predicted prefill
@@ -41,11 +44,30 @@ to compute the shared prefix itself: holding every follower for its leader's who
 shared-prefix p90 1.78 s against 0.77 s without coalescing (load 8.5), with this rule 0.67 s.
 
 **Admission.** With a deadline (deployment `slo_ttft_s`, or the ticket's own), a request whose
-predicted TTFT (pool queue plus the held work released before it, shared over the backends;
-never less than the best single backend's queue, plus its own prefill; and never less than
-the policy's price at the backend it would pick, with held work counted where it waits) exceeds
-``deadline * shed_factor`` is shed on arrival with a Retry-After. The queue holds at most
-`max_queue` requests; one waiting longer than `queue_timeout_s` is shed ("timeout").
+predicted TTFT exceeds ``deadline * shed_factor`` is shed on arrival with a Retry-After. The
+prediction is the largest of: the pool queue plus the held work released before it, shared
+over the backends (never less than the best single backend's queue), plus its own prefill;
+the policy's price at the backend it would pick, with held work counted where it waits; and
+(`rate_admission`) the requests held ahead of it over the rate the router has bound requests
+lately, plus the best queue and its own prefill. The last is what keeps an admitted request
+on time at overload: prefill seconds do not see waits for running slots or for a cached
+backend, nor the shorter requests that arrive later and go first (without it, admitted p90 at
+2x capacity was 12.8 s on multi-turn and 11.2 s on shared-prefix, SLO 2 s). "Ahead" follows
+the release order: all of higher priority; within its priority its own tenant's, and of each
+other tenant as many as its own plus one (fair queueing interleaves them). The queue holds at
+most `max_queue` requests; one waiting longer than `queue_timeout_s` is shed ("timeout").
+
+**Engine priority** (`engine_priority`, for engines run with SGLang's
+`--enable-priority-scheduling`, whose waiting queue is then ordered by `priority`, higher
+first, then arrival). A tenant under its share (less than an equal share of the predicted
+prefill bound over the last `_SHARE_S`, among the tenants that had any) is sent with priority
+``2 * priority + 1``, everyone else with ``2 * priority``, so inside the engine it goes ahead of
+a flood's queued prefill; it therefore binds past the budget (only other boosted work counts
+there), to a backend with a running slot free, and its admission is priced that way. A gap of
+1 stays under SGLang's default preemption threshold (10), so nothing running is retracted for
+it (client priorities more than 5 apart do cross it there: the simulated engine does not model
+that preemption). `reserve` keeps that share of each backend's budget and running slots for
+such requests.
 
 Any policy can be driven: the cost policy (and the oracle) supply `queue_s`, `prefill_estimate`
 and `choose(..., ahead=)`; for others the queue is the pending prefill tokens at `DEFAULT_PP`.
@@ -82,6 +104,8 @@ _MIN_TICK_S = 0.005
 # once that backend has room): pricing every waiting request at every step is what made
 # overloaded runs quadratic (conv-h100 at 2x capacity: 32 prices per step).
 _REPRICE_S = 0.25
+# Engine priority: the window (decay time) over which tenants' shares of bound prefill count.
+_SHARE_S = 30.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,6 +129,15 @@ class SchedulerConfig:
     # Requests that can no longer meet this TTFT (waited + predicted prefill past it) go
     # after those that still can; None: slo_ttft_s (and no such rule without one either).
     late_last_s: float | None = None
+    # The engines run SGLang's --enable-priority-scheduling: a request whose tenant is under
+    # its fair share goes to the engine with a higher `priority` (ahead of the backlogged
+    # tenants' queued prefill) and binds past the budget (see "Engine priority").
+    engine_priority: bool = False
+    # With engine_priority: the share of each backend's budget and running slots that only
+    # under-share tenants' requests may use.
+    reserve: float = 0.0
+    # Admission counts the wait for the requests held ahead at the rate the router binds.
+    rate_admission: bool = True
 
     def __post_init__(self) -> None:
         if not self.budget_s > 0:
@@ -119,6 +152,8 @@ class SchedulerConfig:
             raise ValueError("shed_factor must be positive")
         if self.late_last_s is not None and not self.late_last_s > 0:
             raise ValueError("late_last_s must be positive")
+        if not 0 <= self.reserve < 1:
+            raise ValueError("reserve must be in [0, 1)")
         if self.max_queue < 1 or self.scan < 1:
             raise ValueError("max_queue and scan must be at least 1")
         if not self.queue_timeout_s > 0:
@@ -147,6 +182,8 @@ class Bound:
     ticket: Ticket
     decision: Decision
     waited_s: float
+    # The `priority` to send the engine (SchedulerConfig.engine_priority); None: send none.
+    engine_priority: int | None = None
 
 
 ShedReason = Literal["queue_full", "slo", "timeout", "no_backend"]
@@ -256,7 +293,18 @@ class Scheduler:
         # Prefix coalescing: block hash -> the leader computing it; leader -> its blocks.
         self._leading: dict[int, str] = {}
         self._leader_blocks: dict[str, tuple[int, ...]] = {}
-        self.counters = {"submitted": 0, "bound": 0, "shed": 0, "coalesced_waits": 0}
+        self.counters = {
+            "submitted": 0, "bound": 0, "shed": 0, "coalesced_waits": 0, "boosted": 0
+        }  # fmt: skip
+        # Engine priority: bound requests sent with the higher priority, until their first
+        # token (rid -> backend, predicted prefill seconds).
+        self._boosted: dict[str, tuple[str, float]] = {}
+        # Engine priority: tenant -> (prefill seconds bound, decayed over _SHARE_S; as of when).
+        self._shares: dict[str, tuple[float, float]] = {}
+        self._fair_at = -math.inf  # when _fair (the decayed shares) was computed
+        self._fair: dict[str, float] = {}
+        # When the last binds happened: the rate at which the pool takes held work.
+        self._binds: deque[float] = deque(maxlen=256)
         self.shed_by_reason: dict[str, int] = {}
 
     # -- what the driver asks -------------------------------------------------------------
@@ -328,6 +376,21 @@ class Scheduler:
         budget = self.config.budget_s
         queue = {s.id: self._queue_s(s, now) for s in backends}
         ahead: dict[str, float] = dict.fromkeys(queue, 0.0)
+        # Running slots left (the engine admits no more than max_running_requests; past that
+        # a bound request waits inside the engine where no order of ours applies).
+        slots = {
+            s.id: math.inf if s.spec.max_running_requests is None
+            else s.spec.max_running_requests - len(s.in_flight)
+            for s in backends
+        }  # fmt: skip
+        boosted = self._boosted_work()
+        # With engine priority, a slice of each backend is kept for under-share tenants.
+        keep = self.config.reserve if boosted is not None else 0.0
+        kept = {s.id: keep * (s.spec.max_running_requests or 0) for s in backends}
+
+        def room(b: str) -> bool:
+            return queue[b] + ahead[b] < budget * (1 - keep) and slots[b] - kept[b] >= 1
+
         bound: list[Bound] = []
         scanned = 0
         more = False  # stopped at the scan limit with room left: step again soon
@@ -338,40 +401,68 @@ class Scheduler:
                 # changes nothing until an event or a queue falls under the budget.
                 more = bool(bound)
                 break
-            if all(queue[b] + ahead[b] >= budget for b in queue):
-                break
+            boost = self._under_share(item.ticket.tenant, now)
+            if not boost and not any(room(b) for b in queue):
+                if boosted is None:
+                    break
+                continue  # an under-share tenant's request further on may still bind
             scanned += 1
             req = item.ticket.req
             held = item.held_for
-            if (
-                held in queue
-                and queue[held] + ahead[held] >= budget
-                and now < item.held_at + _REPRICE_S
-            ):
+            if not boost and held in queue and not room(held) and now < item.held_at + _REPRICE_S:
                 ahead[held] += item.prefill_s  # still waiting for a full backend: no new price
+                slots[held] -= 1
                 continue
             if self._waits_for_leader(req, now):
                 continue
-            choice = self._choose(req, backends, now, ahead)
-            b = choice.backend
-            if queue[b] + ahead[b] >= budget:
-                ahead[b] += item.prefill_s  # waits for b: later requests see b busier
-                item.held_for, item.held_at = b, now
-                continue
+            if boost and boosted is not None:
+                # It goes ahead of the engines' queued prefill, but SGLang fills its prefill
+                # step with that queue (up to max_prefill_tokens): priced with the queue, plus
+                # the boosted work ahead of it; only where a running slot is free (past that it
+                # would wait inside the engine).
+                free = [s for s in backends if slots[s.id] >= 1 and boosted.get(s.id, 0.0) < budget]
+                if not free:
+                    continue
+                choice = self._choose(req, free, now, dict(boosted))
+                b = choice.backend
+            else:
+                choice = self._choose(req, backends, now, ahead)
+                b = choice.backend
+                if not room(b):
+                    ahead[b] += item.prefill_s  # waits for b: later requests see b busier
+                    slots[b] -= 1
+                    item.held_for, item.held_at = b, now
+                    continue
             try:
                 decision = self.core.route(req, now, choice=choice)
             except NoBackendError:  # cannot happen with routable backends; keep it waiting
                 continue
             self._drop(item)
+            self._binds.append(now)
             self.counters["bound"] += 1
             self._served[item.ticket.tenant] = (
                 self._served.get(item.ticket.tenant, 0.0) + item.prefill_s
             )
+            if boosted is not None:
+                self._charge(item.ticket.tenant, item.prefill_s, now)
             self._lead(req, decision)
             state = next(s for s in backends if s.id == b)
             queue[b] = self._queue_s(state, now)
+            slots[b] -= 1
+            engine_priority: int | None = None
+            if boosted is not None:
+                engine_priority = 2 * item.ticket.priority + (1 if boost else 0)
+                if boost:
+                    boosted[b] = boosted.get(b, 0.0) + item.prefill_s
+                    self._boosted[req.rid] = (b, item.prefill_s)
+                    self.counters["boosted"] += 1
             bound.append(
-                Bound(ticket=item.ticket, decision=decision, waited_s=now - item.ticket.arrival)
+                Bound(
+                    ticket=item.ticket,
+                    decision=decision,
+                    waited_s=now - item.ticket.arrival,
+                    engine_priority=engine_priority,
+                )
             )
         wake = now + _MIN_TICK_S if more and self._items else self._wake_at(queue, now)
         return ScheduleOutput(bound=tuple(bound), shed=tuple(shed), wake_at=wake)
@@ -393,6 +484,7 @@ class Scheduler:
                 "shed_factor": self.config.shed_factor,
                 "max_queue": self.config.max_queue,
                 "queue_timeout_s": self.config.queue_timeout_s,
+                "engine_priority": self.config.engine_priority,
             },
         }
 
@@ -433,6 +525,13 @@ class Scheduler:
         spread, so on prefix-heavy traffic the spread price alone admitted requests that then
         waited far past their deadline (multi-turn at 2x capacity: admitted p90 13 s, SLO 2 s).
         """
+        if self._predictor is not None and self._under_share(item.ticket.tenant, now):
+            # It goes next here (fair share), and ahead of the engines' queues (priority) but
+            # in a prefill step they fill: the policy's price with the boosted work added.
+            boosted = self._boosted_work() or {}
+            placed = self._predictor.choose(item.ticket.req, backends, now, ahead=boosted)
+            self._predictor.forget(item.ticket.req.rid)
+            return placed.predicted_ttft_s or item.prefill_s
         queues = [self._queue_s(s, now) for s in backends]
         first = [
             w
@@ -442,6 +541,12 @@ class Scheduler:
         ]
         spread = (sum(queues) + sum(w.prefill_s for w in first)) / len(backends)
         predicted = max(spread, min(queues)) + item.prefill_s
+        rate = self._bind_rate(now)
+        if self.config.rate_admission and rate is not None:
+            # The requests held ahead of it bind first, at the rate the pool has been taking
+            # them: this also prices waits the prefill figures do not see (running slots,
+            # locality waits, shorter requests that arrive later and go first).
+            predicted = max(predicted, self._held_ahead(item) / rate + min(queues) + item.prefill_s)
         if self._predictor is None:
             return predicted
         ahead = dict.fromkeys((s.id for s in backends), 0.0)
@@ -460,6 +565,27 @@ class Scheduler:
             predicted = max(predicted, placed.predicted_ttft_s)
         return predicted
 
+    def _held_ahead(self, item: _Waiting) -> int:
+        """Held requests that bind before `item`: all of higher priority; within its priority
+        all of its own tenant's, and of each other tenant as many as its own plus one (fair
+        queueing interleaves tenants, so a flood's backlog is not ahead of a light tenant)."""
+        counts: dict[str, int] = {}
+        ahead = 0
+        for w in self._items.values():
+            if w.ticket.priority > item.ticket.priority:
+                ahead += 1
+            elif w.ticket.priority == item.ticket.priority:
+                counts[w.ticket.tenant] = counts.get(w.ticket.tenant, 0) + 1
+        own = counts.pop(item.ticket.tenant, 0)
+        return ahead + own + sum(min(n, own + 1) for n in counts.values())
+
+    def _bind_rate(self, now: float) -> float | None:
+        """Requests bound per second over the last binds (None: too few to tell)."""
+        binds = self._binds
+        if len(binds) < 16 or now <= binds[0]:
+            return None
+        return (len(binds) - 1) / (now - binds[0])
+
     def _drain_s(self, backends: Sequence[BackendState], now: float, count: int) -> float:
         """Seconds until the pool works through its queues and the held work (Retry-After)."""
         held = sum(w.prefill_s for w in self._items.values())
@@ -467,6 +593,47 @@ class Scheduler:
         return max(1.0, total / len(backends))
 
     # -- order and fairness -------------------------------------------------------------------
+
+    def _under_share(self, tenant: str, now: float) -> bool:
+        """Engine priority: `tenant` got less than an equal share of the prefill bound lately.
+
+        Shares are predicted prefill seconds bound, decayed over `_SHARE_S`, among the tenants
+        that got any; a tenant alone is never under its share.
+        """
+        if not self.config.engine_priority:
+            return False
+        if self._fair_at != now:  # once per instant: a step asks for every request it looks at
+            shares = {t: self._share(t, now) for t in self._shares}
+            for t in [t for t, v in shares.items() if v < 1e-6]:  # long gone: forget
+                del self._shares[t], shares[t]
+            self._fair_at, self._fair = now, shares
+        shares = self._fair
+        count = len(shares) + (tenant not in shares)
+        if count < 2:
+            return False
+        return shares.get(tenant, 0.0) < sum(shares.values()) / count
+
+    def _share(self, tenant: str, now: float) -> float:
+        value, at = self._shares[tenant]
+        return value * math.exp(-(now - at) / _SHARE_S)
+
+    def _charge(self, tenant: str, prefill_s: float, now: float) -> None:
+        value = self._share(tenant, now) if tenant in self._shares else 0.0
+        self._shares[tenant] = (value + prefill_s, now)
+        self._fair_at = -math.inf  # the shares changed
+
+    def _boosted_work(self) -> dict[str, float] | None:
+        """Predicted prefill seconds of boosted requests not yet at their first token."""
+        if not self.config.engine_priority:
+            return None
+        out: dict[str, float] = {}
+        for rid, (backend, prefill_s) in list(self._boosted.items()):
+            rec = self.core.record(rid)
+            if rec is None or rec.first_token_at is not None:
+                del self._boosted[rid]
+                continue
+            out[backend] = out.get(backend, 0.0) + prefill_s
+        return out
 
     def _active_tenants(self) -> set[str]:
         return {tenant for (_, tenant), lane in self._lanes.items() if lane.items}
@@ -507,7 +674,7 @@ class Scheduler:
                 snapshot = {}
                 for tenant, lane in lanes.items():
                     front = lane.items[: 4 * scan]
-                    lost = [w for w in front if now - w.ticket.arrival + w.prefill_s > target]
+                    lost = [w for w in front if self._slack(w, now, target) < 0]
                     if lost:
                         ids = {id(w) for w in lost}
                         front = [w for w in front if id(w) not in ids] + lost
@@ -524,6 +691,11 @@ class Scheduler:
                 offered[tenant] += max(item.prefill_s, 1e-3)
                 if item.ticket.req.rid in self._items:
                     yield item
+
+    def _slack(self, w: _Waiting, now: float, target: float) -> float:
+        """Seconds `w` may still wait here and meet its deadline once bound at an idle backend."""
+        deadline = w.ticket.deadline_s if w.ticket.deadline_s is not None else target
+        return w.ticket.arrival + deadline - now - w.prefill_s
 
     # -- coalescing ----------------------------------------------------------------------------
 

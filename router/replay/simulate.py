@@ -162,13 +162,16 @@ class EngineProbe:
         return self._engines[backend].predicted_wait_s(now)
 
 
-def _sim_request(req: RouteRequest, *, output_tokens: int) -> SimRequest:
+def _sim_request(
+    req: RouteRequest, *, output_tokens: int, priority: int | None = None
+) -> SimRequest:
     return SimRequest(
         rid=req.rid,
         blocks=req.blocks,
         block_size=req.block_tokens,
         prompt_tokens=req.prompt_tokens,
         output_tokens=output_tokens,
+        priority=priority,
     )
 
 
@@ -219,6 +222,9 @@ def simulate_policy(
     engine_config = config.engine
     if config.kv_events and not engine_config.enable_kv_events:
         engine_config = dataclasses.replace(engine_config, enable_kv_events=True)
+    if config.scheduler is not None and config.scheduler.engine_priority:
+        # the scheduler sends priorities: the engines run --enable-priority-scheduling
+        engine_config = dataclasses.replace(engine_config, enable_priority_scheduling=True)
     engines = {bid: Engine(profiles[bid], engine_config) for bid in ids}
     specs = [
         BackendSpec(
@@ -320,12 +326,19 @@ def simulate_policy(
             treq.session,
         )
 
-    def dispatch(route_req: RouteRequest, decision: Decision, arrival: float, now: float) -> None:
+    def dispatch(
+        route_req: RouteRequest,
+        decision: Decision,
+        arrival: float,
+        now: float,
+        priority: int | None = None,
+    ) -> None:
         if decision.predicted_ttft_s is not None:
             predicted[route_req.rid] = decision.predicted_ttft_s
         live[route_req.rid] = _Live(arrival=arrival, req=route_req, backend=decision.backend)
         output = route_req.max_tokens or 1
-        engines[decision.backend].add_request(_sim_request(route_req, output_tokens=output), now)
+        sim = _sim_request(route_req, output_tokens=output, priority=priority)
+        engines[decision.backend].add_request(sim, now)
 
     def shed(item: Shed, now: float) -> None:
         ticket = item.ticket
@@ -398,7 +411,9 @@ def simulate_policy(
                     on_request()
             out = sched.step(t)
             for bound in out.bound:
-                dispatch(bound.ticket.req, bound.decision, bound.ticket.arrival, t)
+                dispatch(
+                    bound.ticket.req, bound.decision, bound.ticket.arrival, t, bound.engine_priority
+                )
                 waits.append(bound.waited_s)
             for refused_later in out.shed:
                 shed(refused_later, t)

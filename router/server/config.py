@@ -83,6 +83,9 @@ class ServerConfig(BaseSettings):
     scheduler: bool = False
     slo_ttft_s: float | None = Field(default=None, gt=0)
     scheduler_budget_s: float = Field(default=0.5, gt=0)
+    # the backends run SGLang's --enable-priority-scheduling: send under-share tenants first
+    scheduler_engine_priority: bool = False
+    scheduler_reserve: float = Field(default=0.0, ge=0, lt=1)
     queue_size: int = Field(default=1024, ge=1)
     queue_timeout_s: float = Field(default=60.0, gt=0)
     log_prompts: bool = False

@@ -402,6 +402,9 @@ class Proxy:
                     now = asyncio.get_running_loop().time()
                     ticket = ticket_for(request, body, route_req, now)
                     decision = await self.scheduling.bind(ticket)
+                    engine_priority = self.scheduling.engine_priority(rid)
+                    if engine_priority is not None:  # SGLang's own field
+                        payload = _splice(payload, body, {"priority": engine_priority})
                 else:
                     decision = self._route(route_req, asyncio.get_running_loop().time(), exclude)
             except NoBackendError:

@@ -46,6 +46,8 @@ def scheduler_config(config: ServerConfig) -> SchedulerConfig:
     """The scheduler's knobs from the server's configuration (`serve --scheduler on`)."""
     return SchedulerConfig(
         budget_s=config.scheduler_budget_s,
+        engine_priority=config.scheduler_engine_priority,
+        reserve=config.scheduler_reserve,
         slo_ttft_s=config.slo_ttft_s,
         max_queue=config.queue_size,
         queue_timeout_s=config.queue_timeout_s,
@@ -100,6 +102,8 @@ class SchedulerDriver:
     def __init__(self, scheduler: Scheduler, metrics: RouterMetrics) -> None:
         self.scheduler = scheduler
         self._waiters: dict[str, asyncio.Future[Decision]] = {}
+        # bound requests' `priority` for the engine (--scheduler-engine-priority), until taken
+        self._priorities: dict[str, int] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         r = metrics.registry
@@ -152,9 +156,14 @@ class SchedulerDriver:
                 self.scheduler.core.on_failed(rid, loop.time())
             else:
                 self.scheduler.cancel(rid)
+            self._priorities.pop(rid, None)
             raise
         finally:
             self._waiters.pop(rid, None)
+
+    def engine_priority(self, rid: str) -> int | None:
+        """The `priority` to send the backend with a request just bound (None: none)."""
+        return self._priorities.pop(rid, None)
 
     def kick(self) -> None:
         """Step the scheduler now: resolve what it bound or shed, re-arm the timer."""
@@ -168,6 +177,8 @@ class SchedulerDriver:
             self.wait.observe(value=item.waited_s)
             future = self._waiters.get(item.ticket.req.rid)
             if future is not None and not future.done():
+                if item.engine_priority is not None:
+                    self._priorities[item.ticket.req.rid] = item.engine_priority
                 future.set_result(item.decision)
         for shed in out.shed:
             self._count_shed(shed)

@@ -194,9 +194,7 @@ async def poll(run: Run, url: str, seconds: float) -> None:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
                 async with s.get(url + "/stats") as r:
                     data = await r.json()
-                rows = {
-                    b["url"]: (bool(b["healthy"]), str(b["circuit"])) for b in data["backends"]
-                }
+                rows = {b["url"]: (bool(b["healthy"]), str(b["circuit"])) for b in data["backends"]}
                 run.polls.append((run.now(), rows, int(data["in_flight"])))
             await asyncio.sleep(0.1)
 
@@ -401,6 +399,7 @@ async def disconnect_storm(run: Run, args: argparse.Namespace) -> dict[str, Any]
 
     async def fault() -> None:
         rng = random.Random(args.seed + 1)
+
         async def late(delay: float, s: aiohttp.ClientSession) -> Outcome:
             await asyncio.sleep(delay)  # 200 clients over one second
             return await one_request(s, router, run, rng, hang_up=rng.uniform(0.02, 0.4))

@@ -187,18 +187,20 @@ def tables(paths: list[Path]) -> str:
             f"{doc['requests']} requests",
             "",
             "| target | TTFT mean | p50 | p90 | p99 | TPOT ms | hit | failed "
-            "| engines' TTFT mean | router's | client's - engines' |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| engines' TTFT mean | router's | router's dispatch | client's - engines' |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for target, r in doc["results"].items():
             sp = split.get(target, {})
             engine = sp.get("backend_mean_s")
             router = sp.get("router_mean_s")
+            dispatch = sp.get("dispatch_mean_s")
             added = None if engine is None else r["ttft_mean"] - engine
             out.append(
                 f"| {target} | {r['ttft_mean']:.3f} | {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} "
                 f"| {r['ttft_p99']:.3f} | {r['tpot_mean'] * 1000:.1f} | {r['hit_ratio']:.3f} "
-                f"| {r['failed']} | {_fmt(engine)} | {_fmt(router)} | {_fmt(added)} |"
+                f"| {r['failed']} | {_fmt(engine)} | {_fmt(router)} | {_fmt(dispatch)} "
+                f"| {_fmt(added)} |"
             )
         checks = doc.get("checks", {})
         if checks:

@@ -490,9 +490,7 @@ def _parser() -> argparse.ArgumentParser:
         default="prefix-router,prefix-router-n,smg,sglang-router",
         help="prefix-router (1 worker), prefix-router-n (--workers), smg, sglang-router",
     )
-    p.add_argument(
-        "--workers", type=int, help="N of prefix-router-n (default: the routers' CPUs)"
-    )
+    p.add_argument("--workers", type=int, help="N of prefix-router-n (default: the routers' CPUs)")
     p.add_argument(
         "--router-cpus", type=_cpus, help="run every router on these CPUs (taskset list, e.g. 0-1)"
     )

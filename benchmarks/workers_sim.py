@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'window':22} {'views':>5} {'delay':>6} {'p50':>6} {'p90':>6} {'hit':>6}")
     for name, window, profile, load in _windows():
         for views, delay in VARIANTS:
-            config = SimConfig(
-                profiles=(profile,) * 4, load=load, views=views, sync_delay_s=delay
-            )
+            config = SimConfig(profiles=(profile,) * 4, load=load, views=views, sync_delay_s=delay)
             s = simulate_policy(window, "cost", config).summary
             row = {"window": name, "requests": s["requests"], "views": views,
                    "sync_delay_s": None if math.isinf(delay) else delay,

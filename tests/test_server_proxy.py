@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import logging
+import re
 
 import openai
 import pytest
@@ -165,6 +166,8 @@ async def test_ops_endpoints_and_no_prompt_text_in_logs(caplog: pytest.LogCaptur
             metrics
         )
         assert "prefix_router_ttft_seconds_count" in metrics
+        # arrival to upstream send, observed once per routed request (the TTFT's own share)
+        assert re.search(r"^prefix_router_dispatch_seconds_count 1(\.0)?$", metrics, re.M)
     assert SECRET not in caplog.text
     assert any("rid=" in r.getMessage() and "cached=" in r.getMessage() for r in caplog.records)
 

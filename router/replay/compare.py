@@ -291,12 +291,14 @@ async def _ttft_split(
 
     Against the client's TTFT this says where the live path's time goes: before routing and
     on the way back (client minus router), or between the router and the engines' first token
-    (router minus backends). Both measure wall seconds; scaled by `speedup` into the client's.
+    (router minus backends), of which the router's own dispatch (arrival to upstream send)
+    is measured apart. Both measure wall seconds; scaled by `speedup` into the client's.
     """
     split: dict[str, float | int] = {}
     sources = [("backend", url, "sglang:time_to_first_token_seconds") for url in backend_urls]
     if router_url is not None:
         sources.append(("router", router_url, "prefix_router_ttft_seconds"))
+        sources.append(("dispatch", router_url, "prefix_router_dispatch_seconds"))
     sums: dict[str, tuple[float, int]] = {}
     for kind, url, metric in sources:
         with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 __all__ = [
     "CACHED_ERROR_BUCKETS",
+    "DISPATCH_BUCKETS",
     "REGRET_BUCKETS",
     "TTFT_BUCKETS",
     "Counter",
@@ -38,6 +39,10 @@ LabelValues = tuple[str, ...]
 
 TTFT_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+# Arrival to upstream send: a millisecond or two, unless the router queues (scheduler, CPU).
+DISPATCH_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0,
 )  # fmt: skip
 # Regret (observed - predicted TTFT) is signed: symmetric buckets around 0.
 REGRET_BUCKETS: tuple[float, ...] = (
@@ -210,9 +215,19 @@ class RouterMetrics:
         self.ttft = r.register(
             Histogram(
                 "prefix_router_ttft_seconds",
-                "Time from routing to the first upstream chunk, by backend.",
+                "Time from the request's arrival to its first upstream event, by backend.",
                 ("backend",),
                 TTFT_BUCKETS,
+            )
+        )
+        self.dispatch = r.register(
+            Histogram(
+                "prefix_router_dispatch_seconds",
+                "Time from the request's arrival to its upstream send: parsing, tokenizing, "
+                "routing, the scheduler's wait and the event loop's queue. The rest of "
+                "prefix_router_ttft_seconds is the engine's and the way back.",
+                (),
+                DISPATCH_BUCKETS,
             )
         )
         self.regret = r.register(

@@ -417,6 +417,7 @@ class Proxy:
             flight.predicted_cached = decision.predicted_cached_tokens
             flight.predicted_ttft_s = decision.predicted_ttft_s
             flight.routed_at = asyncio.get_running_loop().time()
+            self.metrics.dispatch.observe(value=flight.routed_at - flight.started)
             if self.config.explain:
                 flight.reason = route_reason(decision)
                 log.debug("rid=%s route %s", rid, flight.reason)

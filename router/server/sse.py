@@ -95,7 +95,17 @@ class SseRelay:
 
     def __call__(self, chunk: bytes) -> bool:
         """The upstream sink: write the read's events; True when the client's buffer is full."""
-        events = self.events_of(chunk)
+        if self.pending or not self.first_seen or not chunk.endswith(b"\n\n"):
+            events = self.events_of(chunk)
+        else:  # the usual read: whole events after the first (`events_of`, inlined)
+            events = chunk
+            if self.generate:
+                if b"data:" in chunk:
+                    self.last_data = chunk
+            elif b'"usage":{' in chunk or b'"usage": {' in chunk:
+                events = self.on_usage(chunk)
+            if not self.done and b"[DONE]" in events:
+                self.done = has_done(events)
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ClientGone()

@@ -194,8 +194,22 @@ class _Connection(asyncio.Protocol):
     def _on_body(self, data: bytes) -> None:
         mode = self._mode
         if mode == 2:
-            parts, ended = self._dechunk(data)
-            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            payload = b""
+            if self._chunk_state == _SIZE and not self._chunk_buf:
+                # a stream's usual read is one whole chunk (one SSE event): no loop, no list
+                end = data.find(b"\r\n", 0, 10)
+                if end > 0:
+                    try:
+                        size = int(data[:end], 16)
+                    except ValueError:  # an extension: the general path below
+                        size = 0
+                    if size and len(data) == end + 4 + size and data.endswith(b"\r\n"):
+                        payload = data[end + 2 : end + 2 + size]
+            if payload:
+                ended = False
+            else:
+                parts, ended = self._dechunk(data)
+                payload = parts[0] if len(parts) == 1 else b"".join(parts)
         elif mode == 1:
             if len(data) > self._left:
                 data = data[: self._left]

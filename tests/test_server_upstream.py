@@ -315,7 +315,7 @@ async def test_a_sink_error_ends_the_exchange_and_closes_the_connection() -> Non
         with pytest.raises(Gone):
             await response.relay(sink, _no_drain)
         response.release()
-        assert not upstream._idle.get(upstream.target(url + "/generate").key)  # not pooled
+        assert upstream.idle_count(upstream.target(url + "/generate").key) == 0  # not pooled
         upstream.close()
 
 
@@ -333,4 +333,27 @@ async def test_chunk_extensions_and_trailers_are_skipped() -> None:
     async with _server(script) as url:
         response = await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
         assert await response.read() == b"hello!"
+        upstream.close()
+
+
+async def test_idle_connections_past_their_timeout_are_closed_as_others_come_back() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            await _read_request(r)
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await w.drain()
+
+    upstream = Upstream(connect_timeout_s=2.0, read_timeout_s=5.0, idle_timeout_s=0.2)
+    async with _server(script) as url:
+        target = upstream.target(url + "/generate")
+
+        async def one() -> bytes:
+            return await (await upstream.post(target, b"{}", b"")).read()
+
+        assert await asyncio.gather(*(one() for _ in range(5))) == [b"ok"] * 5
+        assert upstream.idle_count(target.key) == 5  # a burst of five left five idle
+        for _ in range(8):  # steady single requests reuse the warmest; the other four age
+            assert await one() == b"ok"
+            await asyncio.sleep(0.05)
+        assert upstream.idle_count(target.key) == 1  # pruned as the warm one came back
         upstream.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar, cast
@@ -425,7 +426,8 @@ class Upstream:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self.idle_timeout_s = idle_timeout_s
-        self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
+        # newest last: reuse the warmest; the oldest (first) are pruned as new ones come back
+        self._idle: dict[tuple[str, int, bool], deque[_Connection]] = {}
         self._targets: dict[str, Target] = {}
         self._ssl: ssl.SSLContext | None = None
 
@@ -494,8 +496,19 @@ class Upstream:
         return None
 
     def put_back(self, key: tuple[str, int, bool], conn: _Connection) -> None:
-        conn.idle_since = time.monotonic()
-        self._idle.setdefault(key, []).append(conn)
+        """Pool `conn`; close the oldest idle ones that timed out or that the server closed
+        (after a burst, LIFO reuse would otherwise keep them open, unused, for good)."""
+        now = conn.idle_since = time.monotonic()
+        idle = self._idle.get(key)
+        if idle is None:
+            idle = self._idle[key] = deque()
+        while idle and (idle[0].closed or now - idle[0].idle_since >= self.idle_timeout_s):
+            idle.popleft().close()
+        idle.append(conn)
+
+    def idle_count(self, key: tuple[str, int, bool]) -> int:
+        """Pooled connections to one backend (for tests and /stats)."""
+        return len(self._idle.get(key, ()))
 
     async def _connect(self, target: Target) -> _Connection:
         loop = asyncio.get_running_loop()

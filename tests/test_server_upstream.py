@@ -357,3 +357,49 @@ async def test_idle_connections_past_their_timeout_are_closed_as_others_come_bac
             await asyncio.sleep(0.05)
         assert upstream.idle_count(target.key) == 1  # pruned as the warm one came back
         upstream.close()
+
+
+async def test_whole_chunks_pass_through_raw_and_the_rest_goes_as_payload() -> None:
+    reads = [
+        b"6\r\ndata: \r\n3\r\n1\n\n\r\n",  # two whole chunks: raw, as they came
+        b"9\r\ndata: 2\n\n\r\n9\r\nda",  # a chunk cut short: the payload path
+        b"ta: 3\n\n\r\n",  # the rest of it (mid-chunk): payload
+        b"9\r\ndata: 4\n\n\r\n",  # declined by the raw sink: payload
+        b"9\r\ndata: 5\n\n\r\n0\r\n\r\n",  # a whole chunk and the end: raw, end seen
+    ]
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in reads:
+            await asyncio.sleep(0.02)  # one read each
+            w.write(piece)
+            await w.drain()
+        await asyncio.sleep(0.1)
+
+    got: list[tuple[str, bytes]] = []
+
+    def raw(framed: bytes) -> bool | None:
+        if b"data: 4" in framed:
+            return None
+        got.append(("raw", framed))
+        return False
+
+    def sink(payload: bytes) -> bool:
+        got.append(("payload", payload))
+        return False
+
+    upstream = _client()
+    async with _server(script) as url:
+        target = upstream.target(url + "/v1/completions")
+        response = await upstream.post(target, b"{}", b"")
+        await response.relay(sink, _no_drain, raw)
+        assert upstream.idle_count(target.key) == 1  # the end was seen: pooled for reuse
+        upstream.close()
+    assert got == [
+        ("raw", reads[0]),
+        ("payload", b"data: 2\n\nda"),
+        ("payload", b"ta: 3\n\n"),
+        ("payload", b"data: 4\n\n"),
+        ("raw", b"9\r\ndata: 5\n\n\r\n"),
+    ]

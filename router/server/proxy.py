@@ -661,7 +661,7 @@ class Proxy:
                 writer = await _to_client(request, response, events)
                 relay.transport = request.transport
                 relay.chunked = getattr(writer, "chunked", True)
-                await upstream.relay(relay, writer.drain)
+                await upstream.relay(relay, writer.drain, relay.raw)
                 if relay.pending.strip():
                     relay.done = relay.done or has_done(relay.pending)
                     await _to_client(request, response, relay.pending)

@@ -93,6 +93,22 @@ class SseRelay:
             self.done = has_done(events)
         return events
 
+    def raw(self, framed: bytes) -> bool | None:
+        """Whole upstream chunks passed on as they came (the client's framing is the same);
+        None when this read needs the payload path (a usage event to read or drop, a
+        /generate stream's last event to keep, an unfinished event pending, no chunking)."""
+        if self.pending or not self.first_seen or self.generate or not self.chunked:
+            return None
+        if b'"usage":{' in framed or b'"usage": {' in framed:
+            return None
+        if not self.done and b"[DONE]" in framed:
+            self.done = has_done(framed)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ClientGone()
+        transport.write(framed)
+        return transport.get_write_buffer_size() > DRAIN_ABOVE
+
     def __call__(self, chunk: bytes) -> bool:
         """The upstream sink: write the read's events; True when the client's buffer is full."""
         if self.pending or not self.first_seen or not chunk.endswith(b"\n\n"):

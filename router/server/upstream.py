@@ -35,6 +35,9 @@ __all__ = ["Target", "Upstream", "UpstreamError", "UpstreamResponse"]
 
 # A sink gets each read's payload and says whether the client's buffer wants draining.
 Sink = Callable[[bytes], bool]
+# A raw sink gets whole chunks still framed (to pass them on as they are): its drain answer,
+# or None when it cannot take them raw (then the payload goes to the sink).
+RawSink = Callable[[bytes], bool | None]
 _T = TypeVar("_T")
 
 _MAX_HEAD = 64 * 1024
@@ -82,6 +85,7 @@ class _Connection(asyncio.Protocol):
         self._chunk_buf = b""
         self._held: list[bytes] = []  # payload before a sink was attached
         self._sink: Sink | None = None
+        self._raw: RawSink | None = None
         self.keep_alive = False
         self.finished = False  # the current response's body is complete
         self.error: BaseException | None = None
@@ -124,7 +128,7 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = self.finished = False
         self.error = None
         self._head, self._mode, self._chunk_state, self._chunk_buf = b"", 0, _SIZE, b""
-        self._held, self._sink, self._done, self._left = [], None, None, 0
+        self._held, self._sink, self._raw, self._done, self._left = [], None, None, None, 0
         self._head_waiter = self.loop.create_future()
         self.last_read = time.monotonic()
         self._timer = self.loop.call_later(self.read_timeout_s, self._check_silence)
@@ -194,6 +198,14 @@ class _Connection(asyncio.Protocol):
 
     def _on_body(self, data: bytes) -> None:
         mode = self._mode
+        if (
+            mode == 2
+            and self._raw is not None
+            and self._chunk_state == _SIZE
+            and not self._chunk_buf
+            and self._pass_through(data)
+        ):
+            return
         if mode == 2:
             payload = b""
             if self._chunk_state == _SIZE and not self._chunk_buf:
@@ -239,6 +251,29 @@ class _Connection(asyncio.Protocol):
                         done.set_result(False)
         if ended:
             self._finish()
+
+    def _pass_through(self, data: bytes) -> bool:
+        """Hand a read of whole chunks to the raw sink as it came; False: not taken."""
+        whole, ended = _whole_chunks(data)
+        if whole < 0 or (whole < len(data) and not ended):
+            return False  # a partial chunk or anything unusual: the general path
+        assert self._raw is not None
+        if whole:
+            try:
+                drain = self._raw(data if whole == len(data) else data[:whole])
+            except BaseException as exc:
+                self._fail(exc)
+                return True
+            if drain is None:
+                return False
+            if drain and not ended:
+                self.pause()
+                done = self._done
+                if done is not None and not done.done():
+                    done.set_result(False)
+        if ended:
+            self._finish()
+        return True
 
     def _dechunk(self, data: bytes) -> tuple[list[bytes], bool]:
         """The payload pieces of chunked `data` and whether the terminal chunk passed."""
@@ -316,10 +351,11 @@ class _Connection(asyncio.Protocol):
 
     # ----- the body, for the owner -------------------------------------------------------
 
-    def attach(self, sink: Sink | None) -> list[bytes]:
-        """Deliver what comes next to `sink`; returns the payload that arrived before."""
+    def attach(self, sink: Sink | None, raw: RawSink | None = None) -> list[bytes]:
+        """Deliver what comes next to `sink` (whole chunks to `raw` when it takes them);
+        returns the payload that arrived before."""
         held, self._held = self._held, []
-        self._sink = sink
+        self._sink, self._raw = sink, raw
         return held
 
     def pause(self) -> None:
@@ -393,10 +429,16 @@ class UpstreamResponse:
             got += conn.attach(None)
         return got[0] if len(got) == 1 else b"".join(got)
 
-    async def relay(self, sink: Sink, drain: Callable[[], Awaitable[None]]) -> None:
-        """Hand each read's payload to `sink` until the body ends; `drain` when it asks."""
+    async def relay(
+        self, sink: Sink, drain: Callable[[], Awaitable[None]], raw: RawSink | None = None
+    ) -> None:
+        """Hand each read's payload to `sink` until the body ends; `drain` when it asks.
+
+        With `raw`, a chunked read made of whole chunks goes to it still framed (chunked
+        pass-through: no de-chunking, no copy) unless it declines that read.
+        """
         conn = self._conn
-        held = conn.attach(sink)
+        held = conn.attach(sink, raw)
         if held and sink(b"".join(held)):
             conn.pause()
             await drain()
@@ -543,6 +585,28 @@ class Upstream:
             for conn in conns:
                 conn.close()
         self._idle.clear()
+
+
+def _whole_chunks(data: bytes) -> tuple[int, bool]:
+    """How many leading bytes of chunked `data` are whole data chunks, and whether exactly the
+    terminal chunk (no trailers) follows them to the end; -1: malformed (the general path
+    says so)."""
+    pos, size_of = 0, len(data)
+    while pos < size_of:
+        end = data.find(b"\r\n", pos, pos + 18)
+        if end < 0:
+            return pos, False
+        try:
+            size = int(data[pos:end], 16)
+        except ValueError:
+            return -1, False
+        if not size:
+            return pos, data[end:] == b"\r\n\r\n"
+        stop = end + 2 + size
+        if stop + 2 > size_of or data[stop : stop + 2] != b"\r\n":
+            return (pos, False) if stop + 2 > size_of else (-1, False)
+        pos = stop + 2
+    return pos, False
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str], bytes]:

@@ -29,13 +29,15 @@ moment: it goes straight to `on_finished` (its latency would be a false TTFT).
 
 Streams are relayed as they arrive: each upstream read's complete SSE events go out in one
 write (an incomplete tail waits for the next read), so nothing is buffered longer than an
-event. The model requests go through the proxy's own HTTP/1.1 client (router/server/upstream.py),
-whose read callback hands each read to the stream's sink (router/server/sse.py), which writes
-to the client's transport at once (whole chunks still framed, as they came, when nothing in
-them needs parsing): this coroutine wakes only for the first event, a drain and the end. Only what feedback needs is parsed: the first data event, an OpenAI event holding a
-`usage` object and a /generate stream's last event. For OpenAI streams the router asks the
-backend for `stream_options.include_usage` (to learn cached tokens) and drops that extra usage
-chunk when the client did not ask for it. Prompt text is logged only with `--log-prompts`.
+event. The model requests go through the proxy's own HTTP/1.1 client
+(router/server/upstream.py), whose read callback hands each read to the stream's sink
+(router/server/sse.py), which writes to the client's transport at once (whole chunks still
+framed, as they came, when nothing in them needs parsing): this coroutine wakes only for the
+first event, a drain and the end. Only what feedback needs is parsed: the first data event, an
+OpenAI event holding a `usage` object and a /generate stream's last event. For OpenAI streams
+the router asks the backend for `stream_options.include_usage` (to learn cached tokens) and
+drops that extra usage chunk when the client did not ask for it. Prompt text is logged only
+with `--log-prompts`.
 
 Tokenizing and hashing a big prompt (over `executor_tokenize_chars` of body) runs on the
 proxy's own single-thread executor: `BlockHasher` and its token cache mutate LRU dicts, so

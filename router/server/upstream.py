@@ -72,7 +72,6 @@ class _Connection(asyncio.Protocol):
         self._paused = False  # reading paused while the client drains (not the backend's silence)
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.used = 0  # requests written on it (a reused one may be stale)
         self.idle_since = 0.0
         self.got_bytes = False  # any byte of the current response
         self.last_read = 0.0
@@ -100,7 +99,7 @@ class _Connection(asyncio.Protocol):
         self.last_read = time.monotonic()
         if self._head_waiter is not None:
             self._on_head_bytes(data)
-        elif self._done is not None or self._sink is not None or self._mode:
+        elif self._done is not None:  # set with the head: a body, or bytes past its end
             self._on_body(data)
         else:  # bytes on an idle connection: nothing may be trusted on it any more
             self._fail(UpstreamError("unexpected bytes on an idle connection"))
@@ -124,7 +123,6 @@ class _Connection(asyncio.Protocol):
 
     def send(self, head: bytes, body: bytes) -> asyncio.Future[tuple[int, dict[str, str]]]:
         assert self.transport is not None
-        self.used += 1
         self.got_bytes = self.finished = False
         self.error = None
         self._head, self._mode, self._chunk_state, self._chunk_buf = b"", 0, _SIZE, b""
@@ -245,10 +243,7 @@ class _Connection(asyncio.Protocol):
                     self._fail(exc)
                     return
                 if drain and not ended:
-                    self.pause()
-                    done = self._done
-                    if done is not None and not done.done():
-                        done.set_result(False)
+                    self._ask_drain()
         if ended:
             self._finish()
 
@@ -267,10 +262,7 @@ class _Connection(asyncio.Protocol):
             if drain is None:
                 return False
             if drain and not ended:
-                self.pause()
-                done = self._done
-                if done is not None and not done.done():
-                    done.set_result(False)
+                self._ask_drain()
         if ended:
             self._finish()
         return True
@@ -357,6 +349,13 @@ class _Connection(asyncio.Protocol):
         held, self._held = self._held, []
         self._sink, self._raw = sink, raw
         return held
+
+    def _ask_drain(self) -> None:
+        """The client's buffer is full: stop reading and wake the owner to drain it."""
+        self.pause()
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(False)
 
     def pause(self) -> None:
         """Stop reading until `wakeup` (the client's buffer is full)."""

@@ -609,22 +609,9 @@ class Proxy:
                 self._end(flight, ok=True)
             else:
                 self._end(flight, ok=False)
-            out = {
-                "Content-Type": content_type,
-                "X-Request-Id": flight.rid,
-                "X-Prefix-Router-Backend": flight.backend,
-            }
-            if flight.reason is not None:
-                out[REASON_HEADER] = flight.reason
+            out = _response_headers(flight, content_type)
             return web.Response(body=raw, status=upstream.status, headers=out)
-        out = {
-            "Content-Type": content_type,
-            "Cache-Control": "no-cache",
-            "X-Request-Id": flight.rid,
-            "X-Prefix-Router-Backend": flight.backend,
-        }
-        if flight.reason is not None:
-            out[REASON_HEADER] = flight.reason
+        out = _response_headers(flight, content_type, stream=True)
         response = web.StreamResponse(status=upstream.status, headers=out)
         return await self._relay(request, upstream, response, flight, endpoint, strip_usage)
 
@@ -663,7 +650,7 @@ class Proxy:
                 writer = await _to_client(request, response, events)
                 relay.transport = request.transport
                 relay.chunked = getattr(writer, "chunked", True)
-                await upstream.relay(relay, writer.drain, relay.raw)
+                await upstream.relay(relay, writer.drain, relay.raw_sink())
                 if relay.pending.strip():
                     relay.done = relay.done or has_done(relay.pending)
                     await _to_client(request, response, relay.pending)
@@ -741,6 +728,21 @@ class Proxy:
 
 _DECODER = json.JSONDecoder()
 _RID_UNSAFE = re.compile(r"[^\x21-\x7e]")  # outside printable ASCII: replaced in client ids
+
+
+def _response_headers(
+    flight: _Flight, content_type: str, *, stream: bool = False
+) -> dict[str, str]:
+    """What the client's response says besides the body: its type, ids and the route."""
+    assert flight.backend is not None
+    out = {"Content-Type": content_type}
+    if stream:
+        out["Cache-Control"] = "no-cache"
+    out["X-Request-Id"] = flight.rid
+    out["X-Prefix-Router-Backend"] = flight.backend
+    if flight.reason is not None:
+        out[REASON_HEADER] = flight.reason
+    return out
 
 
 def _batch_size(body: Mapping[str, Any]) -> int:

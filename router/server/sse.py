@@ -93,40 +93,35 @@ class SseRelay:
             self.done = has_done(events)
         return events
 
+    def raw_sink(self) -> Callable[[bytes], bool | None] | None:
+        """`raw` where whole chunks may pass as they came: not for /generate (its last event
+        is kept, de-chunked) nor for a client without chunked encoding."""
+        return None if self.generate or not self.chunked else self.raw
+
     def raw(self, framed: bytes) -> bool | None:
         """Whole upstream chunks passed on as they came (the client's framing is the same);
-        None when this read needs the payload path (a usage event to read or drop, a
-        /generate stream's last event to keep, an unfinished event pending, no chunking)."""
-        if self.pending or not self.first_seen or self.generate or not self.chunked:
-            return None
-        if b'"usage":{' in framed or b'"usage": {' in framed:
+        None when this read needs the payload path (a usage event to read or drop, an
+        unfinished event pending)."""
+        if self.pending or not self.first_seen or has_usage(framed):
             return None
         if not self.done and b"[DONE]" in framed:
             self.done = has_done(framed)
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise ClientGone()
-        transport.write(framed)
-        return transport.get_write_buffer_size() > DRAIN_ABOVE
+        return self._send(framed)
 
     def __call__(self, chunk: bytes) -> bool:
         """The upstream sink: write the read's events; True when the client's buffer is full."""
-        if self.pending or not self.first_seen or not chunk.endswith(b"\n\n"):
-            events = self.events_of(chunk)
-        else:  # the usual read: whole events after the first (`events_of`, inlined)
-            events = chunk
-            if self.generate:
-                if b"data:" in chunk:
-                    self.last_data = chunk
-            elif b'"usage":{' in chunk or b'"usage": {' in chunk:
-                events = self.on_usage(chunk)
-            if not self.done and b"[DONE]" in events:
-                self.done = has_done(events)
+        events = self.events_of(chunk)
+        return self._send(
+            b"%x\r\n%b\r\n" % (len(events), events) if events and self.chunked else events
+        )
+
+    def _send(self, data: bytes) -> bool:
+        """Write `data` to the client (ClientGone if it left); True when its buffer is full."""
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ClientGone()
-        if events:
-            transport.write(b"%x\r\n%b\r\n" % (len(events), events) if self.chunked else events)
+        if data:
+            transport.write(data)
         return transport.get_write_buffer_size() > DRAIN_ABOVE
 
 

@@ -42,6 +42,7 @@ from backends.sim.server import (
     SimServerConfig,
     SimServerHandle,
     _Req,
+    engine_figures,
 )
 
 __all__ = [
@@ -287,15 +288,7 @@ async def start_pd_servers(
     cfg = config or SimServerConfig()
     prof = get_profile(profile)
     ecfg = EngineConfig(**{"page_size": cfg.page_size, **(engine_config or {})})
-    figures = EngineFigures(
-        profile=profile,
-        max_total_num_tokens=prof.kv_capacity_tokens,
-        chunked_prefill_size=ecfg.chunked_prefill_size,
-        max_prefill_tokens=ecfg.max_prefill_tokens,
-        max_running_requests=ecfg.max_running_requests,
-        context_length=prof.context_length,
-        schedule_policy=ecfg.schedule_policy,
-    )
+    figures = engine_figures(profile, prof, ecfg)
     handles: list[SimServerHandle] = []
     try:
         for i in range(count):

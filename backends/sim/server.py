@@ -38,7 +38,7 @@ import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -49,6 +49,10 @@ from backends.sim.api import Aborted, EngineEvent, EngineLoad, Finished, FirstTo
 from backends.sim.stats import ServerStats, render_metrics
 from backends.sim.textgen import get_tokenizer
 
+if TYPE_CHECKING:  # imported lazily at run time (see build_engine)
+    from backends.sim.engine import EngineConfig
+    from backends.sim.perf import Profile
+
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_PROFILE",
@@ -58,6 +62,7 @@ __all__ = [
     "SimServerConfig",
     "SimServerHandle",
     "build_engine",
+    "engine_figures",
     "page_chain",
     "start_sim_servers",
 ]
@@ -131,8 +136,12 @@ def build_engine(profile: str, **config: Any) -> tuple[EngineLike, EngineFigures
 
     prof = get_profile(profile)
     cfg = EngineConfig(**config)
-    engine = Engine(prof, cfg)
-    figures = EngineFigures(
+    return Engine(prof, cfg), engine_figures(profile, prof, cfg)
+
+
+def engine_figures(profile: str, prof: Profile, cfg: EngineConfig) -> EngineFigures:
+    """What `/get_server_info` says of an engine of `prof` configured by `cfg`."""
+    return EngineFigures(
         profile=profile,
         max_total_num_tokens=prof.kv_capacity_tokens,
         chunked_prefill_size=cfg.chunked_prefill_size,
@@ -141,7 +150,6 @@ def build_engine(profile: str, **config: Any) -> tuple[EngineLike, EngineFigures
         context_length=prof.context_length,
         schedule_policy=cfg.schedule_policy,
     )
-    return engine, figures
 
 
 def page_chain(ids: Sequence[int], page_size: int) -> tuple[int, ...]:

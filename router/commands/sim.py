@@ -123,6 +123,10 @@ async def _serve(args: argparse.Namespace) -> None:
         stream_interval_s=args.stream_interval,
         access_log=args.access_log,
     )
+    engine_config = {
+        "schedule_policy": args.schedule_policy,
+        "enable_priority_scheduling": args.enable_priority_scheduling,
+    }
     if args.mode == "mixed":
         handles = await start_sim_servers(
             args.count,
@@ -130,10 +134,7 @@ async def _serve(args: argparse.Namespace) -> None:
             base_port=args.port,
             profile=args.profile,
             config=config,
-            engine_config={
-                "schedule_policy": args.schedule_policy,
-                "enable_priority_scheduling": args.enable_priority_scheduling,
-            },
+            engine_config=engine_config,
         )
     else:
         from backends.sim.pd_server import start_pd_servers
@@ -146,10 +147,7 @@ async def _serve(args: argparse.Namespace) -> None:
             bootstrap_base_port=args.bootstrap_port,
             profile=args.profile,
             config=config,
-            engine_config={
-                "schedule_policy": args.schedule_policy,
-                "enable_priority_scheduling": args.enable_priority_scheduling,
-            },
+            engine_config=engine_config,
             link_bytes_per_s=args.link_gbps * 1e9 if args.link_gbps else None,
         )
     stop = asyncio.Event()

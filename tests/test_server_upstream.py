@@ -53,6 +53,18 @@ async def _server(script: Script) -> AsyncIterator[str]:
         await server.wait_closed()
 
 
+def _answering(answer: bytes) -> Script:
+    """A server script: read one request, send `answer` as one write, hold the connection."""
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _read_request(r)
+        w.write(answer)
+        await w.drain()
+        await asyncio.sleep(0.1)
+
+    return script
+
+
 def _client(read_timeout_s: float = 5.0) -> Upstream:
     return Upstream(connect_timeout_s=2.0, read_timeout_s=read_timeout_s)
 
@@ -206,23 +218,12 @@ async def test_refused_malformed_and_silent_backends_raise() -> None:
         with pytest.raises(TimeoutError, match="no byte from the backend"):
             await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
 
-    async def garbage(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        await _read_request(r)
-        w.write(b"SPDY/9 what\r\n\r\n")
-        await w.drain()
-        await asyncio.sleep(0.1)
-
-    async with _server(garbage) as url:
+    async with _server(_answering(b"SPDY/9 what\r\n\r\n")) as url:
         with pytest.raises(UpstreamError, match="malformed response head"):
             await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
 
-    async def bad_chunk(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        await _read_request(r)
-        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
-        await w.drain()
-        await asyncio.sleep(0.1)
-
-    async with _server(bad_chunk) as url:
+    bad_chunk = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
+    async with _server(_answering(bad_chunk)) as url:
         response = await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
         with pytest.raises(UpstreamError, match="malformed chunk size"):
             await response.read()
@@ -320,17 +321,12 @@ async def test_a_sink_error_ends_the_exchange_and_closes_the_connection() -> Non
 
 
 async def test_chunk_extensions_and_trailers_are_skipped() -> None:
-    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        await _read_request(r)
-        w.write(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"5;name=value\r\nhello\r\n1 \r\n!\r\n0\r\nX-Trailer: t\r\n\r\n"
-        )
-        await w.drain()
-        await asyncio.sleep(0.05)
-
+    answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;name=value\r\nhello\r\n1 \r\n!\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
     upstream = _client()
-    async with _server(script) as url:
+    async with _server(_answering(answer)) as url:
         response = await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
         assert await response.read() == b"hello!"
         upstream.close()

@@ -137,3 +137,32 @@ def test_bad_arguments_exit_2(
 def test_unknown_trace_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["replay", "--trace", "no-such-trace", "--url", "http://127.0.0.1:1"]) == 2
     assert "unknown bundled trace" in capsys.readouterr().err
+
+
+async def test_the_stream_reader_gives_the_same_figures_however_the_reads_are_cut() -> None:
+    """SSE lines split anywhere across reads (a chunk boundary mid-event) fold the same way."""
+    import asyncio
+
+    from router.replay.client import _SseReader, _Stream
+
+    events = [
+        {"choices": [{"text": " a"}]},
+        {"choices": [{"text": " b"}]},
+        {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2,
+                                  "prompt_tokens_details": {"cached_tokens": 3}}},
+    ]  # fmt: skip
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    body += b"data: [DONE]\n\n"
+    loop = asyncio.get_running_loop()
+    whole = _Stream()
+    _SseReader(whole, "completions", loop).feed(body)
+    assert (whole.chunks, whole.prompt_tokens, whole.output_tokens, whole.cached_tokens) == (
+        2, 7, 2, 3
+    )  # fmt: skip
+    for cut in range(1, len(body)):
+        st = _Stream()
+        reader = _SseReader(st, "completions", loop)
+        reader.feed(body[:cut])
+        reader.feed(body[cut:])
+        assert (st.chunks, st.prompt_tokens, st.output_tokens, st.cached_tokens) == (2, 7, 2, 3)
+        assert st.error is None

@@ -3,7 +3,11 @@
 Open loop. Every request gets its own task that sleeps until its arrival (trace timestamp /
 load / speedup, on the event loop's clock from the replay's start), then sends, so a slow
 server never slows the sender; a semaphore (`max_in_flight`, far above any real load) only
-guards against runaway memory. One `aiohttp.ClientSession` serves the whole replay.
+guards against runaway memory. The requests go through the router's own keep-alive HTTP/1.1
+client (`router.server.upstream.Upstream`): each read is parsed and stamped in the socket's
+read callback, with no stream reader or task wake-up per read, so the instrument spends little
+of the CPU it shares with what it measures (on one box, with simulated GPUs), and a read's
+timestamp is when its bytes arrived.
 
 Each request streams. Per API the client asks for what it needs to account for the request:
 
@@ -44,6 +48,7 @@ import orjson
 from router.replay.metrics import RequestOutcome, summarize
 from router.replay.textgen import BlockTextGenerator
 from router.replay.traces import Trace, TraceRequest
+from router.server.upstream import Target, Upstream, UpstreamError
 
 __all__ = [
     "API_PATHS",
@@ -68,6 +73,7 @@ API_PATHS: Mapping[str, str] = {
 }
 
 BACKEND_HEADER = "X-Prefix-Router-Backend"  # our router names the backend it chose
+_BACKEND_HEADER_KEY = BACKEND_HEADER.lower()  # `Upstream` lower-cases header names
 _LOOKAHEAD_S = 0.5  # bodies are built this long before they are due
 _STATUS = re.compile(r"^HTTP (\d{3})\b")
 
@@ -269,49 +275,73 @@ def _on_chunk(st: _Stream, api: Api, chunk: Any, now: float) -> None:
         st.last = now
 
 
+class _SseReader:
+    """Folds a stream's SSE lines into its `_Stream`, called in the socket's read callback.
+
+    Each read is stamped when it arrives (`loop.time()` in `data_received`), not when a task
+    gets round to it: on a busy box that wake-up is the client's own lateness, not the
+    server's.
+    """
+
+    __slots__ = ("_api", "_buf", "_loop", "_st")
+
+    def __init__(self, st: _Stream, api: Api, loop: asyncio.AbstractEventLoop) -> None:
+        self._st = st
+        self._api = api
+        self._loop = loop
+        self._buf = b""
+
+    def feed(self, piece: bytes) -> bool:
+        """The `Upstream` sink: never asks for a drain (nothing is written onwards)."""
+        buf = self._buf + piece
+        if b"\n" not in piece:
+            self._buf = buf
+            return False
+        lines = buf.split(b"\n")
+        self._buf = lines.pop()  # an incomplete last line waits for the next read
+        now = self._loop.time()
+        for line in lines:
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                continue
+            try:  # orjson: the client must not eat the CPU of what it measures
+                chunk = orjson.loads(data)
+            except ValueError:
+                continue
+            _on_chunk(self._st, self._api, chunk, now)
+        return False
+
+
+async def _never_drain() -> None:
+    return None
+
+
 async def _one(
-    session: aiohttp.ClientSession,
+    upstream: Upstream,
+    target: Target,
     config: ReplayConfig,
-    path: str,
-    body: dict[str, Any],
-    headers: Mapping[str, str],
+    payload: bytes,
+    headers: bytes,
 ) -> tuple[_Stream, float, float]:
-    """POST one request and read its stream; returns (state, sent at, ended at)."""
+    """POST one JSON `payload` and read its stream; returns (state, sent at, ended at)."""
     st = _Stream()
     loop = asyncio.get_running_loop()
     sent = loop.time()
     try:
-        async with session.post(config.url + path, json=body, headers=headers) as resp:
-            st.backend = resp.headers.get(BACKEND_HEADER)
+        async with asyncio.timeout(config.request_timeout_s):
+            resp = await upstream.post(target, payload, headers)
+            st.backend = resp.headers.get(_BACKEND_HEADER_KEY)
             if resp.status != 200:
-                raw = await resp.text(errors="replace")
+                raw = (await resp.read()).decode("utf-8", errors="replace")
                 st.error = f"HTTP {resp.status}: {_error_message(raw)}"
                 return st, sent, loop.time()
-            buf = b""
-            async for piece in resp.content.iter_any():
-                buf += piece
-                if b"\n" not in piece:
-                    continue
-                lines = buf.split(b"\n")
-                buf = lines.pop()  # an incomplete last line waits for the next read
-                now = loop.time()
-                for line in lines:
-                    line = line.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        continue
-                    try:  # orjson: the client must not eat the CPU of what it measures
-                        chunk = orjson.loads(data)
-                    except ValueError:
-                        continue
-                    _on_chunk(st, config.api, chunk, now)
+            await resp.relay(_SseReader(st, config.api, loop).feed, _never_drain)
     except TimeoutError:
         st.error = f"timeout after {config.request_timeout_s:g} s"
-    except aiohttp.ClientResponseError as exc:
-        st.error = f"HTTP {exc.status}: {exc.message}"
-    except (aiohttp.ClientError, OSError) as exc:
+    except (UpstreamError, OSError) as exc:
         st.error = f"connection error: {type(exc).__name__}: {exc}"
     return st, sent, loop.time()
 
@@ -342,29 +372,32 @@ async def replay(
         if any(r.messages is None for r in trace.requests)
         else None
     )
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    headers = b"Content-Type: application/json\r\nUser-Agent: prefix-router-replay\r\n"
+    if config.api_key:
+        headers += f"Authorization: Bearer {config.api_key}\r\n".encode("latin-1")
     scale = config.speedup
-    timeout = aiohttp.ClientTimeout(total=config.request_timeout_s, sock_connect=10)
-    connector = aiohttp.TCPConnector(limit=config.max_in_flight)
     gate = asyncio.Semaphore(config.max_in_flight)
     outcomes: list[RequestOutcome] = []
     late = 0.0
     started_wall = time.perf_counter()
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        model = config.model
-        if model is None and config.api != "generate":
+    model = config.model
+    if model is None and config.api != "generate":
+        async with aiohttp.ClientSession() as session:
             model = await discover_model(session, config.url)
+    upstream = Upstream(connect_timeout_s=10.0, read_timeout_s=config.request_timeout_s)
+    try:
         loop = asyncio.get_running_loop()
         t0 = loop.time() + 0.2
 
         async def run_one(
-            position: int, treq: TraceRequest, due: float, path: str, body: dict[str, Any]
+            position: int, treq: TraceRequest, due: float, path: str, payload: bytes
         ) -> None:
             nonlocal late
             await asyncio.sleep(max(due - loop.time(), 0.0))
             async with gate:
                 late = max(late, loop.time() - due)
-                st, sent, ended = await _one(session, config, path, body, headers)
+                target = upstream.target(config.url + path)
+                st, sent, ended = await _one(upstream, target, config, payload, headers)
             outcome = _outcome(
                 f"r{position}", treq.timestamp / config.load, treq, st, sent, ended, scale
             )
@@ -372,8 +405,9 @@ async def replay(
             if on_done is not None:
                 on_done(outcome)
 
-        # One scheduler builds each body shortly before it is due (prompt text costs CPU, and
-        # a long trace should not hold every prompt at once), then hands it to its own task.
+        # One scheduler builds and serialises each body shortly before it is due (prompt text
+        # costs CPU, and a long trace should not hold every prompt at once), then hands it to
+        # its own task.
         tasks: list[asyncio.Task[None]] = []
         try:
             for position, treq in enumerate(trace.requests):
@@ -384,11 +418,15 @@ async def replay(
                 path, body = build_request(
                     treq, api=config.api, model=model, texts=texts, rid=f"r{position}"
                 )
-                tasks.append(asyncio.create_task(run_one(position, treq, due, path, body)))
+                # serialised here, ahead of its due time, not inside the timed POST
+                payload = orjson.dumps(body)
+                tasks.append(asyncio.create_task(run_one(position, treq, due, path, payload)))
             await asyncio.gather(*tasks)
         finally:
             for t in tasks:
                 t.cancel()
+    finally:
+        upstream.close()
     outcomes.sort(key=lambda o: (o.arrival, int(o.rid[1:])))
     return ReplayRun(
         outcomes=outcomes,

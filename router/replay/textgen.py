@@ -17,8 +17,8 @@ ASCII letters) that are single cl100k tokens. cl100k's pre-tokenizer splits text
 every " letters" run, so a concatenation of such words is encoded word by word and never
 merges across a word, or a block, boundary: n words are n tokens. Tests check the round trip.
 
-Texts are cached per block id (an LRU of `cache_blocks` entries), so a trace that reuses its
-prefixes costs one random draw per distinct block.
+Texts (the words and their join) are cached per block id (an LRU of `cache_blocks` entries), so
+a trace that reuses its prefixes costs one random draw and one join per distinct block.
 """
 
 from __future__ import annotations
@@ -63,26 +63,28 @@ class BlockTextGenerator:
         self.block_size = block_size
         self.seed = seed
         self._cache_blocks = cache_blocks
-        self._cache: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[tuple[str, ...], str]] = OrderedDict()
         self._vocab = vocabulary()
 
-    def _words(self, block_id: int) -> tuple[str, ...]:
-        words = self._cache.get(block_id)
-        if words is not None:
+    def _block(self, block_id: int) -> tuple[tuple[str, ...], str]:
+        """(words, their joined text) of one block, from the LRU or drawn now."""
+        hit = self._cache.get(block_id)
+        if hit is not None:
             self._cache.move_to_end(block_id)
-            return words
+            return hit
         rng = random.Random(f"{self.seed}:{block_id}")
         words = tuple(rng.choices(self._vocab, k=self.block_size))
-        self._cache[block_id] = words
+        entry = (words, "".join(words))  # whole blocks are the common case: join once
+        self._cache[block_id] = entry
         if len(self._cache) > self._cache_blocks:
             self._cache.popitem(last=False)
-        return words
+        return entry
 
     def block_text(self, block_id: int, tokens: int | None = None) -> str:
         """The text of block `block_id`, or its first `tokens` tokens (a partial last block)."""
-        words = self._words(block_id)
+        words, text = self._block(block_id)
         if tokens is None:
-            return "".join(words)
+            return text
         if not 0 <= tokens <= self.block_size:
             raise ValueError(f"tokens must be in [0, {self.block_size}], got {tokens}")
         return "".join(words[:tokens])

@@ -10,7 +10,9 @@ at a ladder of loads, each routed by
   cache_aware+round_robin    a decode choice that ignores load
   cache_aware+random         a decode choice that knows nothing
 
-and, per router seed, reports p90 TTFT, TPOT p50 / p90 / p99 / max and mean (TPOT: a
+and, per router seed, reports p90 TTFT and where it went (`ttft_split`: the mean prefill,
+transfer and decode-wait phases over all requests and over the slowest tenth), TPOT p50 / p90 /
+p99 / max and mean (TPOT: a
 request's mean gap between output tokens after its first, as the client measures it), and,
 sampled at every arrival on every decode server, the share of samples where requests were
 waiting for KV room and the decode step at the KV the server's batch held then.
@@ -27,6 +29,7 @@ the figures were taken changes only the wall time (~20 s).
 
 Run:  python benchmarks/pd_tpot.py
       python benchmarks/pd_tpot.py --table
+      python benchmarks/pd_tpot.py --ttft-table
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ def measure(router: str, cfg: PDSimConfig, window: Any) -> dict[str, Any]:
         "decode_step_mean": statistics.fmean(steps) if steps else None,
         "decode_step_max": max(steps, default=None),
         "decode_step_mean_when_queued": statistics.fmean(steps_queued) if steps_queued else None,
+        "ttft_split": run.summary["ttft_split"],
     }
 
 
@@ -192,6 +196,34 @@ def table(doc: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def ttft_table(doc: dict[str, Any], loads: tuple[float, ...] = (2.5, 3.084)) -> str:
+    """Where p90 TTFT goes, per router: the mean phases of the slowest tenth (seed means)."""
+    rows = [
+        "| load | router | p90 TTFT s | slowest 10%: TTFT | prefill | transfer | decode wait "
+        "| all: prefill | decode wait |",
+        "|---" * 9 + "|",
+    ]
+    for load in loads:
+        for router in doc["routers"]:
+            at = [r for r in doc["runs"] if r["load"] == load and r["router"] == router]
+            if not at:
+                continue
+
+            def mean(part: str, key: str, at: list[dict[str, Any]] = at) -> float:
+                return statistics.fmean(r["ttft_split"][part][key] for r in at)
+
+            p90 = statistics.fmean(r["ttft_p90"] for r in at)
+            tail = " | ".join(
+                f"{mean('slowest_10pct', k):.3f}"
+                for k in ("ttft", "prefill", "transfer", "decode_wait")
+            )
+            rows.append(
+                f"| {load:g} | {router} | {p90:.3f} | {tail} | {mean('mean', 'prefill'):.3f} "
+                f"| {mean('mean', 'decode_wait'):.3f} |"
+            )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -202,9 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live-load", type=float, default=3.084, help="marked on the plot")
     parser.add_argument("--out", type=Path, default=RESULTS / "pd_tpot.json")
     parser.add_argument("--table", action="store_true", help="print docs/pd.md's rows and stop")
+    parser.add_argument(
+        "--ttft-table", action="store_true", help="print docs/pd.md's TTFT-split rows and stop"
+    )
     args = parser.parse_args(argv)
     if args.table:
         print(table(json.loads(args.out.read_text())))
+        return 0
+    if args.ttft_table:
+        print(ttft_table(json.loads(args.out.read_text())))
         return 0
     loads = [float(x) for x in args.loads.split(",")]
     routers = args.routers.split(",")

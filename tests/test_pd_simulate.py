@@ -38,6 +38,23 @@ def test_a_lone_request_pays_prefill_transfer_and_one_join_step() -> None:
     # 100 decode steps of a batch of one whose KV grows from 4097 to 4196 tokens
     steps = [PROFILE.decode_step_time(1, 4097 + k) for k in range(100)]
     assert o.tpot == pytest.approx(sum(steps) / 100, rel=1e-6)
+    # the TTFT split names the same three phases (one request: its mean is the tail's)
+    split = run.summary["ttft_split"]
+    want = {"ttft": o.ttft, "prefill": prefill, "transfer": transfer, "decode_wait": join}
+    for part in ("mean", "slowest_10pct"):
+        assert split[part] == pytest.approx(want, rel=1e-6)
+
+
+def test_the_ttft_split_tail_is_the_slowest_tenth_by_ttft() -> None:
+    from router.replay.pd_simulate import ttft_split
+
+    rows = [(float(t), 0.1 * t, 0.0, 0.9 * t) for t in range(1, 21)]  # TTFT 1..20 s
+    split = ttft_split(rows)
+    assert split["mean"]["ttft"] == pytest.approx(10.5)
+    assert split["slowest_10pct"] == pytest.approx(
+        {"ttft": 19.5, "prefill": 1.95, "transfer": 0.0, "decode_wait": 17.55}
+    )
+    assert ttft_split([]) == {}
 
 
 def test_a_slower_link_adds_its_transfer_time() -> None:

@@ -39,7 +39,15 @@ from router.replay.metrics import RequestOutcome, percentile, summarize
 from router.replay.simulate import _sim_request
 from router.replay.traces import Trace
 
-__all__ = ["PAIR", "PDRun", "PDSimConfig", "make_pd_router", "simulate_pd", "tpot_p90"]
+__all__ = [
+    "PAIR",
+    "PDRun",
+    "PDSimConfig",
+    "make_pd_router",
+    "simulate_pd",
+    "tpot_p90",
+    "ttft_split",
+]
 
 PAIR = "pair"
 
@@ -114,6 +122,28 @@ class _Live:
     output: int
     prefill: str
     decode: str
+    prefill_done: float | None = None  # the prefill server's answer
+    at_decode: float | None = None  # its KV landed at the decode server
+
+
+def ttft_split(phases: list[tuple[float, float, float, float]]) -> dict[str, dict[str, float]]:
+    """Where TTFT went: (ttft, prefill, transfer, decode wait) per request -> mean seconds of
+    each phase over all requests and over the slowest tenth by TTFT (what sets the p90).
+
+    prefill: arrival to the prefill server's answer (its queue and compute); transfer: to the
+    KV's arrival at the decode server; decode wait: to the first token there (the wait for KV
+    room in its FCFS queue, then one step).
+    """
+    if not phases:
+        return {}
+    ranked = sorted(phases)
+    tail = ranked[int(0.9 * len(ranked)) :]
+    names = ("ttft", "prefill", "transfer", "decode_wait")
+
+    def means(rows: list[tuple[float, float, float, float]]) -> dict[str, float]:
+        return {n: sum(r[i] for r in rows) / len(rows) for i, n in enumerate(names)}
+
+    return {"mean": means(ranked), "slowest_10pct": means(tail)}
 
 
 def simulate_pd(
@@ -161,6 +191,7 @@ def simulate_pd(
     outcomes: list[RequestOutcome] = []
     transfers: list[tuple[float, int, str]] = []  # (arrival at decode, seq, rid)
     prefill_cached: dict[str, int] = {}  # rid -> what its prefill server had cached
+    phases: list[tuple[float, float, float, float]] = []  # for ttft_split
     seq = 0
 
     def fail(rid: str, now: float, why: str) -> None:
@@ -193,6 +224,7 @@ def simulate_pd(
         if bid in pengines:
             if isinstance(event, Finished):
                 pd.on_prefill_done(rid, event.time, event.cached_tokens)
+                item.prefill_done = event.time
                 arrives = links[bid].send(item.prompt, event.time)
                 heapq.heappush(transfers, (arrives, seq, rid))
                 seq += 1
@@ -205,6 +237,10 @@ def simulate_pd(
         cached = prefill_cached.pop(rid, 0)
         pd.on_finished(rid, event.time, event.output_tokens)
         ttft = event.first_token_time - item.arrival
+        if item.prefill_done is not None and item.at_decode is not None:
+            phases.append((ttft, item.prefill_done - item.arrival,
+                           item.at_decode - item.prefill_done,
+                           event.first_token_time - item.at_decode))  # fmt: skip
         tpot = (
             (event.time - event.first_token_time) / (event.output_tokens - 1)
             if event.output_tokens > 1
@@ -233,9 +269,10 @@ def simulate_pd(
         for _, _, bid, event in batch:
             on_event(bid, event)
         while transfers and transfers[0][0] <= now:
-            _, _, rid = heapq.heappop(transfers)
+            arrived, _, rid = heapq.heappop(transfers)
             item = live.get(rid)
             if item is not None:
+                item.at_decode = arrived
                 engines[item.decode].add_request(decode_request(rid, item.prompt, item.output), now)
 
     def run_until(t: float) -> None:
@@ -286,6 +323,7 @@ def simulate_pd(
     outcomes.sort(key=lambda o: o.arrival)
     summary = summarize(outcomes, wall_s=time.perf_counter() - started)
     summary["tpot_p90"] = tpot_p90(outcomes)
+    summary["ttft_split"] = ttft_split(phases)
     summary["prefill_servers"] = config.prefill
     summary["decode_servers"] = config.decode
     return PDRun(router=router, outcomes=outcomes, summary=summary, stats=pd.stats())

@@ -93,6 +93,7 @@ from router.server.scheduling import SchedulerDriver, ticket_for
 from router.server.sse import ClientGone as _ClientGone
 from router.server.sse import SseRelay, data_of, has_done, last_data, usage_at
 from router.server.upstream import Target, Upstream, UpstreamError, UpstreamResponse
+from router.server.whole import answer
 from router.state import StateSync
 
 __all__ = ["Endpoint", "Proxy"]
@@ -610,7 +611,7 @@ class Proxy:
             else:
                 self._end(flight, ok=False)
             out = _response_headers(flight, content_type)
-            return web.Response(body=raw, status=upstream.status, headers=out)
+            return answer(request, raw, upstream.status, out)
         out = _response_headers(flight, content_type, stream=True)
         response = web.StreamResponse(status=upstream.status, headers=out)
         return await self._relay(request, upstream, response, flight, endpoint, strip_usage)

@@ -66,7 +66,8 @@ import re
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import aiohttp
@@ -255,8 +256,12 @@ class Proxy:
             rid = f"{rid}-{uuid.uuid4().hex[:8]}"
         return rid
 
-    async def _route_request(self, prompt: Prompt, rid: str, body_chars: int) -> RouteRequest:
-        """Blocks only when the policy reads them; big prompts tokenize off the event loop."""
+    async def _route_request(
+        self, prompt: Prompt, rid: str, body_chars: int, stream: bool
+    ) -> RouteRequest:
+        """Blocks only when the policy reads them; big prompts tokenize off the event loop.
+
+        A non-streamed answer shows no first token (`first_token_seen=False`)."""
         if self.hasher is None or not (self.policy.needs_blocks or self.recorder is not None):
             return RouteRequest(
                 rid=rid,
@@ -265,6 +270,7 @@ class Proxy:
                 prompt_tokens=0,
                 max_tokens=prompt.max_tokens,
                 session_key=prompt.session_key,
+                first_token_seen=stream,
             )
         if body_chars > self.config.executor_tokenize_chars:
             executor = self._hash_executor
@@ -273,8 +279,9 @@ class Proxy:
                     max_workers=1, thread_name_prefix="router-hash"
                 )
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(executor, self.hasher.route_request, prompt, rid)
-        return self.hasher.route_request(prompt, rid)
+            hash_it = partial(self.hasher.route_request, first_token_seen=stream)
+            return await loop.run_in_executor(executor, hash_it, prompt, rid)
+        return self.hasher.route_request(prompt, rid, first_token_seen=stream)
 
     def close(self) -> None:
         """Stop the hashing thread (after the requests that use it have ended); close idle
@@ -289,18 +296,17 @@ class Proxy:
         if endpoint.kind == "generate":
             return set()
         model = body.get("model")
-        known = self.pool.models()
-        if not isinstance(model, str) or not known:
+        if not isinstance(model, str):
             return set()
-        if model not in known:
+        unfit = self.pool.unfit(model)
+        if unfit is None:
             raise ApiError(
                 404,
                 f"The model `{model}` does not exist or you do not have access to it.",
                 param="model",
                 code="model_not_found",
             )
-        serving = self.pool.serving(model)
-        return {e.id for e in self.pool.entries.values() if e.discovered and e.id not in serving}
+        return unfit
 
     async def forward(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
@@ -391,9 +397,7 @@ class Proxy:
         exclude = self._exclusions(body, endpoint)
         if self.config.log_prompts:
             log.info("rid=%s prompt=%s", rid, json.dumps(body)[:4096])
-        route_req = await self._route_request(prompt, rid, len(raw))  # chunked: no length
-        if not stream:
-            route_req = replace(route_req, first_token_seen=False)
+        route_req = await self._route_request(prompt, rid, len(raw), stream)  # chunked: no length
         flight.route, flight.model = route_req, model
         payload, strip_usage = self._upstream_payload(raw, body, endpoint, rid, stream)
         self.live.add(rid)

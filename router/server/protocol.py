@@ -14,8 +14,8 @@ aiohttp builds its `RequestHandler` inside `web.Server.__call__`; `JsonErrorRunn
 from __future__ import annotations
 
 import logging
-from http import HTTPStatus
 from collections.abc import Callable, Mapping
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web

@@ -85,6 +85,7 @@ from router.server.config import ServerConfig
 from router.server.errors import REQUEST_ID_KEY, ApiError, sse_error_event
 from router.server.explain import HEADER as REASON_HEADER
 from router.server.explain import route_reason
+from router.server.heads import StreamedResponse, answer, streamed
 from router.server.jsonbody import loads as _loads
 from router.server.jsonbody import read_object, too_deep
 from router.server.metrics import RouterMetrics
@@ -94,7 +95,6 @@ from router.server.scheduling import SchedulerDriver, ticket_for
 from router.server.sse import ClientGone as _ClientGone
 from router.server.sse import SseRelay, data_of, has_done, last_data, usage_at
 from router.server.upstream import Target, Upstream, UpstreamError, UpstreamResponse
-from router.server.whole import answer
 from router.state import StateSync
 
 __all__ = ["Endpoint", "Proxy"]
@@ -150,7 +150,9 @@ async def _to_client(
         writer = await response.prepare(request)
         assert writer is not None
         if data:
-            await response.write(data)  # the first one goes out with the headers
+            await response.write(data)  # a StreamedResponse's head goes out with it
+        elif isinstance(response, StreamedResponse):
+            response.send_head()
         elif hasattr(writer, "send_headers"):  # aiohttp >= 3.11 holds headers for the body
             writer.send_headers()
         return writer
@@ -617,7 +619,7 @@ class Proxy:
             out = _response_headers(flight, content_type)
             return answer(request, raw, upstream.status, out)
         out = _response_headers(flight, content_type, stream=True)
-        response = web.StreamResponse(status=upstream.status, headers=out)
+        response = streamed(request, upstream.status, out)
         return await self._relay(request, upstream, response, flight, endpoint, strip_usage)
 
     async def _relay(

@@ -374,7 +374,7 @@ def cached_tokens_from_meta(meta_info: Any) -> int | None:
 
 
 def _sse_payload(chunk: str | bytes | Mapping[str, Any]) -> Any:
-    if _is_map(chunk):
+    if type(chunk) is dict or isinstance(chunk, Mapping):
         return chunk
     text = chunk.decode("utf-8", "replace") if isinstance(chunk, bytes) else chunk
     data_lines = [line[5:].lstrip() for line in text.splitlines() if line.startswith("data:")]

@@ -399,3 +399,28 @@ async def test_whole_chunks_pass_through_raw_and_the_rest_goes_as_payload() -> N
         ("payload", b"data: 4\n\n"),
         ("raw", b"9\r\ndata: 5\n\n\r\n"),
     ]
+
+
+async def test_whole_chunks_then_a_split_one_in_the_same_read() -> None:
+    """A read of whole chunks ending in part of the next (the walk, then the state machine
+    from where it stopped), then the rest with the terminal chunk (walked to the end)."""
+    events = [b'data: {"n": %d}\n\n' % i for i in range(4)]
+    body = _chunked(*events)
+    cut = body.index(b"\r\n", body.index(events[3])) - 3  # inside the fourth chunk's payload
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _read_request(r)
+        for part in (head + body[:cut], body[cut:]):
+            w.write(part)
+            await w.drain()
+            await asyncio.sleep(0.05)
+
+    upstream = _client()
+    async with _server(script) as url:
+        response = await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
+        got: list[bytes] = []
+        await response.relay(partial(_keep, got), _no_drain)
+        assert b"".join(got) == b"".join(events)
+        assert len(got) == 2  # one payload per read: three events and a part, then the rest
+        upstream.close()

@@ -9,6 +9,12 @@ data_received`) undoes the chunked framing and hands the payload to a *sink*, a 
 that writes straight to the client's transport; the handler's coroutine wakes only when the
 response ends, breaks or the client's buffer needs draining.
 
+Chunked framing is read two ways: a read that starts at a chunk boundary (nearly every read of
+a stream: one or a few whole chunks) is walked chunk by chunk by `_whole_chunks`, which either
+passes the read on still framed (a raw sink) or collects its payloads; only what that walk
+leaves -- a chunk split across reads, an extension, trailers -- goes through the byte-level
+state machine `_dechunk`, from where the walk stopped.
+
 Scope, which is what SGLang's HTTP servers (uvicorn) and the simulated ones (aiohttp) need:
 POST with a bytes body over http:// or https://, keep-alive connections per host, responses
 framed by Content-Length, chunked encoding or the connection's close. aiohttp's session stays
@@ -205,22 +211,7 @@ class _Connection(asyncio.Protocol):
         ):
             return
         if mode == 2:
-            payload = b""
-            if self._chunk_state == _SIZE and not self._chunk_buf:
-                # a stream's usual read is one whole chunk (one SSE event): no loop, no list
-                end = data.find(b"\r\n", 0, 10)
-                if end > 0:
-                    try:
-                        size = int(data[:end], 16)
-                    except ValueError:  # an extension: the general path below
-                        size = 0
-                    if size and len(data) == end + 4 + size and data.endswith(b"\r\n"):
-                        payload = data[end + 2 : end + 2 + size]
-            if payload:
-                ended = False
-            else:
-                parts, ended = self._dechunk(data)
-                payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            payload, ended = self._payload_of(data)
         elif mode == 1:
             if len(data) > self._left:
                 data = data[: self._left]
@@ -246,6 +237,27 @@ class _Connection(asyncio.Protocol):
                     self._ask_drain()
         if ended:
             self._finish()
+
+    def _payload_of(self, data: bytes) -> tuple[bytes, bool]:
+        """The payload of a chunked read, and whether the terminal chunk passed.
+
+        A read that starts at a chunk boundary (the usual case: a stream's read is one or a
+        few whole chunks) is walked by `_whole_chunks`, chunk by chunk, and only what it leaves
+        (a chunk split across reads, an extension) goes through the state machine (`_dechunk`).
+        """
+        if self._chunk_state != _SIZE or self._chunk_buf:
+            parts, ended = self._dechunk(data)
+        else:
+            parts = []
+            whole, ended = _whole_chunks(data, parts)
+            if whole < 0:  # malformed or an extension: the state machine says which
+                parts, ended = self._dechunk(data)
+            elif ended:
+                self._chunk_state = _TRAILER
+            elif whole < len(data):
+                rest, ended = self._dechunk(data[whole:])
+                parts += rest
+        return (parts[0] if len(parts) == 1 else b"".join(parts)), ended
 
     def _pass_through(self, data: bytes) -> bool:
         """Hand a read of whole chunks to the raw sink as it came; False: not taken."""
@@ -586,10 +598,10 @@ class Upstream:
         self._idle.clear()
 
 
-def _whole_chunks(data: bytes) -> tuple[int, bool]:
-    """How many leading bytes of chunked `data` are whole data chunks, and whether exactly the
-    terminal chunk (no trailers) follows them to the end; -1: malformed (the general path
-    says so)."""
+def _whole_chunks(data: bytes, payloads: list[bytes] | None = None) -> tuple[int, bool]:
+    """How many leading bytes of chunked `data` are whole data chunks (their payloads appended
+    to `payloads` when given), and whether exactly the terminal chunk (no trailers) follows
+    them to the end; -1: malformed or unusual (the state machine, `_dechunk`, says which)."""
     pos, size_of = 0, len(data)
     while pos < size_of:
         end = data.find(b"\r\n", pos, pos + 18)
@@ -604,6 +616,8 @@ def _whole_chunks(data: bytes) -> tuple[int, bool]:
         stop = end + 2 + size
         if stop + 2 > size_of or data[stop : stop + 2] != b"\r\n":
             return (pos, False) if stop + 2 > size_of else (-1, False)
+        if payloads is not None:
+            payloads.append(data[end + 2 : stop])
         pos = stop + 2
     return pos, False
 

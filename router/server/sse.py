@@ -102,11 +102,16 @@ class SseRelay:
         """Whole upstream chunks passed on as they came (the client's framing is the same);
         None when this read needs the payload path (a usage event to read or drop, an
         unfinished event pending)."""
-        if self.pending or not self.first_seen or has_usage(framed):
+        # has_usage and _send inlined: this runs once per upstream read of a stream
+        if self.pending or not self.first_seen or b'"usage": {' in framed or b'"usage":{' in framed:
             return None
         if not self.done and b"[DONE]" in framed:
             self.done = has_done(framed)
-        return self._send(framed)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ClientGone()
+        transport.write(framed)
+        return transport.get_write_buffer_size() > DRAIN_ABOVE
 
     def __call__(self, chunk: bytes) -> bool:
         """The upstream sink: write the read's events; True when the client's buffer is full."""

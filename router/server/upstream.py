@@ -202,14 +202,22 @@ class _Connection(asyncio.Protocol):
 
     def _on_body(self, data: bytes) -> None:
         mode = self._mode
-        if (
-            mode == 2
-            and self._raw is not None
-            and self._chunk_state == _SIZE
-            and not self._chunk_buf
-            and self._pass_through(data)
-        ):
-            return
+        raw = self._raw
+        if mode == 2 and raw is not None and self._chunk_state == _SIZE and not self._chunk_buf:
+            # whole chunks go to the raw sink as they came (inlined: once per stream read)
+            whole, ended = _whole_chunks(data)
+            if whole == len(data) or (ended and whole >= 0):
+                try:
+                    drain = raw(data if whole == len(data) else data[:whole]) if whole else False
+                except BaseException as exc:  # the sink's error ends the exchange (client gone)
+                    self._fail(exc)
+                    return
+                if drain is not None:  # None: not taken raw, the payload path below
+                    if drain and not ended:
+                        self._ask_drain()
+                    if ended:
+                        self._finish()
+                    return
         if mode == 2:
             payload, ended = self._payload_of(data)
         elif mode == 1:
@@ -258,26 +266,6 @@ class _Connection(asyncio.Protocol):
                 rest, ended = self._dechunk(data[whole:])
                 parts += rest
         return (parts[0] if len(parts) == 1 else b"".join(parts)), ended
-
-    def _pass_through(self, data: bytes) -> bool:
-        """Hand a read of whole chunks to the raw sink as it came; False: not taken."""
-        whole, ended = _whole_chunks(data)
-        if whole < 0 or (whole < len(data) and not ended):
-            return False  # a partial chunk or anything unusual: the general path
-        assert self._raw is not None
-        if whole:
-            try:
-                drain = self._raw(data if whole == len(data) else data[:whole])
-            except BaseException as exc:
-                self._fail(exc)
-                return True
-            if drain is None:
-                return False
-            if drain and not ended:
-                self._ask_drain()
-        if ended:
-            self._finish()
-        return True
 
     def _dechunk(self, data: bytes) -> tuple[list[bytes], bool]:
         """The payload pieces of chunked `data` and whether the terminal chunk passed."""

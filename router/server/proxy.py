@@ -365,7 +365,7 @@ class Proxy:
         self, request: web.Request, endpoint: Endpoint, flight: _Flight
     ) -> web.StreamResponse:
         check_client(request, self.config.api_keys)
-        raw, body = await read_object(request)
+        raw, body = await read_object(request, self.config.max_body_bytes)
         rid = self._new_rid(request, body)
         request[REQUEST_ID_KEY] = rid
         flight.rid = rid

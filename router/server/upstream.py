@@ -610,19 +610,22 @@ def _whole_chunks(data: bytes, payloads: list[bytes] | None = None) -> tuple[int
     return pos, False
 
 
+_WS = " \t\n\r\x0b\x0c"  # what bytes.strip() strips (str.strip() would take \xa0 too)
+
+
 def _parse_head(head: bytes) -> tuple[int, dict[str, str], bytes]:
     """Status code, headers (lower-case names; repeats joined by ", ") and HTTP version."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-        raise ValueError(f"status line {lines[0][:40]!r}")
+    lines = head.decode("latin-1").split("\r\n")  # decoded once, not per name and value
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+        raise ValueError(f"status line {lines[0][:40].encode('latin-1')!r}")
     status = int(parts[1])
     headers: dict[str, str] = {}
     for line in lines[1:]:
-        name, sep, value = line.partition(b":")
+        name, sep, value = line.partition(":")
         if not sep:
-            raise ValueError(f"header line {line[:40]!r}")
-        key = name.strip().lower().decode("latin-1")
-        text = value.strip().decode("latin-1")
+            raise ValueError(f"header line {line[:40].encode('latin-1')!r}")
+        key = name.strip(_WS).lower()
+        text = value.strip(_WS)
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
-    return status, headers, parts[0]
+    return status, headers, parts[0].encode("latin-1")

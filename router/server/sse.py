@@ -162,13 +162,21 @@ def data_of(event: bytes) -> bytes | None:
 
 
 def first_data(events: bytes) -> bytes | None:
-    """The first data payload other than [DONE] (the first token), if any."""
+    """The first data payload other than [DONE] (the first token), if any.
+
+    Event by event from the start (a stream's first read may hold a hundred events: they
+    are not split into a list to look at the first)."""
     if b"data:" not in events:
         return None
-    for event in split_events(events):
-        data = data_of(event)
+    start, size = 0, len(events)
+    while start < size:
+        end = events.find(b"\n\n", start)
+        data = data_of(events[start:] if end < 0 else events[start:end])
         if data is not None and data != b"[DONE]":
             return data
+        if end < 0:
+            break
+        start = end + 2
     return None
 
 

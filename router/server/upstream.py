@@ -33,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from itertools import repeat
 from typing import TypeVar, cast
 
 from yarl import URL
@@ -589,7 +590,50 @@ class Upstream:
 def _whole_chunks(data: bytes, payloads: list[bytes] | None = None) -> tuple[int, bool]:
     """How many leading bytes of chunked `data` are whole data chunks (their payloads appended
     to `payloads` when given), and whether exactly the terminal chunk (no trailers) follows
-    them to the end; -1: malformed or unusual (the state machine, `_dechunk`, says which)."""
+    them to the end; -1: malformed or unusual (the state machine, `_dechunk`, says which).
+
+    A read of one chunk or so is walked chunk by chunk; a longer one (a backend that sends
+    faster than the router reads: 100+ events per read at the saturation runs' speed) is
+    first checked with C-level calls only (`_split_whole`), twice as fast from 8 chunks on.
+    """
+    if len(data) > _SPLIT_ABOVE:
+        whole = _split_whole(data, payloads)
+        if whole is not None:
+            return whole
+    return _walk_chunks(data, payloads)
+
+
+_SPLIT_ABOVE = 512  # bytes: about two SSE chunks
+
+
+def _split_whole(data: bytes, payloads: list[bytes] | None) -> tuple[int, bool] | None:
+    """`_whole_chunks` for a read of whole chunks whose payloads hold no CRLF (SSE events
+    from SGLang): split at CRLF, the sizes read with `map(int, ...)` against the payloads'
+    lengths; None for anything else (a partial chunk, a payload with a CRLF, an extension).
+
+    A payload holding a CRLF cannot pass: the first such chunk's size is larger than the
+    piece before its CRLF.
+    """
+    parts = data.split(b"\r\n")
+    if len(parts) < 3 or not len(parts) % 2 or parts[-1]:  # not: size, payload, ..., b""
+        return None
+    sizes, pieces = parts[0:-1:2], parts[1:-1:2]
+    try:
+        lengths = list(map(int, sizes, repeat(16)))
+    except ValueError:
+        return None
+    if lengths != list(map(len, pieces)) or 0 in lengths[:-1]:
+        return None
+    ended = not lengths[-1]
+    if ended and sizes[-1] != b"0":  # a terminal chunk spelled "00" or " 0": walked
+        return None
+    if payloads is not None:
+        payloads += pieces[:-1] if ended else pieces
+    return (len(data) - 5 if ended else len(data)), ended
+
+
+def _walk_chunks(data: bytes, payloads: list[bytes] | None) -> tuple[int, bool]:
+    """`_whole_chunks` chunk by chunk (any read: it stops where the whole chunks stop)."""
     pos, size_of = 0, len(data)
     while pos < size_of:
         end = data.find(b"\r\n", pos, pos + 18)

@@ -242,10 +242,6 @@ class BackendPool:
             return set()
         return out if serves else None
 
-    def serving(self, model: str) -> set[str]:
-        """Ids of discovered backends that serve `model`."""
-        return {e.id for e in self.entries.values() if e.info and model in e.info.models}
-
     def any_healthy(self) -> bool:
         return any(e.healthy and not e.draining for e in self.entries.values())
 

@@ -143,6 +143,8 @@ class TokenUsage:
 
 
 def _int(value: Any) -> int | None:
+    if type(value) is int:  # the usual case first: this runs several times per request
+        return value
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -344,15 +346,20 @@ async def abort_request(
         return False
 
 
+def _is_map(value: Any) -> bool:
+    """isinstance(value, Mapping), the common dict answered without the ABC machinery."""
+    return type(value) is dict or isinstance(value, Mapping)
+
+
 def cached_tokens_from_openai(obj: Any) -> int | None:
     """`usage.prompt_tokens_details.cached_tokens` of an OpenAI response or chunk."""
-    if not isinstance(obj, Mapping):
+    if not _is_map(obj):
         return None
     usage = obj.get("usage")
-    if not isinstance(usage, Mapping):
+    if not _is_map(usage):
         return None
     details = usage.get("prompt_tokens_details")
-    if not isinstance(details, Mapping):
+    if not _is_map(details):
         return None
     return _int(details.get("cached_tokens"))
 
@@ -367,7 +374,7 @@ def cached_tokens_from_meta(meta_info: Any) -> int | None:
 
 
 def _sse_payload(chunk: str | bytes | Mapping[str, Any]) -> Any:
-    if isinstance(chunk, Mapping):
+    if type(chunk) is dict or isinstance(chunk, Mapping):
         return chunk
     text = chunk.decode("utf-8", "replace") if isinstance(chunk, bytes) else chunk
     data_lines = [line[5:].lstrip() for line in text.splitlines() if line.startswith("data:")]
@@ -388,10 +395,10 @@ def usage_from_sse_chunk(chunk: str | bytes | Mapping[str, Any]) -> TokenUsage |
     Returns None for `[DONE]`, comments, non-JSON, and chunks with no counts.
     """
     obj = _sse_payload(chunk)
-    if not isinstance(obj, Mapping):
+    if not _is_map(obj):
         return None
     meta = obj.get("meta_info")
-    if isinstance(meta, Mapping):
+    if _is_map(meta):
         return TokenUsage(
             prompt_tokens=_int(meta.get("prompt_tokens")),
             completion_tokens=_int(meta.get("completion_tokens")),
@@ -402,10 +409,10 @@ def usage_from_sse_chunk(chunk: str | bytes | Mapping[str, Any]) -> TokenUsage |
     choices = obj.get("choices")
     if isinstance(choices, list):
         finished = any(
-            isinstance(c, Mapping) and c.get("finish_reason") is not None for c in choices
+            _is_map(c) and c.get("finish_reason") is not None for c in choices
         )
     usage = obj.get("usage")
-    if isinstance(usage, Mapping):
+    if _is_map(usage):
         return TokenUsage(
             prompt_tokens=_int(usage.get("prompt_tokens")),
             completion_tokens=_int(usage.get("completion_tokens")),

@@ -9,13 +9,20 @@ an idle close, a stall) is covered here.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
 import pytest
 
-from router.server.upstream import Upstream, UpstreamError
+from router.server.upstream import (
+    Upstream,
+    UpstreamError,
+    _split_whole,
+    _walk_chunks,
+    _whole_chunks,
+)
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -399,3 +406,61 @@ async def test_whole_chunks_pass_through_raw_and_the_rest_goes_as_payload() -> N
         ("payload", b"data: 4\n\n"),
         ("raw", b"9\r\ndata: 5\n\n\r\n"),
     ]
+
+
+async def test_whole_chunks_then_a_split_one_in_the_same_read() -> None:
+    """A read of whole chunks ending in part of the next (the walk, then the state machine
+    from where it stopped), then the rest with the terminal chunk (walked to the end)."""
+    events = [b'data: {"n": %d}\n\n' % i for i in range(4)]
+    body = _chunked(*events)
+    cut = body.index(b"\r\n", body.index(events[3])) - 3  # inside the fourth chunk's payload
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _read_request(r)
+        for part in (head + body[:cut], body[cut:]):
+            w.write(part)
+            await w.drain()
+            await asyncio.sleep(0.05)
+
+    upstream = _client()
+    async with _server(script) as url:
+        response = await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
+        got: list[bytes] = []
+        await response.relay(partial(_keep, got), _no_drain)
+        assert b"".join(got) == b"".join(events)
+        assert len(got) == 2  # one payload per read: three events and a part, then the rest
+        upstream.close()
+
+
+def test_the_split_check_agrees_with_the_walk_wherever_it_answers() -> None:
+    """`_split_whole` (C-level calls, long reads) says what the chunk-by-chunk walk says, or
+    nothing: random reads of whole chunks, with and without the terminal chunk, payloads with
+    and without CRLFs, cut at random places, and a few malformed ones."""
+    rng = random.Random(13)
+    answered = 0
+    for case in range(3000):
+        events = [
+            b"data: %b\n\n" % bytes(rng.choice(b"ab{}: \r\n") for _ in range(rng.randint(0, 60)))
+            if rng.random() < 0.2
+            else b'data: {"n": %d}\n\n' % i
+            for i in range(rng.randint(1, 40))
+        ]
+        data = b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in events)
+        if rng.random() < 0.3:
+            data += b"0\r\n\r\n"
+        if rng.random() < 0.3:
+            data = data[: rng.randint(0, len(data))]
+        if case % 50 == 0:
+            data = data.replace(b"\r\n", b";x=1\r\n", 1)  # an extension
+        want_pieces: list[bytes] = []
+        want = _walk_chunks(data, want_pieces)
+        got_pieces: list[bytes] = []
+        got = _split_whole(data, got_pieces)
+        if got is not None:
+            answered += 1
+            assert (got, got_pieces) == (want, want_pieces), data
+        else:
+            assert not got_pieces
+        assert _whole_chunks(data) == want
+    assert answered > 300  # reads of whole chunks of CRLF-free events are answered

@@ -175,7 +175,9 @@ class BlockHasher:
         """The chain seed of token-id prompts under `salt` (no tokenizer involved)."""
         return salt_seed(f"ids\x1f{self.block_tokens}\x1f{salt}")
 
-    def route_request(self, prompt: Prompt, rid: str) -> RouteRequest:
+    def route_request(
+        self, prompt: Prompt, rid: str, *, first_token_seen: bool = True
+    ) -> RouteRequest:
         """The request the routing core sees: blocks, sizes, max_tokens, session key."""
         if prompt.input_ids is not None:
             seed = self.ids_seed(prompt.salt)
@@ -192,6 +194,7 @@ class BlockHasher:
             prompt_tokens=n,
             max_tokens=prompt.max_tokens,
             session_key=prompt.session_key,
+            first_token_seen=first_token_seen,
         )
 
     def _templated_blocks(self, prompt: Prompt) -> tuple[tuple[int, ...], int]:

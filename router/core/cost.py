@@ -264,17 +264,24 @@ class OutputLengthModel:
         self._window: deque[int] = deque(maxlen=window)
         self._refresh_every = refresh_every
         self._since = 0
+        # the window kept sorted as it moves (one bisect each way, not a sort of 1,024 values
+        # per refresh); _sorted / _prefix are its snapshot at the last refresh
+        self._live: list[int] = []
         self._sorted: list[int] = []
         self._prefix: list[int] = []  # _prefix[i] = sum(_sorted[:i])
 
     def observe(self, output_tokens: int) -> None:
         if output_tokens < 0:
             raise ValueError("output_tokens must be non-negative")
-        self._window.append(output_tokens)
+        window, live = self._window, self._live
+        if len(window) == window.maxlen:
+            del live[bisect.bisect_left(live, window[0])]
+        window.append(output_tokens)
+        bisect.insort(live, output_tokens)
         self._since += 1
-        if len(self._window) <= self._refresh_every or self._since >= self._refresh_every:
-            self._sorted = sorted(self._window)
-            self._prefix = [0, *accumulate(self._sorted)]
+        if len(window) <= self._refresh_every or self._since >= self._refresh_every:
+            self._sorted = live.copy()
+            self._prefix = [0, *accumulate(live)]
             self._since = 0
 
     def expect(self, max_tokens: int | None) -> float:

@@ -278,6 +278,16 @@ def create_app(config: ServerConfig) -> web.Application:
     return app
 
 
+def _hot_routes(state: RouterState) -> dict[tuple[str, str], Handler]:
+    """The model endpoints, bound once: they skip the app's router (fastpath.py)."""
+    proxy = state.proxy
+    return {
+        ("POST", "/v1/chat/completions"): proxy.chat,
+        ("POST", "/v1/completions"): proxy.completions,
+        ("POST", "/generate"): proxy.generate,
+    }
+
+
 @dataclass(slots=True, kw_only=True)
 class RunningServer:
     """A started router: its URL, its app (for state in tests) and how to stop it."""
@@ -299,6 +309,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     app = create_app(config)
     runner = JsonErrorRunner(  # parser errors (oversized headers...) as JSON too
         app,
+        hot=lambda: _hot_routes(app[STATE]),
         handler_cancellation=True,
         access_log=None,
         handle_signals=False,

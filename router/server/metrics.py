@@ -1,26 +1,34 @@
 """The router's Prometheus series, exposed through `prometheus_client`.
 
-Each metric is a thin wrapper over a `prometheus_client` metric in the app's own
+Each metric is a custom collector (prometheus_client's `Collector`) in the app's own
 `CollectorRegistry` (never the process-global one, so two routers in one process, as in the
-tests, keep separate series). The wrappers keep the call shape the proxy uses on its hot path,
-`metric.inc(*label_values, amount=...)`, and cache each label set's child, so a request pays a
-dict lookup and the library's locked increment, not a `labels()` call per update
-(benchmarks/metrics_cost.py measured the switch against the hand-written exposition this
-replaced: within 5% of router CPU per request). Gauges that mirror live state (backend health,
-in-flight) are refreshed by collector callbacks just before rendering, so they are never stale
-and cost nothing between scrapes; totals another component counts itself (remote events) are
-mirrored at scrape time as counters. `_created` series are off: nothing here reads them.
+tests, keep separate series). On the hot path a metric is plain numbers in a dict keyed by
+label values: `metric.inc(*label_values, amount=...)` is a dict update, a histogram's
+`observe` one bisection and two list updates. The library's own metric objects cost ~15 us per
+request in all (a lock, observability checks and a Python loop over the buckets per update,
+about 3% of a short request's router CPU, issue 13); here the same updates cost ~5 us, and
+the library builds the families only at a scrape (`collect()`), in the same text, sample for
+sample, its Counter / Gauge / Histogram classes write (tests/test_server_metrics_text.py).
+Gauges that mirror live state (backend health, in-flight) are refreshed by collector
+callbacks just before rendering, so they are never stale and cost nothing between scrapes;
+totals another component counts itself (remote events) are mirrored at scrape time as
+counters. `_created` series are off: nothing here reads them.
 """
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from itertools import accumulate
+from typing import TypeVar
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 __all__ = [
     "CACHED_ERROR_BUCKETS",
@@ -56,100 +64,120 @@ CACHED_ERROR_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 
 
-class _Wrapped:
-    """One prometheus_client metric (`self.metric`) and its children by label values."""
+class _Family(Collector):
+    """One metric's values by label set, as plain numbers; rendered by `collect()`."""
 
-    def __init__(self, metric: Any, labels: Sequence[str]) -> None:
-        self.metric = metric
-        self.name: str = metric._name
+    def __init__(self, name: str, help_text: str, labels: Sequence[str]) -> None:
+        self.name = name
+        self.help = help_text
         self.label_names = tuple(labels)
-        self._children: dict[LabelValues, Any] = {}
 
-    def _child(self, labels: LabelValues) -> Any:
-        child = self._children.get(labels)
-        if child is None:
-            if len(labels) != len(self.label_names):
-                raise ValueError(f"{self.name} takes labels {self.label_names}, got {labels}")
-            child = self.metric.labels(*labels) if labels else self.metric
-            self._children[labels] = child
-        return child
-
-    def _sample(self, suffix: str, labels: Sequence[str]) -> float:
-        want = dict(zip(self.label_names, (str(v) for v in labels), strict=True))
-        for family in self.metric.collect():
-            for sample in family.samples:
-                if sample.name == self.name + suffix and sample.labels == want:
-                    return float(sample.value)
-        return 0.0
-
-    def total(self, suffix: str = "") -> float:
-        """The sum of one sample kind over every label set (the hit ratios' numerators)."""
-        return sum(
-            float(s.value)
-            for family in self.metric.collect()
-            for s in family.samples
-            if s.name == self.name + suffix
-        )
+    def _check(self, labels: LabelValues) -> None:
+        if len(labels) != len(self.label_names):
+            raise ValueError(f"{self.name} takes labels {self.label_names}, got {labels}")
 
 
-class Counter(_Wrapped):
+class Counter(_Family):
     def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(prometheus_client.Counter(name, help_text, labels, registry=None), labels)
-        self.name = name if name.endswith("_total") else name + "_total"
+        base = name.removesuffix("_total")
+        super().__init__(base + "_total", help_text, labels)
+        self._base = base
+        self.values: dict[LabelValues, float] = {} if labels else {(): 0.0}
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
-        child = self._children.get(labels)  # hot path: several calls per request
-        if child is None:
-            child = self._child(labels)
-        child.inc(amount)
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        values = self.values
+        if labels in values:  # hot path: several calls per request
+            values[labels] += amount
+        else:
+            self._check(labels)
+            values[labels] = float(amount)
 
     def get(self, *labels: str) -> float:
-        return self._sample("", labels)
+        return self.values.get(labels, 0.0)
+
+    def total(self) -> float:
+        """The sum over every label set (the hit ratios' numerators)."""
+        return sum(self.values.values())
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self._base, self.help, labels=self.label_names)
+        for labels, value in self.values.items():
+            family.add_metric(labels, value)
+        yield family
 
 
-class Gauge(_Wrapped):
+class Gauge(_Family):
     """Set at scrape time by collectors; `clear` forgets label sets of vanished backends."""
 
     def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(prometheus_client.Gauge(name, help_text, labels, registry=None), labels)
+        super().__init__(name, help_text, labels)
+        self.values: dict[LabelValues, float] = {} if labels else {(): 0.0}
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
-        child = self._children.get(labels)
-        if child is None:
-            child = self._child(labels)
-        child.inc(amount)
+        values = self.values
+        if labels in values:
+            values[labels] += amount
+        else:
+            self._check(labels)
+            values[labels] = float(amount)
 
     def set(self, *labels: str, value: float) -> None:
-        self._child(labels).set(value)
+        self._check(labels)
+        self.values[labels] = float(value)
 
     def get(self, *labels: str) -> float:
-        return self._sample("", labels)
+        return self.values.get(labels, 0.0)
 
     def clear(self) -> None:
         if self.label_names:
-            self.metric.clear()
-            self._children.clear()
+            self.values.clear()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.name, self.help, labels=self.label_names)
+        for labels, value in self.values.items():
+            family.add_metric(labels, value)
+        yield family
 
 
-class Histogram(_Wrapped):
+class Histogram(_Family):
+    """Counts per bucket (upper bounds inclusive, as Prometheus has them) and the sum."""
+
     def __init__(
         self, name: str, help_text: str, labels: Sequence[str] = (), buckets: Sequence[float] = ()
     ) -> None:
-        bounds = tuple(sorted(buckets)) or TTFT_BUCKETS
-        super().__init__(
-            prometheus_client.Histogram(name, help_text, labels, buckets=bounds, registry=None),
-            labels,
-        )
-        self.buckets = bounds
+        super().__init__(name, help_text, labels)
+        self.buckets = tuple(sorted(buckets)) or TTFT_BUCKETS
+        self._les = [floatToGoString(b) for b in (*self.buckets, math.inf)]  # type: ignore[no-untyped-call]
+        # per label set: a count per bucket (the last one +Inf), then the sum
+        self._states: dict[LabelValues, list[float]] = {} if labels else {(): self._empty()}
+
+    def _empty(self) -> list[float]:
+        return [0.0] * (len(self.buckets) + 2)
 
     def observe(self, *labels: str, value: float) -> None:
-        child = self._children.get(labels)
-        if child is None:
-            child = self._child(labels)
-        child.observe(value)
+        state = self._states.get(labels)
+        if state is None:
+            self._check(labels)
+            state = self._states[labels] = self._empty()
+        state[bisect_left(self.buckets, value)] += 1
+        state[-1] += value
 
     def count(self, *labels: str) -> int:
-        return int(self._sample("_count", labels))
+        state = self._states.get(labels)
+        return 0 if state is None else int(sum(state[:-1]))
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.help, labels=self.label_names)
+        signed = self.buckets[0] < 0  # no _sum then, but still a _count (as the library has)
+        for labels, state in self._states.items():
+            cumulative = list(accumulate(state[:-1]))
+            family.add_metric(labels, list(zip(self._les, cumulative, strict=True)), state[-1])
+            if signed:
+                named = dict(zip(self.label_names, labels, strict=True))
+                family.samples.append(Sample(self.name + "_count", named, cumulative[-1]))
+        yield family
 
 
 class MirroredCounter(Collector):
@@ -180,7 +208,7 @@ class Registry:
 
     def register(self, metric: _M) -> _M:
         """Add `metric`; a name registered twice raises ValueError (from the library)."""
-        self.registry.register(metric if isinstance(metric, MirroredCounter) else metric.metric)
+        self.registry.register(metric)
         return metric
 
     def render(self) -> str:

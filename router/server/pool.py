@@ -225,9 +225,22 @@ class BackendPool:
                     seen.append(name)
         return seen
 
-    def serving(self, model: str) -> set[str]:
-        """Ids of discovered backends that serve `model`."""
-        return {e.id for e in self.entries.values() if e.info and model in e.info.models}
+    def unfit(self, model: str) -> set[str] | None:
+        """Ids of discovered backends that do not serve `model` (one pass per request);
+        None when no backend serves it though some name their models; empty when none do."""
+        named = serves = False
+        out: set[str] = set()
+        for e in self.entries.values():
+            models = e.info.models if e.info else ()
+            if models:
+                named = True
+            if model in models:
+                serves = True
+            elif e.discovered:
+                out.add(e.id)
+        if not named:
+            return set()
+        return out if serves else None
 
     def any_healthy(self) -> bool:
         return any(e.healthy and not e.draining for e in self.entries.values())

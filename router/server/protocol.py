@@ -14,6 +14,7 @@ aiohttp builds its `RequestHandler` inside `web.Server.__call__`; `JsonErrorRunn
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -22,6 +23,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from router.server.errors import ApiError, error_response
+from router.server.fastpath import Handler, HotRoutes
 
 __all__ = ["JsonErrorHandler", "JsonErrorRunner", "JsonErrorServer"]
 
@@ -61,13 +63,27 @@ class JsonErrorServer(web.Server):
 
 
 class JsonErrorRunner(web.AppRunner):
-    """An `AppRunner` serving through `JsonErrorServer`."""
+    """An `AppRunner` serving through `JsonErrorServer`; `hot` (called once the app has
+    started) names the routes that skip the app's router (router/server/fastpath.py)."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        hot: Callable[[], Mapping[tuple[str, str], Handler]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._hot = hot
 
     async def _make_server(self) -> web.Server:
-        plain = await super()._make_server()
+        plain = await super()._make_server()  # the app has started: its state exists
         kwargs: dict[str, Any] = dict(plain._kwargs)
+        handler = plain.request_handler
+        if self._hot is not None:
+            handler = HotRoutes(self._hot(), handler)
         return JsonErrorServer(
-            plain.request_handler,
+            handler,
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
             loop=plain._loop,

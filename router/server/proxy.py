@@ -66,7 +66,8 @@ import re
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import aiohttp
@@ -84,6 +85,7 @@ from router.server.config import ServerConfig
 from router.server.errors import REQUEST_ID_KEY, ApiError, sse_error_event
 from router.server.explain import HEADER as REASON_HEADER
 from router.server.explain import route_reason
+from router.server.heads import StreamedResponse, answer, streamed
 from router.server.jsonbody import loads as _loads
 from router.server.jsonbody import read_object, too_deep
 from router.server.metrics import RouterMetrics
@@ -148,7 +150,9 @@ async def _to_client(
         writer = await response.prepare(request)
         assert writer is not None
         if data:
-            await response.write(data)  # the first one goes out with the headers
+            await response.write(data)  # a StreamedResponse's head goes out with it
+        elif isinstance(response, StreamedResponse):
+            response.send_head()
         elif hasattr(writer, "send_headers"):  # aiohttp >= 3.11 holds headers for the body
             writer.send_headers()
         return writer
@@ -254,8 +258,12 @@ class Proxy:
             rid = f"{rid}-{uuid.uuid4().hex[:8]}"
         return rid
 
-    async def _route_request(self, prompt: Prompt, rid: str, body_chars: int) -> RouteRequest:
-        """Blocks only when the policy reads them; big prompts tokenize off the event loop."""
+    async def _route_request(
+        self, prompt: Prompt, rid: str, body_chars: int, stream: bool
+    ) -> RouteRequest:
+        """Blocks only when the policy reads them; big prompts tokenize off the event loop.
+
+        A non-streamed answer shows no first token (`first_token_seen=False`)."""
         if self.hasher is None or not (self.policy.needs_blocks or self.recorder is not None):
             return RouteRequest(
                 rid=rid,
@@ -264,6 +272,7 @@ class Proxy:
                 prompt_tokens=0,
                 max_tokens=prompt.max_tokens,
                 session_key=prompt.session_key,
+                first_token_seen=stream,
             )
         if body_chars > self.config.executor_tokenize_chars:
             executor = self._hash_executor
@@ -272,8 +281,9 @@ class Proxy:
                     max_workers=1, thread_name_prefix="router-hash"
                 )
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(executor, self.hasher.route_request, prompt, rid)
-        return self.hasher.route_request(prompt, rid)
+            hash_it = partial(self.hasher.route_request, first_token_seen=stream)
+            return await loop.run_in_executor(executor, hash_it, prompt, rid)
+        return self.hasher.route_request(prompt, rid, first_token_seen=stream)
 
     def close(self) -> None:
         """Stop the hashing thread (after the requests that use it have ended); close idle
@@ -288,18 +298,17 @@ class Proxy:
         if endpoint.kind == "generate":
             return set()
         model = body.get("model")
-        known = self.pool.models()
-        if not isinstance(model, str) or not known:
+        if not isinstance(model, str):
             return set()
-        if model not in known:
+        unfit = self.pool.unfit(model)
+        if unfit is None:
             raise ApiError(
                 404,
                 f"The model `{model}` does not exist or you do not have access to it.",
                 param="model",
                 code="model_not_found",
             )
-        serving = self.pool.serving(model)
-        return {e.id for e in self.pool.entries.values() if e.discovered and e.id not in serving}
+        return unfit
 
     async def forward(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
@@ -356,7 +365,7 @@ class Proxy:
         self, request: web.Request, endpoint: Endpoint, flight: _Flight
     ) -> web.StreamResponse:
         check_client(request, self.config.api_keys)
-        raw, body = await read_object(request)
+        raw, body = await read_object(request, self.config.max_body_bytes)
         rid = self._new_rid(request, body)
         request[REQUEST_ID_KEY] = rid
         flight.rid = rid
@@ -390,9 +399,7 @@ class Proxy:
         exclude = self._exclusions(body, endpoint)
         if self.config.log_prompts:
             log.info("rid=%s prompt=%s", rid, json.dumps(body)[:4096])
-        route_req = await self._route_request(prompt, rid, len(raw))  # chunked: no length
-        if not stream:
-            route_req = replace(route_req, first_token_seen=False)
+        route_req = await self._route_request(prompt, rid, len(raw), stream)  # chunked: no length
         flight.route, flight.model = route_req, model
         payload, strip_usage = self._upstream_payload(raw, body, endpoint, rid, stream)
         self.live.add(rid)
@@ -610,9 +617,9 @@ class Proxy:
             else:
                 self._end(flight, ok=False)
             out = _response_headers(flight, content_type)
-            return web.Response(body=raw, status=upstream.status, headers=out)
+            return answer(request, raw, upstream.status, out)
         out = _response_headers(flight, content_type, stream=True)
-        response = web.StreamResponse(status=upstream.status, headers=out)
+        response = streamed(request, upstream.status, out)
         return await self._relay(request, upstream, response, flight, endpoint, strip_usage)
 
     async def _relay(

@@ -102,11 +102,16 @@ class SseRelay:
         """Whole upstream chunks passed on as they came (the client's framing is the same);
         None when this read needs the payload path (a usage event to read or drop, an
         unfinished event pending)."""
-        if self.pending or not self.first_seen or has_usage(framed):
+        # has_usage and _send inlined: this runs once per upstream read of a stream
+        if self.pending or not self.first_seen or b'"usage": {' in framed or b'"usage":{' in framed:
             return None
         if not self.done and b"[DONE]" in framed:
             self.done = has_done(framed)
-        return self._send(framed)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ClientGone()
+        transport.write(framed)
+        return transport.get_write_buffer_size() > DRAIN_ABOVE
 
     def __call__(self, chunk: bytes) -> bool:
         """The upstream sink: write the read's events; True when the client's buffer is full."""
@@ -157,13 +162,21 @@ def data_of(event: bytes) -> bytes | None:
 
 
 def first_data(events: bytes) -> bytes | None:
-    """The first data payload other than [DONE] (the first token), if any."""
+    """The first data payload other than [DONE] (the first token), if any.
+
+    Event by event from the start (a stream's first read may hold a hundred events: they
+    are not split into a list to look at the first)."""
     if b"data:" not in events:
         return None
-    for event in split_events(events):
-        data = data_of(event)
+    start, size = 0, len(events)
+    while start < size:
+        end = events.find(b"\n\n", start)
+        data = data_of(events[start:] if end < 0 else events[start:end])
         if data is not None and data != b"[DONE]":
             return data
+        if end < 0:
+            break
+        start = end + 2
     return None
 
 

@@ -4,19 +4,22 @@ Three measurements, 8 x llama3-8b-h100 (conv-hicache: the HiCache profile), SLO 
 
 (a) capacity: the highest load whose p90 TTFT stays within the SLO with no request failed
     (a shed request is a failed one), `cost` without and with the scheduler, on the four
-    workloads of sim_compare.py and on seeds 2-4 of the generated ones. The oracle's capacity
-    is read from the committed sim_<workload>.json (same search, 5%), not rerun.
+    workloads of sim_compare.py and on seeds 2-4 of the generated ones. Both sides walk the
+    same 1% grid (anchored at a coarse 3% search without the scheduler): the highest grid load
+    that passes with the next one up failing. The oracle's capacity is read from the committed
+    sim_<workload>.json (bisection to 5%), not rerun.
 (b) overload: goodput (requests with TTFT <= 2 s per second of arrivals), shed share and p90
     TTFT of the admitted requests at 1x, 1.5x and 2x the capacity of `cost` without the
     scheduler; with the scheduler, deadline admission at 2 s sheds on arrival.
-(c) fairness: a small tenant (multi-turn seed 2, whole conversations, ~10% of requests) beside
-    a flooding one (multi-turn seed 1 at 3x cost's capacity): the small tenant's p90 TTFT
-    against its figure alone on the same pool, without the scheduler, with it, and with it
-    sending engine priorities (the engines run SGLang's --enable-priority-scheduling) with
-    0, 10% and 50% of each backend kept for the under-share tenant (the trade-off: the more
-    kept, the nearer solo the small tenant and the less the flood gets).
+(c) fairness: a small tenant (every 8th conversation of multi-turn seeds 2, 3 and 4, ~10% of
+    requests) beside a flooding one (multi-turn seed 1 at 3x cost's capacity): the small
+    tenant's p90 TTFT against its figure alone on the same pool, and the flood's goodput,
+    without the scheduler, with it without isolation, with engine priorities (the engines run
+    SGLang's --enable-priority-scheduling), with isolation (the default), and with both. The
+    same at 1x (no flood: the big tenant at capacity) with and without isolation, to show
+    what isolation costs where there is nothing to isolate from.
 
-Run:  flock /tmp/prefix-router-heavy.lock python benchmarks/scheduler.py   (~25 min, 2 cores)
+Run:  flock /tmp/prefix-router-heavy.lock python benchmarks/scheduler.py   (~8 min, 2 cores)
       python benchmarks/scheduler.py --parts a --workloads multi-turn --precision 0.05
       python benchmarks/scheduler.py --tables          (the README's tables from the JSON)
 Writes benchmarks/results/scheduler.json and scheduler.png.
@@ -45,12 +48,15 @@ SLO = 2.0
 PROFILES = {"conv-hicache": "llama3-8b-h100-hicache"}
 WORKLOADS = ("conv-h100", "conv-hicache", "multi-turn", "shared-prefix")
 SEEDS = (2, 3, 4)
+# The small tenant's conversations in (c) come from these seeds of the multi-turn generator.
+SEEDS_FAIRNESS = (2, 3, 4)
 # Capacity runs: no admission (a shed request would fail the run), order by the SLO.
 CAPACITY_SCHEDULER = SchedulerConfig(late_last_s=SLO)
 # Overload runs: admission by the 2 s deadline as well.
 ADMISSION_SCHEDULER = SchedulerConfig(slo_ttft_s=SLO)
-# Fairness runs with engine priority: the share of each backend kept for under-share tenants.
-RESERVES = (0.0, 0.1, 0.5)
+# The flood's unit: cost's capacity on multi-turn seed 1 without the scheduler (the committed
+# figure; fixed so that part (c) does not move with part (a)'s grid).
+FAIRNESS_BASE = 9.934862496587872
 
 
 def trace_for(workload: str, seed: int = 1) -> Trace:
@@ -66,8 +72,36 @@ def _config(workload: str, load: float, scheduler: SchedulerConfig | None) -> Si
     return SimConfig(profiles=(profile,) * 8, load=load, scheduler=scheduler, goodput_slo_s=SLO)
 
 
-def _capacity(job: tuple[str, int, bool, float, float]) -> dict[str, Any]:
-    workload, seed, on, precision, start = job
+def _walk(p90_at: Callable[[float], float], start: float, step: float,
+          probes: list[tuple[float, float]]) -> float:  # fmt: skip
+    """The highest load of the grid start * step**k (k an integer) that meets the SLO with the
+    next one up failing: up from `start` while it passes, else down to the first that passes
+    (0.0 if none within 24 steps). Both sides of the comparison walk the same grid."""
+    load = start
+    passed = (p90 := p90_at(load)) <= SLO
+    probes.append((load, p90))
+    going_up = passed
+    for _ in range(24):
+        nxt = load * step if going_up else load / step
+        ok = (p90 := p90_at(nxt)) <= SLO
+        probes.append((nxt, p90))
+        if going_up and not ok:
+            return load
+        if not going_up and ok:
+            return nxt
+        load = nxt
+    return load if going_up else 0.0
+
+
+def _capacity(job: tuple[str, int, bool, float, float, float]) -> dict[str, Any]:
+    """One side's capacity on the grid anchor * (1 + fine)**k that both sides share.
+
+    Without the scheduler, `start` is where a coarse search (doubling, then bisection to
+    `precision`) begins, and its answer is the grid's anchor; with it, `start` is that anchor.
+    The coarse search alone let the two sides land on different grids: conv-h100 read 0.971x
+    where on one 1% grid both sides pass at 2.6107 and fail at 2.6368.
+    """
+    workload, seed, on, precision, fine, start = job
     trace = trace_for(workload, seed)
     scheduler = CAPACITY_SCHEDULER if on else None
 
@@ -75,34 +109,21 @@ def _capacity(job: tuple[str, int, bool, float, float]) -> dict[str, Any]:
         run = simulate_policy(trace, "cost", _config(workload, load, scheduler))
         return capacity_p90(run.summary)
 
+    probes: list[tuple[float, float]] = []
+    coarse = None
     if not on:
         found = find_capacity(p90_at, slo=SLO, start=start, precision=precision)
-        probes, capacity = list(found.probes), found.max_load
-    else:
-        # From the capacity without the scheduler (`start`), in steps of `precision`: a
-        # doubling bracket would run it at 2x capacity, where holding thousands of requests
-        # makes a run take many minutes on this box and says nothing about the answer.
-        probes, capacity = [], 0.0
-        load = start
-        passed = (p90 := p90_at(load)) <= SLO
-        probes.append((load, p90))
-        step = 1 + precision if passed else 1 / (1 + precision)
-        while len(probes) < 12:
-            if passed:
-                capacity = max(capacity, load)
-            elif capacity > 0:
-                break
-            load *= step
-            passed = (p90 := p90_at(load)) <= SLO
-            probes.append((load, p90))
-            if passed and step < 1:
-                capacity = load
-                break
+        probes, coarse = list(found.probes), found.max_load
+        start = coarse
+    capacity = _walk(p90_at, start, 1 + fine, probes)
     return {
         "workload": workload,
         "seed": seed,
         "scheduler": on,
         "capacity": capacity,
+        "grid_anchor": start,
+        "grid_step": 1 + fine,
+        "coarse_capacity": coarse,
         "probes": [list(p) for p in probes],
     }
 
@@ -125,12 +146,12 @@ def _overload(job: tuple[str, float, float, bool]) -> dict[str, Any]:
             **_figures(run.summary)}  # fmt: skip
 
 
-def fairness_trace(flood_load: float) -> tuple[Trace, Trace]:
+def fairness_trace(flood_load: float, small_seed: int = 2) -> tuple[Trace, Trace]:
     """(both tenants merged, the small tenant alone), in the flood's time frame."""
     flood = multi_turn(MultiTurnConfig(seed=1))
-    small_all = multi_turn(MultiTurnConfig(seed=2))
+    small_all = multi_turn(MultiTurnConfig(seed=small_seed))
     sessions = sorted({r.session or "" for r in small_all.requests})
-    # Every 8th conversation of seed 2: ~1/8 of its requests, ~10% of the merged trace.
+    # Every 8th conversation: ~1/8 of its requests, ~10% of the merged trace (at 3x).
     keep = set(sessions[::8])
     span_flood = flood.requests[-1].timestamp / flood_load
     span_small = small_all.requests[-1].timestamp or 1.0
@@ -161,19 +182,27 @@ def _tenant(r: TraceRequest) -> str:
     return (r.session or "").split(":", 1)[0]
 
 
-def _fairness(job: tuple[str, float, bool, float | None]) -> dict[str, Any]:
-    which, flood_load, on, reserve = job
-    both, alone = fairness_trace(flood_load)
+# Fairness variants: no scheduler; the scheduler without isolation, with engine priority,
+# with isolation (its default), with both.
+FAIRNESS_VARIANTS: dict[str, SchedulerConfig | None] = {
+    "off": None,
+    "no isolation": replace(ADMISSION_SCHEDULER, isolation=False),
+    "engine priority": replace(ADMISSION_SCHEDULER, isolation=False, engine_priority=True),
+    "isolation": ADMISSION_SCHEDULER,
+    "isolation + engine priority": replace(ADMISSION_SCHEDULER, engine_priority=True),
+}
+
+
+def _fairness(job: tuple[str, float, int, str]) -> dict[str, Any]:
+    which, flood_multiple, small_seed, variant = job
+    both, alone = fairness_trace(flood_multiple * FAIRNESS_BASE, small_seed)
     trace = both if which == "both" else alone
-    scheduler = ADMISSION_SCHEDULER if on else None
-    if on and reserve is not None:
-        scheduler = replace(ADMISSION_SCHEDULER, engine_priority=True, reserve=reserve)
-    cfg = SimConfig(profiles=("llama3-8b-h100",) * 8, load=1.0, scheduler=scheduler,
-                    goodput_slo_s=SLO)  # fmt: skip
+    cfg = SimConfig(profiles=("llama3-8b-h100",) * 8, load=1.0,
+                    scheduler=FAIRNESS_VARIANTS[variant], goodput_slo_s=SLO)  # fmt: skip
     run = simulate_policy(trace, "cost", cfg, tenant_of=_tenant)
     tenants = {name: _figures(s) for name, s in run.summary["tenants"].items()}
-    return {"trace": which, "scheduler": on, "engine_priority_reserve": reserve,
-            "tenants": tenants}  # fmt: skip
+    return {"trace": which, "flood_multiple": flood_multiple, "small_seed": small_seed,
+            "variant": variant, "tenants": tenants}  # fmt: skip
 
 
 def _map(pool: ProcessPoolExecutor, fn: Callable[[Any], dict[str, Any]], jobs: list[Any],
@@ -217,12 +246,12 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax1.set_title("(a) capacity at p90 TTFT <= 2 s, cost policy", fontsize=9)
     over = doc.get("overload", [])
     for workload in sorted({r["workload"] for r in over}):
-        for on, style in ((False, ":"), (True, "-")):
+        for sched_on, style in ((False, ":"), (True, "-")):
             pts = sorted((r["multiple"], r["goodput_rps"]) for r in over
-                         if r["workload"] == workload and r["scheduler"] == on)  # fmt: skip
+                         if r["workload"] == workload and r["scheduler"] == sched_on)  # fmt: skip
             if pts:
                 ax2.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
-                         label=f"{workload} {'on' if on else 'off'}")  # fmt: skip
+                         label=f"{workload} {'on' if sched_on else 'off'}")  # fmt: skip
     ax2.set_xlabel("load (x cost's capacity without the scheduler)")
     ax2.set_ylabel("goodput (req/s with TTFT <= 2 s)")
     ax2.set_title("(b) goodput past capacity (solid: scheduler on)", fontsize=9)
@@ -262,17 +291,25 @@ def tables(doc: dict[str, Any]) -> str:
             )
     fair = doc.get("fairness", [])
     if fair:
-        out += ["", "| run | scheduler | engine priority, kept | tenant | requests | shed | "
-                "p90 TTFT | goodput share |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        solo = {(r["small_seed"], r["flood_multiple"]): r["tenants"]["small"]["ttft_p90"]
+                for r in fair if r["trace"] == "solo"}  # fmt: skip
+        out += ["", "| other tenant | small seed | scheduler | small p90 TTFT | x solo | "
+                "small shed | flood p90 TTFT | flood goodput req/s | flood shed |",
+                "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in fair:
-            reserve = r.get("engine_priority_reserve")
-            kept = "-" if reserve is None else f"on, {reserve:g}"
-            for tenant, f in r["tenants"].items():
-                out.append(
-                    f"| {r['trace']} | {'on' if r['scheduler'] else 'off'} | {kept} | {tenant} | "
-                    f"{f['requests']} | {f['shed']} | {f['ttft_p90']:.3f} | "
-                    f"{f['goodput_share']:.3f} |"
-                )
+            if r["trace"] == "solo":
+                continue
+            small, flood = r["tenants"]["small"], r["tenants"]["flood"]
+            key = (r["small_seed"], r["flood_multiple"])
+            ratio = small["ttft_p90"] / solo[key] if key in solo else 0.0
+            out.append(
+                f"| {r['flood_multiple']:g}x capacity | {r['small_seed']} | {r['variant']} | "
+                f"{small['ttft_p90']:.3f} | {ratio:.2f}x | {small['shed']} | "
+                f"{flood['ttft_p90']:.2f} | {flood['goodput_rps']:.2f} | {flood['shed']} |"
+            )
+        out += ["", "Small tenant alone (scheduler on), p90 TTFT: " + ", ".join(
+            f"seed {k[0]} at the {k[1]:g}x run's rate {v:.3f} s"
+            for k, v in sorted(solo.items()))]  # fmt: skip
     return "\n".join(out)
 
 
@@ -281,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="a,b,c", help="which measurements (a, b, c)")
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="other seeds for (a)")
-    p.add_argument("--precision", type=float, default=0.03, help="capacity search precision")
+    p.add_argument("--precision", type=float, default=0.03,
+                   help="coarse capacity search precision (anchors the grid)")  # fmt: skip
+    p.add_argument("--fine", type=float, default=0.01,
+                   help="step of the capacity grid both sides walk")  # fmt: skip
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", type=Path, default=RESULTS / "scheduler.json")
     p.add_argument("--plot", type=Path, default=RESULTS / "scheduler.png")
@@ -300,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         "slo_ttft_p90_s": SLO,
         "capacity_scheduler": repr(CAPACITY_SCHEDULER),
         "admission_scheduler": repr(ADMISSION_SCHEDULER),
-        "fairness_reserves": list(RESERVES),
+        "fairness_variants": {k: repr(v) for k, v in FAIRNESS_VARIANTS.items()},
         "precision": args.precision,
+        "grid_step": 1 + args.fine,
     }
 
     def save() -> None:  # after each part, so a cut-short run still leaves its figures
@@ -311,10 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         if "a" in parts or "b" in parts:
             starts = {w: 2.5 if w.startswith("conv") else 8.0 for w in workloads}
-            jobs = [(w, 1, False, args.precision, starts[w]) for w in workloads]
+            jobs: list[Any] = [(w, 1, False, args.precision, args.fine, starts[w])
+                               for w in workloads]  # fmt: skip
             doc["capacity"] = _map(pool, _capacity, jobs, "capacity")
             if "a" in parts:
-                jobs = [(r["workload"], 1, True, args.precision, r["capacity"])
+                jobs = [(r["workload"], 1, True, args.precision, args.fine, r["grid_anchor"])
                         for r in doc["capacity"]]  # fmt: skip
                 doc["capacity"] += _map(pool, _capacity, jobs, "capacity (scheduler)")
             for row in doc["capacity"]:
@@ -328,20 +370,21 @@ def main(argv: list[str] | None = None) -> int:
             doc["overload"] = _map(pool, _overload, jobs, "overload")
             save()
         if "c" in parts:
-            base = next((r["capacity"] for r in doc.get("capacity", [])
-                         if r["workload"] == "multi-turn" and r["seed"] == 1
-                         and not r["scheduler"]), 9.935)  # fmt: skip
-            doc["fairness_flood_load"] = 3 * base
-            jobs = [(which, 3 * base, on, None) for which in ("solo", "both")
-                    for on in (False, True)]  # fmt: skip
-            jobs += [("both", 3 * base, True, r) for r in RESERVES]
+            doc["fairness_base_load"] = FAIRNESS_BASE
+            jobs = [("solo", m, seed, "isolation") for m in (3.0, 1.0) for seed in SEEDS_FAIRNESS]
+            jobs += [("both", 3.0, seed, v) for seed in SEEDS_FAIRNESS for v in FAIRNESS_VARIANTS]
+            # No flood (the other tenant at 1x capacity): isolation must cost nothing there.
+            jobs += [("both", 1.0, seed, v) for seed in SEEDS_FAIRNESS
+                     for v in ("no isolation", "isolation")]  # fmt: skip
             doc["fairness"] = _map(pool, _fairness, jobs, "fairness")
             save()
         if "a" in parts and seeds:
-            jobs = [(w, s, False, args.precision, 8.0) for w in ("multi-turn", "shared-prefix")
+            jobs = [(w, s, False, args.precision, args.fine, 8.0)
+                    for w in ("multi-turn", "shared-prefix")
                     if w in workloads for s in seeds]  # fmt: skip
             offs = _map(pool, _capacity, jobs, "capacity (other seeds)")
-            jobs = [(r["workload"], r["seed"], True, args.precision, r["capacity"]) for r in offs]
+            jobs = [(r["workload"], r["seed"], True, args.precision, args.fine, r["grid_anchor"])
+                    for r in offs]  # fmt: skip
             doc["capacity"] += offs + _map(pool, _capacity, jobs, "capacity (seeds, scheduler)")
             save()
     save()

@@ -143,3 +143,22 @@ async def test_engine_priority_reaches_the_backend_as_sglangs_priority_field() -
         for h in handles:
             await h.close()
     assert _SeenPriorities.seen == [0, 1, 18]
+
+
+async def test_isolation_is_on_by_default_and_the_flag_turns_it_off() -> None:
+    from router.cli import build_parser
+    from router.server.config import load_config
+    from router.server.scheduling import scheduler_config
+
+    args = build_parser().parse_args(["serve", "--scheduler-isolation", "off"])
+    assert args.scheduler_isolation == "off"
+    assert scheduler_config(load_config(scheduler_isolation=False)).isolation is False
+    for overrides, expected in (({}, True), ({"scheduler_isolation": False}, False)):
+        async with serving(1, policy="cost", scheduler=True, **overrides) as setup:
+            client = openai.AsyncOpenAI(base_url=setup.url + "/v1", api_key="k", max_retries=0)
+            for tenant in ("flood", "small"):
+                assert await _chat(client, LONG, extra_headers={"X-Tenant": tenant})
+            async with setup.session.get(setup.url + "/stats") as resp:
+                stats = (await resp.json())["scheduler"]
+            assert stats["config"]["isolation"] is expected
+            assert stats["bound"] == 2 and set(stats["served_s_by_tenant"]) == {"flood", "small"}

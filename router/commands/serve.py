@@ -156,6 +156,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --scheduler-engine-priority: the share of each backend's budget and running "
         "slots kept for under-share tenants (default 0)",
     )
+    a(
+        "--scheduler-isolation",
+        choices=["on", "off"],
+        help="while a tenant over its fair share has requests waiting in the router, bind its "
+        "requests only to backends with next to no prefill queued, so the other tenants' "
+        "requests do not wait behind its prefill in the engines (default on)",
+    )
     a("--queue-size", type=int, help="requests the router's queue holds (default 1024; 429 past)")
     a(
         "--queue-timeout",
@@ -234,6 +241,9 @@ def run(args: argparse.Namespace) -> int:
             scheduler_budget_s=args.scheduler_budget_s,
             scheduler_engine_priority=args.scheduler_engine_priority,
             scheduler_reserve=args.scheduler_reserve,
+            scheduler_isolation=(
+                None if args.scheduler_isolation is None else args.scheduler_isolation == "on"
+            ),
             queue_size=args.queue_size,
             queue_timeout_s=args.queue_timeout_s,
             seed=args.seed,

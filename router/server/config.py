@@ -86,6 +86,8 @@ class ServerConfig(BaseSettings):
     # the backends run SGLang's --enable-priority-scheduling: send under-share tenants first
     scheduler_engine_priority: bool = False
     scheduler_reserve: float = Field(default=0.0, ge=0, lt=1)
+    # while a tenant over its share has requests waiting, it binds only to near-empty queues
+    scheduler_isolation: bool = True
     queue_size: int = Field(default=1024, ge=1)
     queue_timeout_s: float = Field(default=60.0, gt=0)
     log_prompts: bool = False

@@ -48,6 +48,7 @@ def scheduler_config(config: ServerConfig) -> SchedulerConfig:
         budget_s=config.scheduler_budget_s,
         engine_priority=config.scheduler_engine_priority,
         reserve=config.scheduler_reserve,
+        isolation=config.scheduler_isolation,
         slo_ttft_s=config.slo_ttft_s,
         max_queue=config.queue_size,
         queue_timeout_s=config.queue_timeout_s,

@@ -408,9 +408,7 @@ def usage_from_sse_chunk(chunk: str | bytes | Mapping[str, Any]) -> TokenUsage |
     finished = False
     choices = obj.get("choices")
     if isinstance(choices, list):
-        finished = any(
-            _is_map(c) and c.get("finish_reason") is not None for c in choices
-        )
+        finished = any(_is_map(c) and c.get("finish_reason") is not None for c in choices)
     usage = obj.get("usage")
     if _is_map(usage):
         return TokenUsage(

@@ -25,6 +25,8 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from backends.sim.tokencache import ChunkedEncoder
+
 __all__ = [
     "ChatTemplateError",
     "Tokenizer",
@@ -76,14 +78,19 @@ class Tokenizer(Protocol):
 class _TiktokenTokenizer:
     """tiktoken with special-token markers treated as plain text (never an error)."""
 
-    __slots__ = ("_enc",)
+    __slots__ = ("_chunked", "_enc")
 
     def __init__(self) -> None:
         import tiktoken
 
         self._enc = tiktoken.get_encoding(ENCODING_NAME)
+        # long prompts in exact, cached pieces (backends/sim/tokencache.py)
+        self._chunked = ChunkedEncoder(self.encode_whole)
 
     def encode(self, text: str) -> list[int]:
+        return self._chunked.encode(text)
+
+    def encode_whole(self, text: str) -> list[int]:
         ids: list[int] = self._enc.encode(text, disallowed_special=())
         return ids
 

@@ -156,7 +156,7 @@ def run_window(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
         and checks["no_failures"]
     )
     doc["slo_ttft_p90"], doc["slo_source"] = slo, source
-    doc["machine"] = "shared 2-core box, other engineers' jobs running"
+    doc["machine"] = "2-core box, no GPU; loadavg_before/after say what else ran"
     if cap is not None:
         doc["capacity_round_robin"] = {"slo_ttft_p90": slo, "max_load": cap.max_load,
                                        "probes": [list(p) for p in cap.probes]}  # fmt: skip

@@ -84,38 +84,18 @@ def streamed(request: BaseRequest, status: int, headers: Mapping[str, str]) -> w
     return StreamedResponse(status, lines)
 
 
-class WholeResponse(web.StreamResponse):
-    """Head and body as one write; `headers` stays empty (the head is `lines`)."""
-
-    def __init__(self, status: int, lines: str, body: bytes) -> None:
-        super().__init__(status=status)
-        self._lines = lines
-        self._whole = body
-
-    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
-        if self._eof_sent:
-            return None
-        if self._payload_writer is not None:
-            return self._payload_writer
-        writer = self._payload_writer = request._payload_writer
-        self._req = request
-        self._keep_alive = True
-        body = self._whole
-        head = (
-            f"{_status_line(self._status)}{self._lines}Content-Length: {len(body)}\r\n"
-            f"Date: {rfc822_formatted_time()}{_SERVER}"
-        ).encode()
-        _write(request, writer, head + body)
-        return writer
-
-
-class StreamedResponse(web.StreamResponse):
-    """A chunked response whose head waits for the first write (one syscall for both)."""
+class _BytesHead(web.StreamResponse):
+    """A response that writes its own head (`lines` plus the framing line) as bytes."""
 
     def __init__(self, status: int, lines: str) -> None:
         super().__init__(status=status)
         self._lines = lines
-        self._head: bytes | None = None
+
+    def _head_bytes(self, framing: str) -> bytes:
+        return (
+            f"{_status_line(self._status)}{self._lines}{framing}\r\n"
+            f"Date: {rfc822_formatted_time()}{_SERVER}"
+        ).encode()
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
         if self._eof_sent:
@@ -125,12 +105,35 @@ class StreamedResponse(web.StreamResponse):
         writer = self._payload_writer = request._payload_writer
         self._req = request
         self._keep_alive = True
-        writer.enable_chunking()
-        self._head = (
-            f"{_status_line(self._status)}{self._lines}Transfer-Encoding: chunked\r\n"
-            f"Date: {rfc822_formatted_time()}{_SERVER}"
-        ).encode()
+        self._open(request, writer)
         return writer
+
+    def _open(self, request: BaseRequest, writer: AbstractStreamWriter) -> None:
+        raise NotImplementedError
+
+
+class WholeResponse(_BytesHead):
+    """Head and body as one write; `headers` stays empty (the head is `lines`)."""
+
+    def __init__(self, status: int, lines: str, body: bytes) -> None:
+        super().__init__(status, lines)
+        self._whole = body
+
+    def _open(self, request: BaseRequest, writer: AbstractStreamWriter) -> None:
+        body = self._whole
+        _write(request, writer, self._head_bytes(f"Content-Length: {len(body)}") + body)
+
+
+class StreamedResponse(_BytesHead):
+    """A chunked response whose head waits for the first write (one syscall for both)."""
+
+    def __init__(self, status: int, lines: str) -> None:
+        super().__init__(status, lines)
+        self._head: bytes | None = None
+
+    def _open(self, request: BaseRequest, writer: AbstractStreamWriter) -> None:
+        writer.enable_chunking()
+        self._head = self._head_bytes("Transfer-Encoding: chunked")
 
     def send_head(self) -> None:
         """Write the head now if it has not gone out (before writing to the transport)."""

@@ -77,16 +77,17 @@ class _Family(Collector):
             raise ValueError(f"{self.name} takes labels {self.label_names}, got {labels}")
 
 
-class Counter(_Family):
+_F = TypeVar("_F", CounterMetricFamily, GaugeMetricFamily)
+
+
+class _Scalar(_Family):
+    """One number per label set: what counters and gauges share."""
+
     def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        base = name.removesuffix("_total")
-        super().__init__(base + "_total", help_text, labels)
-        self._base = base
+        super().__init__(name, help_text, labels)
         self.values: dict[LabelValues, float] = {} if labels else {(): 0.0}
 
-    def inc(self, *labels: str, amount: float = 1.0) -> None:
-        if amount < 0:
-            raise ValueError("Counters can only be incremented by non-negative amounts.")
+    def _add(self, labels: LabelValues, amount: float) -> None:
         values = self.values
         if labels in values:  # hot path: several calls per request
             values[labels] += amount
@@ -97,48 +98,47 @@ class Counter(_Family):
     def get(self, *labels: str) -> float:
         return self.values.get(labels, 0.0)
 
+    def _fill(self, family: _F) -> _F:
+        for labels, value in self.values.items():
+            family.add_metric(labels, value)
+        return family
+
+
+class Counter(_Scalar):
+    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
+        base = name.removesuffix("_total")
+        super().__init__(base + "_total", help_text, labels)
+        self._base = base
+
+    def inc(self, *labels: str, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self._add(labels, amount)
+
     def total(self) -> float:
         """The sum over every label set (the hit ratios' numerators)."""
         return sum(self.values.values())
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(self._base, self.help, labels=self.label_names)
-        for labels, value in self.values.items():
-            family.add_metric(labels, value)
-        yield family
+        yield self._fill(CounterMetricFamily(self._base, self.help, labels=self.label_names))
 
 
-class Gauge(_Family):
+class Gauge(_Scalar):
     """Set at scrape time by collectors; `clear` forgets label sets of vanished backends."""
 
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labels)
-        self.values: dict[LabelValues, float] = {} if labels else {(): 0.0}
-
     def inc(self, *labels: str, amount: float = 1.0) -> None:
-        values = self.values
-        if labels in values:
-            values[labels] += amount
-        else:
-            self._check(labels)
-            values[labels] = float(amount)
+        self._add(labels, amount)
 
     def set(self, *labels: str, value: float) -> None:
         self._check(labels)
         self.values[labels] = float(value)
-
-    def get(self, *labels: str) -> float:
-        return self.values.get(labels, 0.0)
 
     def clear(self) -> None:
         if self.label_names:
             self.values.clear()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(self.name, self.help, labels=self.label_names)
-        for labels, value in self.values.items():
-            family.add_metric(labels, value)
-        yield family
+        yield self._fill(GaugeMetricFamily(self.name, self.help, labels=self.label_names))
 
 
 class Histogram(_Family):

@@ -21,6 +21,7 @@ that do not use them stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -43,6 +44,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # PREFIX_ROUTER_E2E) collects them; `make test` and CI never do.
 collect_ignore = [] if os.environ.get("PREFIX_ROUTER_E2E") else ["e2e"]
 DEFAULT_TEST_SPEEDUP = 10.0
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[int]:
+    """An aiohttp `app` on an ephemeral loopback port for the block; yields the port."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
 
 
 def wait_http_ok(url: str, timeout: float = 15.0) -> None:

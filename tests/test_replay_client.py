@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT, free_port, serving
 
 from router.cli import main
 from router.replay.client import ReplayConfig, failure_status, replay, run_summary
@@ -88,14 +88,8 @@ async def test_http_errors_keep_their_status() -> None:
 
     app = web.Application()
     app.router.add_post("/v1/completions", refuse)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with serving(app) as port:
         run = await replay(_trace(2, 0.01), ReplayConfig(url=f"http://127.0.0.1:{port}"))
-    finally:
-        await runner.cleanup()
     assert [o.error for o in run.outcomes] == ["HTTP 503: no capacity"] * 2
     assert [f["status"] for f in run_summary(run)["failures"]] == [503, 503]
     assert failure_status("connection error: x") is None

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.http import HttpVersion10
 from aiohttp.test_utils import make_mocked_request
+from conftest import serving
 
 from router.server.heads import StreamedResponse, WholeResponse, answer, streamed
 
@@ -56,14 +57,8 @@ async def port() -> AsyncIterator[int]:
     app = web.Application()
     app.router.add_post("/whole", _whole)
     app.router.add_post("/stream", _stream)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield runner.addresses[0][1]
-    finally:
-        await runner.cleanup()
+    async with serving(app) as bound:
+        yield bound
 
 
 async def _exchange(port: int, target: str, version: str, extra: str = "") -> bytes:

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import serving
 from server_fixtures import router_for, sims
 
 from backends.sglang import parse_server_info
@@ -128,14 +129,8 @@ async def fake_sglang(server_info: dict[str, Any]) -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_get("/get_server_info", info)
     app.router.add_get("/health", health)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 async def test_host_pool_from_sglang_server_args() -> None:

@@ -69,16 +69,17 @@ def measure(router: str, cfg: PDSimConfig, window: Any) -> dict[str, Any]:
     running: list[int] = []
     reserved: list[float] = []
 
-    def probe(now: float, engines: Mapping[str, Engine]) -> None:
-        for engine in engines.values():
+    def probe(now: float, engines: Mapping[str, Engine], for_room: Mapping[str, int]) -> None:
+        for bid, engine in engines.items():
             load = engine.load()
-            waiting.append(load.waiting > 0)
+            queued = load.waiting > 0 or for_room[bid] > 0
+            waiting.append(queued)
             running.append(load.running)
             reserved.append(load.kv_used_tokens / load.kv_capacity_tokens)
             if load.running:
                 step = profile.decode_step_time(1, engine.batch_kv_tokens())
                 steps.append(step)
-                if load.waiting:
+                if queued:
                     steps_queued.append(step)
 
     run = simulate_pd(window, router, cfg, probe=probe)

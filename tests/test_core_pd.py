@@ -61,16 +61,19 @@ def test_best_pair_adds_the_four_terms() -> None:
     assert quote.ttft_s == pytest.approx(0.2 + 0.1 + 0.0 + 0.010)
 
 
-def test_a_room_wait_hidden_behind_a_slower_prefill_makes_it_a_pair() -> None:
+def test_a_room_wait_adds_in_full_before_the_prefill() -> None:
+    # SGLang's decode server preallocates before the prefill may start: nothing hides the wait
     prefills = [_p("p1", 0.5, 0.5), _p("p2", 0.2, 0.3)]
     decodes = [_d("d1", 0.010, 0.0), _d("d2", 0.008, 0.6)]
     quote = best_pair(prefills, decodes, lambda p, d: 0.1)
-    # (p1, d2) = 0.5 + 0.1 + max(0, 0.6 - 0.6) + 0.808 = 1.408 beats (p2, d1) = 1.41 and
-    # (p2, d2) = 0.3 + 0.1 + 0.3 + 0.808 = 1.508: neither side's best alone.
+    # (p2, d1) = 0.3 + 0.1 + 0 + 1.01 = 1.41 beats (p2, d2) = 0.3 + 0.1 + 0.6 + 0.808 = 1.808
+    # and (p1, d2) = 0.5 + 0.1 + 0.6 + 0.808 = 2.008
     assert quote is not None
-    assert (quote.prefill.backend, quote.decode.backend) == ("p1", "d2")
-    assert quote.wait_s == pytest.approx(0.0)
-    assert quote.total_s == pytest.approx(1.408)
+    assert (quote.prefill.backend, quote.decode.backend) == ("p2", "d1")
+    assert quote.total_s == pytest.approx(1.41)
+    worst = best_pair(prefills[:1], decodes[1:], lambda p, d: 0.1)
+    assert worst is not None and worst.wait_s == pytest.approx(0.6)
+    assert worst.ttft_s == pytest.approx(0.5 + 0.1 + 0.6 + 0.008)
 
 
 def test_a_slow_link_moves_the_pair() -> None:
@@ -234,3 +237,74 @@ def test_hold_prefill_counts_the_request_until_it_finishes_as_smg_does() -> None
     pd.on_prefill_done("r2", 1.2)
     pd.on_failed("r2", 1.3)
     assert pstate.load == 0 and pd.prefill.stats()["in_flight"] == 0
+
+
+def _held_pd(decodes: tuple[str, ...] = ("d0", "d1"), capacity: int = 1000) -> PDRouter:
+    specs = [BackendSpec(id="p0", kv_capacity_tokens=1_000_000, prior=PRIOR)]
+    dspecs = [BackendSpec(id=b, kv_capacity_tokens=capacity, prior=PRIOR) for b in decodes]
+    return PDRouter(
+        RoutingCore(make_policy("cost", interference=0.0, calibrate=False), specs),
+        RoutingCore(make_policy("pd_decode"), dspecs),
+        pair=PairConfig(kv_bytes_per_token=1000, link_bytes_per_s=1e9),
+        room_hold=True,
+    )
+
+
+def _need(rid: str, need: int, blocks: tuple[int, ...]) -> RouteRequest:
+    return _req(rid, blocks, need - 20)  # max_tokens 20: the room is prompt + 20
+
+
+def test_held_requests_are_released_by_wait_per_token_of_room() -> None:
+    pd = _held_pd()
+    first = pd.submit(_need("r1", 700, (1,)), 0.0)
+    second = pd.submit(_need("r2", 700, (2,)), 0.0)
+    assert first is not None and second is not None
+    assert {first.decode.backend, second.decode.backend} == {"d0", "d1"}  # 300 left on each
+    assert pd.submit(_need("r3", 500, (3,)), 1.0) is None  # fits nowhere
+    assert pd.submit(_need("r4", 400, (4,)), 2.0) is None
+    assert pd.submit(_need("r5", 100, (5,)), 3.0) is None  # fits, but others wait first
+    assert pd.held == 3
+    # at 4.0, wait per token of room: r5 1/100 = 0.01 leads r3 3/500 and r4 2/400; r5 fits,
+    # r3 does not (300 free on each server), and nothing passes it
+    early = pd.release(4.0)
+    assert [req.rid for req, _ in early] == ["r5"]
+    pd.on_finished("r1", 5.0, output_tokens=20)  # 1000 free on r1's server
+    released = early + pd.release(5.0)
+    # at 5.0: r3 4/500 = 0.008 before r4 3/400 = 0.0075
+    assert [req.rid for req, _ in released] == ["r5", "r3", "r4"]
+    assert pd.held == 0
+    committed = {"d0": 0, "d1": 0}
+    committed[second.decode.backend] = 700
+    for req, decision in released:
+        committed[decision.decode.backend] += req.prompt_tokens + 20
+    assert max(committed.values()) <= 1000  # no decode server over its pool
+
+
+def test_a_long_waiting_large_request_leads_and_room_collects_for_it() -> None:
+    pd = _held_pd(decodes=("d0",))
+    assert pd.submit(_need("r1", 800, (1,)), 0.0) is not None
+    assert pd.submit(_need("big", 900, (2,)), 0.0) is None
+    assert pd.submit(_need("small", 100, (3,)), 9.5) is None
+    # at 10: big 10/900 = 0.011 leads small 0.5/100 = 0.005; big does not fit, so small
+    # (which would) waits behind it
+    assert pd.release(10.0) == []
+    pd.on_finished("r1", 10.0, output_tokens=20)
+    assert [req.rid for req, _ in pd.release(10.0)] == ["big", "small"]  # 900 + 100
+
+
+def test_a_held_request_can_be_cancelled_and_failures_free_room() -> None:
+    pd = _held_pd(decodes=("d0",))
+    assert pd.submit(_need("r1", 800, (1,)), 0.0) is not None
+    assert pd.submit(_need("r2", 300, (2,)), 0.0) is None
+    assert pd.cancel("r2") and not pd.cancel("r2")
+    assert pd.stats()["held_for_decode_room"] == 0
+    pd.on_failed("r1", 1.0)  # its room goes back
+    assert pd.submit(_need("r3", 1000, (3,)), 1.0) is not None
+
+
+def test_without_room_hold_submit_routes_at_once() -> None:
+    pd = _pd()  # two decode servers of 100,000 tokens
+    for k in range(3):  # the third fits nowhere: sent all the same, to wait at the server
+        blocks = tuple(range(100 * k, 100 * k + 90))
+        assert pd.submit(_req(f"r{k}", blocks, 90_000, max_tokens=5_000), 0.0) is not None
+    assert pd.held == 0

@@ -38,9 +38,16 @@ def test_a_lone_request_pays_prefill_transfer_and_one_join_step() -> None:
     # 100 decode steps of a batch of one whose KV grows from 4097 to 4196 tokens
     steps = [PROFILE.decode_step_time(1, 4097 + k) for k in range(100)]
     assert o.tpot == pytest.approx(sum(steps) / 100, rel=1e-6)
-    # the TTFT split names the same three phases (one request: its mean is the tail's)
+    # the TTFT split names the same phases (one request: its mean is the tail's); an empty
+    # decode server preallocates at once
     split = run.summary["ttft_split"]
-    want = {"ttft": o.ttft, "prefill": prefill, "transfer": transfer, "decode_wait": join}
+    want = {
+        "ttft": o.ttft,
+        "room_wait": 0.0,
+        "prefill": prefill,
+        "transfer": transfer,
+        "decode_wait": join,
+    }
     for part in ("mean", "slowest_10pct"):
         assert split[part] == pytest.approx(want, rel=1e-6)
 
@@ -48,11 +55,11 @@ def test_a_lone_request_pays_prefill_transfer_and_one_join_step() -> None:
 def test_the_ttft_split_tail_is_the_slowest_tenth_by_ttft() -> None:
     from router.replay.pd_simulate import ttft_split
 
-    rows = [(float(t), 0.1 * t, 0.0, 0.9 * t) for t in range(1, 21)]  # TTFT 1..20 s
+    rows = [(float(t), 0.5 * t, 0.1 * t, 0.0, 0.4 * t) for t in range(1, 21)]  # TTFT 1..20 s
     split = ttft_split(rows)
     assert split["mean"]["ttft"] == pytest.approx(10.5)
     assert split["slowest_10pct"] == pytest.approx(
-        {"ttft": 19.5, "prefill": 1.95, "transfer": 0.0, "decode_wait": 17.55}
+        {"ttft": 19.5, "room_wait": 9.75, "prefill": 1.95, "transfer": 0.0, "decode_wait": 7.8}
     )
     assert ttft_split([]) == {}
 
@@ -91,12 +98,12 @@ def test_no_tpot_exceeds_the_step_with_a_full_decode_pool() -> None:
     trace = multi_turn(MultiTurnConfig(seed=1)).window(240.0, 120.0)
     seen: list[tuple[float, int, int]] = []
 
-    def probe(now: float, engines: Mapping[str, Engine]) -> None:
-        assert set(engines) == {"d0"}
-        load = engines["d0"].load()
-        seen.append((now, load.waiting, engines["d0"].batch_kv_tokens()))
+    def probe(now: float, engines: Mapping[str, Engine], for_room: Mapping[str, int]) -> None:
+        assert set(engines) == set(for_room) == {"d0"}
+        seen.append((now, for_room["d0"], engines["d0"].batch_kv_tokens()))
 
-    cfg = PDSimConfig(prefill=2, decode=1, profile=PROFILE, load=2.0)
+    # no hold in the router: the requests queue at the decode server
+    cfg = PDSimConfig(prefill=2, decode=1, profile=PROFILE, load=2.0, room_hold=False)
     run = simulate_pd(trace, "pair", cfg, probe=probe)
     assert run.summary["failed"] == 0
     assert len(seen) == len(trace.requests)  # once per arrival, in time order
@@ -158,3 +165,38 @@ def test_simulate_pd_cli_errors(
     code = main(["simulate", "--trace", "conversation", "--duration", "10", "--quiet", *args])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def _two(first_output: int, second_output: int) -> Trace:
+    reqs = tuple(
+        TraceRequest(
+            index=i,
+            timestamp=0.001 * i,
+            input_length=4096,
+            output_length=out,
+            hash_ids=tuple(range(100 * i + 1, 100 * i + 9)),
+        )
+        for i, out in enumerate((first_output, second_output))
+    )
+    return Trace(name="two", block_size=512, requests=reqs)
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_a_prefill_starts_only_once_its_decode_room_is_held(hold: bool) -> None:
+    # the first request's output fills most of the decode pool; the second waits for its
+    # room before its prefill may start (in the decode server's queue, or held in the router)
+    cap = PROFILE.kv_capacity_tokens
+    trace = _two(cap - 4096 - 1000, 5000)
+    cfg = PDSimConfig(prefill=1, decode=1, profile=PROFILE, room_hold=hold)
+    run = simulate_pd(trace, "pair", cfg)
+    first, second = run.outcomes
+    assert first.error is None and second.error is None
+    assert first.e2e is not None and second.ttft is not None
+    prefill = PROFILE.step_overhead_s + PROFILE.prefill_time(4096, 4096)
+    transfer = 4096 * PROFILE.kv_bytes_per_token() / 40e9
+    room_wait = first.e2e - 0.001  # until the first one finished
+    # then its own prefill (the prefill server idle by then), transfer and a join step
+    assert second.ttft == pytest.approx(room_wait + prefill + transfer + PROFILE.step_overhead_s)
+    split = run.summary["ttft_split"]["slowest_10pct"]  # the second request alone
+    assert split["room_wait"] == pytest.approx(room_wait)
+    assert run.stats["held_for_decode_room"] == 0

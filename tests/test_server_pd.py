@@ -24,9 +24,9 @@ LONG = "You are a careful assistant who answers questions about the sea and its 
 
 @asynccontextmanager
 async def pd_pool(
-    prefills: int = 2, decodes: int = 2, **router: Any
+    prefills: int = 2, decodes: int = 2, context_length: int | None = None, **router: Any
 ) -> AsyncIterator[tuple[list[SimServerHandle], list[SimServerHandle], RunningServer]]:
-    cfg = SimServerConfig(speedup=20.0)
+    cfg = SimServerConfig(speedup=20.0, context_length=context_length)
     pre = await start_pd_servers("prefill", prefills, config=cfg)
     dec = await start_pd_servers("decode", decodes, config=cfg)
     try:
@@ -228,3 +228,75 @@ def test_pd_mode_refuses_more_than_one_worker() -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "PD mode" in proc.stderr and "Traceback" not in proc.stderr
+
+
+async def _first_chunk(resp: aiohttp.ClientResponse) -> bytes:
+    async for raw in resp.content:
+        if raw.startswith(b"data:"):
+            return raw
+    raise AssertionError("the stream ended without an event")
+
+
+async def test_a_request_waits_in_the_router_for_decode_room() -> None:
+    # one decode server: a fills most of its KV pool, b does not fit beside it, so the router
+    # holds b (the decode server never sees it) until a ends
+    async with (
+        pd_pool(prefills=1, decodes=1, context_length=1 << 20) as (_, dec, server),
+        aiohttp.ClientSession() as session,
+    ):
+        proxy = _proxy(server)
+        capacity = dec[0].engine.load().kv_capacity_tokens
+        big = {
+            "text": LONG,
+            "stream": True,
+            "sampling_params": {"max_new_tokens": capacity - 50_000},
+        }
+        small = {"text": LONG, "stream": True, "sampling_params": {"max_new_tokens": 60_000}}
+        a = await session.post(server.url + "/generate", json=big)
+        assert a.status == 200
+        await _first_chunk(a)
+        b_task = asyncio.create_task(session.post(server.url + "/generate", json=small))
+        for _ in range(50):
+            if proxy.pd.held:
+                break
+            await asyncio.sleep(0.02)
+        assert proxy.pd.held == 1
+        assert dec[0].engine.load().running == 1  # b never reached the decode server
+        async with session.get(server.url + "/metrics") as resp:
+            assert "prefix_router_pd_held 1.0" in await resp.text()
+        a.close()  # the client leaves: the router aborts a and frees its room
+        b = await asyncio.wait_for(b_task, 10)
+        assert b.status == 200
+        await asyncio.wait_for(_first_chunk(b), 10)
+        assert proxy.pd.held == 0
+        b.close()
+        async with session.get(server.url + "/metrics") as resp:
+            text = await resp.text()
+        assert "prefix_router_pd_room_wait_seconds_count 1.0" in text
+
+
+async def test_no_pd_room_hold_sends_at_once() -> None:
+    async with (
+        pd_pool(prefills=1, decodes=1, context_length=1 << 20, pd_room_hold=False) as (
+            _,
+            dec,
+            server,
+        ),
+        aiohttp.ClientSession() as session,
+    ):
+        capacity = dec[0].engine.load().kv_capacity_tokens
+        big = {
+            "text": LONG,
+            "stream": True,
+            "sampling_params": {"max_new_tokens": capacity - 50_000},
+        }
+        a = await session.post(server.url + "/generate", json=big)
+        await _first_chunk(a)
+        small = {"text": LONG, "stream": True, "sampling_params": {"max_new_tokens": 60_000}}
+        b_task = asyncio.create_task(session.post(server.url + "/generate", json=small))
+        await asyncio.sleep(0.3)
+        assert _proxy(server).pd.held == 0  # sent on: it waits in the decode server's queue
+        a.close()
+        b = await asyncio.wait_for(b_task, 10)
+        await asyncio.wait_for(_first_chunk(b), 10)
+        b.close()

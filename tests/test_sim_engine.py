@@ -397,3 +397,56 @@ def test_random_workloads_lose_no_request(
     load = e.load()
     assert (load.running, load.waiting, load.kv_used_tokens) == (0, 0, 0)
     assert e.cache.reserved_tokens == 0 and e.cache.protected_tokens == 0
+
+
+def test_preallocated_room_is_held_then_used_by_its_request() -> None:
+    engine = Engine(H100)
+    cap = H100.kv_capacity_tokens
+    assert engine.preallocate("a", cap - 1000, 0.0)
+    assert engine.load().kv_used_tokens == cap - 1000  # held, though nothing runs
+    assert not engine.preallocate("b", 2000, 0.0)  # does not fit beside it: nothing held
+    assert engine.load().kv_used_tokens == cap - 1000
+    with pytest.raises(ValueError):
+        engine.preallocate("a", 10, 0.0)  # one hold per request
+    engine.check()
+    a = req("a", [], cap - 1100, 100)  # prompt + output = what was held
+    engine.add_request(a, 0.0)
+    engine.check()
+    events = drain(engine)
+    assert isinstance(by_rid(events, Finished)["a"], Finished)
+    engine.check()
+    assert engine.cache.reserved_tokens == 0  # the held room went with the request
+    assert engine.preallocate("b", 2000, 1e9)  # the finished prompt is evictable cache
+
+
+def test_an_unused_preallocation_is_released() -> None:
+    engine = Engine(H100)
+    assert engine.preallocate("a", 5000, 0.0)
+    assert engine.release_preallocation("a") and not engine.release_preallocation("a")
+    assert engine.cache.reserved_tokens == 0
+    # a request that comes with a hold and is aborted while waiting gives it back too
+    assert engine.preallocate("b", 5000, 0.0)
+    engine.add_request(req("busy", [], 100_000, 10), 0.0)
+    engine.add_request(req("b", [], 4000, 1000), 0.0)
+    engine.abort("b", 0.0)
+    engine.check()
+    drain(engine)
+    assert engine.cache.reserved_tokens == 0
+
+
+def test_the_prealloc_queue_is_first_come_first_served() -> None:
+    from backends.sim.pd import PreallocQueue
+
+    engine = Engine(H100)
+    cap = H100.kv_capacity_tokens
+    queue = PreallocQueue(engine)
+    assert queue.offer("big", cap - 10_000, 0) and queue.offer("next", 20_000, 0)
+    assert queue.offer("small", 100, 0)
+    assert not queue.offer("never", cap, 1)  # can never fit: the caller aborts it
+    # the head fits; "next" does not, and "small" (which would) waits behind it
+    assert queue.pump(0.0) == ["big"] and len(queue) == 2
+    queue.cancel("big")  # released unused
+    assert queue.pump(0.0) == ["next", "small"] and len(queue) == 0
+    queue.cancel("small")
+    queue.cancel("next")
+    assert engine.cache.reserved_tokens == 0

@@ -21,9 +21,11 @@ SPEEDUP = 20.0
 
 @asynccontextmanager
 async def pd_pair(
-    link_bytes_per_s: float | None = None, speedup: float = SPEEDUP
+    link_bytes_per_s: float | None = None,
+    speedup: float = SPEEDUP,
+    context_length: int | None = None,
 ) -> AsyncIterator[tuple[SimServerHandle, SimServerHandle]]:
-    cfg = SimServerConfig(speedup=speedup)
+    cfg = SimServerConfig(speedup=speedup, context_length=context_length)
     (prefill,) = await start_pd_servers("prefill", 1, config=cfg, link_bytes_per_s=link_bytes_per_s)
     (decode,) = await start_pd_servers("decode", 1, config=cfg)
     try:
@@ -158,3 +160,50 @@ def test_malformed_bootstrap_fields(body: dict[str, Any]) -> None:
     with pytest.raises(BadRequest):
         bootstrap_fields(body)
     assert bootstrap_fields({"text": "x"}) is None
+
+
+async def test_the_prefill_waits_for_the_decode_sides_handshake() -> None:
+    # SGLang's prefill server keeps a request in its bootstrap queue until the decode side
+    # has preallocated its KV and handshaken; our bootstrap door's GET is that handshake
+    async with pd_pair() as (prefill, _), aiohttp.ClientSession() as session:
+        body = _body(prefill, 11)
+        ptask = asyncio.create_task(_post(session, prefill.url + "/generate", body))
+        await asyncio.sleep(0.3)  # ~6 s simulated: far longer than this prefill
+        assert not ptask.done()
+        assert prefill.engine.load().running == prefill.engine.load().waiting == 0
+        door = f"http://127.0.0.1:{bootstrap_port_of(prefill)}/pd/kv/11"
+        async with session.get(door) as resp:
+            assert resp.status == 200  # it let the prefill in, then waited for its KV
+        status, pbody = await asyncio.wait_for(ptask, 10)
+        assert status == 200 and pbody["meta_info"]["completion_tokens"] == 1
+
+
+async def test_a_full_decode_server_holds_the_prefill_back_until_room_frees() -> None:
+    big_context = 1 << 20  # so that one request may ask for most of the KV pool
+    async with (
+        pd_pair(context_length=big_context) as (prefill, decode),
+        aiohttp.ClientSession() as session,
+    ):
+        capacity = decode.engine.load().kv_capacity_tokens
+        # a decodes for hours of simulated time and holds most of the decode pool
+        big = _body(prefill, 1, sampling_params={"max_new_tokens": capacity - 50_000}, rid="a")
+        a_decode = asyncio.create_task(_post(session, decode.url + "/generate", big))
+        a_prefill = asyncio.create_task(_post(session, prefill.url + "/generate", big))
+        assert (await asyncio.wait_for(a_prefill, 10))[0] == 200
+        # b needs more room than is left: queued for preallocation, no handshake, no prefill
+        b = _body(prefill, 2, sampling_params={"max_new_tokens": 60_000}, rid="b")
+        b_decode = asyncio.create_task(_post(session, decode.url + "/generate", b))
+        b_prefill = asyncio.create_task(_post(session, prefill.url + "/generate", b))
+        await asyncio.sleep(0.3)
+        assert not b_prefill.done()
+        assert prefill.engine.load().running == prefill.engine.load().waiting == 0
+        # a ends (aborted): its room goes back, b preallocates, handshakes and is prefilled
+        async with session.post(decode.url + "/abort_request", json={"rid": "a"}) as resp:
+            assert resp.status == 200
+        assert (await asyncio.wait_for(a_decode, 10))[0] == 200
+        status, pbody = await asyncio.wait_for(b_prefill, 10)
+        assert status == 200 and pbody["meta_info"]["completion_tokens"] == 1
+        async with session.post(decode.url + "/abort_request", json={"rid": "b"}) as resp:
+            assert resp.status == 200
+        await asyncio.wait_for(b_decode, 10)
+

@@ -124,6 +124,7 @@ class _Req:
         "finish_g",
         "first_token_time",
         "g0",
+        "held",
         "host_load_s",
         "host_loaded",
         "lock_node",
@@ -149,6 +150,7 @@ class _Req:
         self.new_total = n
         self.prefilled = 0
         self.reserved = 0
+        self.held = 0  # tokens preallocated before it arrived (a PD decode server's KV)
         self.lock_node: RadixNode | None = None
         self.g0 = 0
         self.finish_g = 0
@@ -196,6 +198,7 @@ class Engine:
         self._seq = itertools.count()
         self._step: _Step | None = None
         self._outbox: list[EngineEvent] = []
+        self._held: dict[str, int] = {}  # rid -> tokens preallocated, request not yet added
 
     # -- the caller's interface ------------------------------------------------------------
 
@@ -209,15 +212,42 @@ class Engine:
         """The latest time the engine has been told about."""
         return self._now
 
+    def preallocate(self, rid: str, tokens: int, now: float) -> bool:
+        """Hold `tokens` of the device pool for a request that will arrive later; False (and
+        nothing held) when they do not fit even after evicting cache.
+
+        A PD decode server preallocates a request's KV before its prefill server computes it
+        (SGLang's DecodePreallocQueue); the request, added later under the same rid, is
+        admitted on that room. `release_preallocation` gives it back unused.
+        """
+        self._advance_to(now)
+        if rid in self._held or rid in self._live:
+            raise ValueError(f"request {rid!r} already holds room or is live")
+        if tokens < 0 or not self._cache.make_room(tokens):
+            return False
+        self._cache.reserve(tokens)
+        self._held[rid] = tokens
+        return True
+
+    def release_preallocation(self, rid: str) -> bool:
+        """Give back a preallocation whose request will not come; False if none is held."""
+        tokens = self._held.pop(rid, None)
+        if tokens is None:
+            return False
+        self._cache.release(tokens)
+        return True
+
     def add_request(self, req: SimRequest, now: float) -> None:
         """A request arrives at `now`. Duplicate live rids are a ValueError."""
         self._advance_to(now)
         if req.rid in self._live:
             raise ValueError(f"duplicate request id {req.rid!r}")
         if req.prompt_tokens + req.output_tokens > self._cache.capacity_tokens:
+            self.release_preallocation(req.rid)
             self._outbox.append(Aborted(rid=req.rid, time=now))
             return
         r = _Req(req, now)
+        r.held = self._held.pop(req.rid, 0)
         probe = self._cache.match(req.blocks, r.sizes)
         r.est_new = req.prompt_tokens - probe.tokens
         r.est_prefill_s = self.profile.prefill_time(r.est_new, req.prompt_tokens)
@@ -239,6 +269,8 @@ class Engine:
             self._waiting.remove(r)
             self._waiting_new -= r.est_new
             self._waiting_prefill_s -= r.est_prefill_s
+            self._cache.release(r.held)
+            r.held = 0
             del self._live[rid]
             r.state = _DONE
         elif not self._in_step(r):
@@ -339,7 +371,8 @@ class Engine:
         """Recount the engine's books and raise AssertionError on drift (for tests)."""
         self._cache.check()
         live = [r for r in self._live.values()]
-        assert sum(r.reserved for r in live) == self._cache.reserved_tokens
+        held = sum(r.held for r in live) + sum(self._held.values())
+        assert sum(r.reserved for r in live) + held == self._cache.reserved_tokens
         assert sum(r.req.prompt_tokens + 1 - r.g0 for r in self._decoding.values()) == self._kv_base
         assert len(self._waiting) + len(self._prefilling) + len(self._decoding) == len(live)
 
@@ -479,9 +512,12 @@ class Engine:
         m = cache.match(r.req.blocks, r.sizes)
         cache.lock(m.last_node)
         uncached = n - m.tokens
+        cache.release(r.held)  # its preallocated room, taken again just below
         if not cache.make_room(m.host_load_tokens + uncached + out):
+            cache.reserve(r.held)
             cache.unlock(m.last_node)
             return False
+        r.held = 0
         loaded = cache.load_host(m)
         cache.touch(m.last_node, t)
         cache.reserve(uncached + out)

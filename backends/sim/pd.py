@@ -8,31 +8,34 @@ SGLang's PD disaggregation splits one request across two servers:
   at its first token and leaves the prompt cached.
 * the **link**: a prompt's KV is `prompt_tokens x kv_bytes_per_token` bytes; each prefill
   server sends one transfer at a time over its own link (FIFO), at the link's bandwidth.
-* the **decode server** receives the KV, and the request joins its running batch at the next
-  step, which emits the first token the client sees; then it decodes the rest. Here: an
-  `Engine` whose prefill compute costs nothing (the KV arrived by transfer) and whose chunk
-  budget takes any prompt at once, so "prefilling" a transferred request is one decode step of
-  the batch with the request joined. Its KV must fit the decode server's pool (prompt plus the
-  whole output, reserved on admission; a request waits in FCFS order until it fits), as
-  SGLang's decode server preallocates it. Each request gets a unit of its own in the decode
-  cache, so no prefix is shared there: the whole prompt is transferred and held.
+* the **decode server** first *preallocates* the request's KV (prompt plus the whole output)
+  in first-come, first-served order, a request waiting until it fits with nothing behind it
+  going first (`PreallocQueue`, SGLang's DecodePreallocQueue); only then does the prefill
+  server start: SGLang's prefill server keeps a request in its bootstrap queue until the
+  decode side's handshake and preallocation are done (disaggregation/prefill.py, decode.py).
+  When the KV has landed, the request joins the decode batch at the next step, which emits the
+  first token the client sees; then it decodes the rest. Here: an `Engine` whose prefill
+  compute costs nothing (the KV arrived by transfer) and whose chunk budget takes any prompt
+  at once, so "prefilling" a transferred request is one decode step of the batch with the
+  request joined, admitted on its preallocated room. Each request gets a unit of its own in the
+  decode cache, so no prefix is shared there: the whole prompt is transferred and held.
 
 Simplifications: the prefill server frees the request's KV (keeps it only as evictable cache)
-at once instead of after the transfer; the decode server allocates on arrival of the KV rather
-than before the transfer starts; links do not share bandwidth between concurrent transfers,
-they queue them.
+at once instead of after the transfer; the handshake itself takes no time; links do not share
+bandwidth between concurrent transfers, they queue them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections import deque
 
 from backends.sim.api import SimRequest
 from backends.sim.engine import Engine, EngineConfig
 from backends.sim.perf import Profile
 
-__all__ = ["KVLink", "decode_engine", "decode_request", "prefill_engine"]
+__all__ = ["KVLink", "PreallocQueue", "decode_engine", "decode_request", "prefill_engine"]
 
 # "Free" prefill on a decode server: compute so fast that a prompt's FLOPs take no time.
 _FREE_FLOPS = 1e30
@@ -84,3 +87,45 @@ class KVLink:
         start = max(now, self.free_at)
         self.free_at = start + self.duration_s(tokens)
         return self.free_at
+
+
+class PreallocQueue:
+    """A decode server's preallocation queue: KV room for a request before its prefill runs.
+
+    First come, first served: the head preallocates its prompt plus whole output as soon as
+    that fits the decode engine's pool; nothing behind it goes first (SGLang's
+    `pop_preallocated` stops at the first request that does not fit). Call `pump` whenever
+    room may have freed (after the engine's events); it returns the requests whose prefill may
+    now start, in order.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._queue: deque[tuple[str, int]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def offer(self, rid: str, prompt_tokens: int, output_tokens: int) -> bool:
+        """Queue `rid`; False if it can never fit this server's pool (abort it instead)."""
+        tokens = prompt_tokens + output_tokens
+        if tokens > self.engine.cache.capacity_tokens:
+            return False
+        self._queue.append((rid, tokens))
+        return True
+
+    def pump(self, now: float) -> list[str]:
+        """Preallocate from the head while it fits; the rids preallocated now."""
+        ready: list[str] = []
+        queue = self._queue
+        while queue and self.engine.preallocate(queue[0][0], queue[0][1], now):
+            ready.append(queue.popleft()[0])
+        return ready
+
+    def cancel(self, rid: str) -> None:
+        """Forget `rid`, queued or preallocated (its request will not come)."""
+        if not self.engine.release_preallocation(rid):
+            for i, (queued, _) in enumerate(self._queue):
+                if queued == rid:
+                    del self._queue[i]
+                    break

@@ -4,15 +4,21 @@ A PD gateway (SMG's PD router, or `serve --prefill/--decode`) sends the same req
 `bootstrap_host`, `bootstrap_port` and `bootstrap_room` added, to one prefill and one decode
 server, and streams the decode server's answer. The two servers meet through the room:
 
-    prefill server   runs the prompt with one output token (engine as in pd.py), answers the
-                     gateway when that token exists, and queues the prompt's KV on its link
-                     (`KVLink`, FIFO); the room is ready when the transfer would have landed.
+    decode server    on a request, preallocates its KV (prompt + output) in first-come,
+                     first-served order (`PreallocQueue`); once it holds the room, asks the
+                     prefill server's bootstrap server for the request's room, and when that
+                     answers hands the request to its decode engine (`decode_engine`): the
+                     first token comes one step after the KV lands, then the rest.
     bootstrap server the prefill server's side door, on its bootstrap port: GET
-                     /pd/kv/{room} waits until that room is ready (200 with the prompt size),
-                     or says its prefill failed (410) or never came (504 after `room_wait_s`).
-    decode server    on a request, asks the prefill server's bootstrap server for its room,
-                     then hands the request to its decode engine (`decode_engine`): the first
-                     token comes one step after the KV lands, then the rest.
+                     /pd/kv/{room} is the decode side's handshake: it lets the prefill start
+                     (SGLang's prefill server keeps a request in its bootstrap queue until
+                     the decode side has preallocated), then waits until the KV would have
+                     landed (200), or says the prefill failed (410) or never came (504 after
+                     `room_wait_s`).
+    prefill server   holds each request until its handshake, then runs the prompt with one
+                     output token (engine as in pd.py), answers the gateway when that token
+                     exists, and queues the prompt's KV on its link (`KVLink`, FIFO). A
+                     request whose decode side never asks is aborted after `room_wait_s`.
 
 Real SGLang moves KV with Mooncake/NIXL and meets over its own bootstrap server (ZMQ plus a
 small HTTP registry); this side door plays only its timing, and only between simulated
@@ -34,7 +40,13 @@ from aiohttp import web
 
 from backends.sim import protocol as proto
 from backends.sim.api import Aborted, EngineEvent, Finished, SimRequest
-from backends.sim.pd import KVLink, decode_engine, decode_request, prefill_engine
+from backends.sim.pd import (
+    KVLink,
+    PreallocQueue,
+    decode_engine,
+    decode_request,
+    prefill_engine,
+)
 from backends.sim.perf import get_profile
 from backends.sim.server import (
     EngineFigures,
@@ -103,6 +115,9 @@ class PrefillSimServer(SimServer):
         self._rooms: dict[str, asyncio.Future[float | None]] = {}
         self._room_born: dict[str, float] = {}
         self._runner: web.AppRunner | None = None
+        # room -> its request, waiting for the decode side's handshake (bootstrap queue)
+        self._bootstrapping: dict[str, tuple[_Req, SimRequest]] = {}
+        self._shaken: set[str] = set()  # rooms whose handshake came before their request
 
     def _room(self, room: str) -> asyncio.Future[float | None]:
         fut = self._rooms.get(room)
@@ -125,10 +140,39 @@ class PrefillSimServer(SimServer):
     def _enter(self, req: _Req, sim: SimRequest, now: float, body: Mapping[str, Any]) -> None:
         boot = bootstrap_fields(body)
         req.output_tokens = 1  # a prefill server computes the prompt and the first token
-        self.engine.add_request(replace(sim, output_tokens=1), now)
-        if boot is not None:
-            self._room_of[req.rid] = boot.room
-            self._room(boot.room)
+        sim = replace(sim, output_tokens=1)
+        if boot is None:
+            self.engine.add_request(sim, now)
+            return
+        self._room_of[req.rid] = boot.room
+        self._room(boot.room)
+        if boot.room in self._shaken:
+            self._shaken.discard(boot.room)
+            self.engine.add_request(sim, now)
+            return
+        self._bootstrapping[boot.room] = (req, sim)
+        asyncio.get_running_loop().call_later(self.room_wait_s, self._expire, boot.room)
+
+    def _handshake(self, room: str) -> None:
+        """The decode side holds the room's KV: its prefill may start."""
+        waiting = self._bootstrapping.pop(room, None)
+        if waiting is None:
+            self._shaken.add(room)  # its request has not come yet
+            return
+        req, sim = waiting
+        if req.state != "running":
+            return
+        now = self._now()
+        self._advance(now)
+        self.engine.add_request(sim, now)
+        self._wake.set()
+
+    def _expire(self, room: str) -> None:
+        """No decode side asked for this room in time: abort its request, as SGLang's
+        bootstrap timeout does."""
+        waiting = self._bootstrapping.pop(room, None)
+        if waiting is not None and waiting[0].state == "running":
+            self._end_aborted(waiting[0])
 
     def _on_event(self, ev: EngineEvent) -> None:
         room = self._room_of.pop(ev.rid, None) if isinstance(ev, Finished | Aborted) else None
@@ -145,6 +189,7 @@ class PrefillSimServer(SimServer):
     def _end_aborted(self, req: _Req) -> None:
         room = self._room_of.pop(req.rid, None)
         if room is not None:
+            self._bootstrapping.pop(room, None)
             fut = self._room(room)
             if not fut.done():
                 fut.set_result(None)
@@ -152,6 +197,7 @@ class PrefillSimServer(SimServer):
 
     async def _h_kv(self, request: web.Request) -> web.Response:
         room = request.match_info["room"]
+        self._handshake(room)
         fut = self._room(room)
         try:
             ready = await asyncio.wait_for(asyncio.shield(fut), self.room_wait_s)
@@ -212,6 +258,8 @@ class DecodeSimServer(SimServer):
         super().__init__(engine, figures, config)
         self._waits: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._prealloc = PreallocQueue(engine)
+        self._room_held: dict[str, asyncio.Future[None]] = {}  # rid -> set once preallocated
 
     def _enter(self, req: _Req, sim: SimRequest, now: float, body: Mapping[str, Any]) -> None:
         boot = bootstrap_fields(body)
@@ -220,10 +268,33 @@ class DecodeSimServer(SimServer):
                 "a decode server needs bootstrap_host, bootstrap_port and bootstrap_room "
                 "(send the request through a PD router)"
             )
-        task = asyncio.get_running_loop().create_task(self._await_kv(req, sim, boot))
-        self._waits[req.rid] = task
+        if not self._prealloc.offer(req.rid, sim.prompt_tokens, sim.output_tokens):
+            # (the server's own check refuses these before they get here)
+            raise proto.BadRequest(
+                f"prompt ({sim.prompt_tokens} tokens) plus max_tokens ({sim.output_tokens}) "
+                f"exceed this decode server's KV pool ({self.engine.load().kv_capacity_tokens})"
+            )
+        loop = asyncio.get_running_loop()
+        self._room_held[req.rid] = loop.create_future()
+        self._waits[req.rid] = loop.create_task(self._await_kv(req, sim, boot))
+        self._pump(now)
+
+    def _advance(self, now: float) -> None:
+        super()._advance(now)
+        if self._room_held:
+            self._pump(now)
+
+    def _pump(self, now: float) -> None:
+        """Preallocate for the queue's head while it fits; those requests may handshake."""
+        for rid in self._prealloc.pump(now):
+            held = self._room_held.pop(rid, None)
+            if held is not None and not held.done():
+                held.set_result(None)
 
     async def _await_kv(self, req: _Req, sim: SimRequest, boot: Bootstrap) -> None:
+        held = self._room_held.get(req.rid)
+        if held is not None:
+            await held  # KV room first: only then may the prefill start
         try:
             if self._session is None:
                 self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
@@ -238,8 +309,10 @@ class DecodeSimServer(SimServer):
         finally:
             self._waits.pop(req.rid, None)
         if req.state != "running":
+            self._prealloc.cancel(req.rid)
             return
         if not ok:
+            self._prealloc.cancel(req.rid)
             self._end_aborted(req)
             return
         now = self._now()
@@ -251,8 +324,11 @@ class DecodeSimServer(SimServer):
         task = self._waits.pop(req.rid, None)
         if task is not None:
             task.cancel()
+            self._room_held.pop(req.rid, None)
+            self._prealloc.cancel(req.rid)  # queued or preallocated: its room goes back
             if req.state == "running":
                 self._end_aborted(req)
+            self._pump(self._now())
             return
         super()._abort(req)
 

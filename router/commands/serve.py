@@ -81,6 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "together: TTFT + KV transfer + N x TG)",
     )
     a("--decode-policy", help="PD mode: choose decode servers by this policy alone")
+    a(
+        "--no-pd-room-hold",
+        dest="pd_room_hold",
+        action="store_false",
+        default=None,
+        help="PD mode, pair price: send every request at once instead of holding it in the "
+        "router while no decode server has KV room (docs/pd.md)",
+    )
     a("--host", help="listen address (default 127.0.0.1)")
     a("--port", type=int, help="listen port (default 30000)")
     a(
@@ -262,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
             bootstrap_port=args.bootstrap_port,
             prefill_policy=args.prefill_policy,
             decode_policy=args.decode_policy,
+            pd_room_hold=args.pd_room_hold,
         )
     except (ValidationError, FileNotFoundError) as exc:
         print(f"bad configuration: {exc}", file=sys.stderr)

@@ -5,12 +5,12 @@ link to a decode server, and the decode server streams the answer. The client wa
 
     TTFT_p          queue + uncached prefill at prefill server p (its radix cache, its PP)
     + transfer_pd   prompt tokens x KV bytes per token / link bandwidth (min of both ends)
-    + wait_pd       what is left of d's wait for KV room once the KV arrives
+    + wait_d        d's wait for KV room (it preallocates before the prefill may start)
     + step_d        d's decode step that emits the first token (the request joins its batch)
 
 and then reads N tokens at d's step time. The pair (p, d) minimising
 
-    price(p, d) = cost_p + transfer_pd + wait_pd + step_d + N x step_d
+    price(p, d) = cost_p + transfer_pd + wait_d + step_d + N x step_d
 
 wins, where cost_p is the `cost` policy's price of p with no decode (TTFT plus the delay p's
 prefill imposes on the first tokens pending there) and step_d is d's learned decode step with
@@ -18,11 +18,26 @@ this request joined to its batch (`DecodeCostPolicy`): the KV of its decoding re
 requests on their way to it, this prompt and half of the expected output. The KV room of d is
 its pool less what its decoding and incoming requests hold, their expected outputs included;
 when the request does not fit, the wait for room is the deficit over the rate d frees KV (its
-KV in use turns over once per expected output, N steps). The wait overlaps prefill and
-transfer: a decode server that will have room by the time the KV lands costs nothing more,
-which is what makes the choice a pair and not two independent choices. With every link the
-same speed and every decode server fitting, the price separates and the pair is the best
-prefill server with the best decode server.
+KV in use turns over once per expected output, N steps). The wait comes *before* the
+prefill: SGLang's decode server preallocates the request's KV before its prefill server may
+start (the prefill server's bootstrap queue holds the request until the decode side's
+handshake), so a full decode server delays the whole request. With every link the same speed
+the price separates and the pair is the best prefill server with the best decode server;
+unequal links make the choice genuinely joint.
+
+**Holding for decode room** (`room_hold`, on with the pair price): when no decode server has
+room for a request's prompt plus output (by the router's own books: every request it sent
+there and has not seen finish, at prompt + max_tokens, which is what the decode server
+preallocates), the request waits in the router, in one queue for the whole decode pool,
+instead of in one decode server's first-come-first-served preallocation queue. As decode
+requests finish, held requests are handed out highest response ratio first: the longest
+wait per token of room needed (HRRN with the room as the job's size). While the decode pool
+is full its room is the scarce resource, and a queue in arrival order lets one large request
+hold back every small one behind it; shortest-first alone would starve the large ones, whose
+ratio here grows with their wait until they lead. The leader that fits nowhere yet blocks the
+rest (room collects for it, as in SGLang's own queue), and it binds, when it fits, to the pair
+priced then: its prefill server is chosen when its prefill can start. No knob: the order
+does not depend on units.
 
 `PDRouter` holds two `RoutingCore`s, one per pool, and feeds each the events of its side: the
 prefill core sees routed / first token (= the prefill server's answer, its prefill done) /
@@ -66,6 +81,7 @@ __all__ = [
     "PairQuote",
     "PrefillQuote",
     "best_pair",
+    "room_need",
     "transfer_time_s",
 ]
 
@@ -159,7 +175,7 @@ def best_pair(
         for d in decodes:
             move = transfer_s(p.backend, d.backend)
             never = math.isinf(d.room_wait_s)
-            wait = 0.0 if never else max(0.0, d.room_wait_s - p.ttft_s - move)
+            wait = 0.0 if never else d.room_wait_s
             quote = PairQuote(prefill=p, decode=d, transfer_s=move, wait_s=wait)
             key = (never, quote.total_s)
             if best is None or key < best_key:
@@ -294,6 +310,22 @@ def _room_wait_s(state: BackendState, n: int, out: float, step_s: float) -> floa
     return deficit * max(out, 1.0) * step_s / max(used, 1.0)
 
 
+@dataclass(slots=True, kw_only=True)
+class _Held:
+    req: RouteRequest
+    since: float
+    need: int
+    exclude_prefill: frozenset[str]
+    exclude_decode: frozenset[str]
+
+
+def room_need(req: RouteRequest, expected_output: float) -> int:
+    """KV tokens a decode server preallocates for `req`: its prompt and its output cap
+    (the expected output when it has none)."""
+    out = req.max_tokens if req.max_tokens is not None else math.ceil(expected_output)
+    return req.prompt_tokens + max(out, 0)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PDDecision:
     """Where one request goes on each side, and the pair's price when it was priced."""
@@ -314,12 +346,14 @@ class PDRouter:
         pair: PairConfig | None = None,
         links: Mapping[str, float] | None = None,
         hold_prefill: bool = False,
+        room_hold: bool = False,
     ) -> None:
         """`pair` None: each side routes by its own policy. `links`: bytes/s per server id.
 
         `hold_prefill`: a request counts in its prefill server's load until it finishes, not
         until its prefill does, as SMG counts it (its load guards ride the response body);
-        the independent baselines use it to play SMG.
+        the independent baselines use it to play SMG. `room_hold`: `submit` may hold a
+        request until a decode server has room for it (`release` hands it out).
         """
         if pair is not None:
             if not isinstance(prefill.policy, CostPolicy):
@@ -333,6 +367,10 @@ class PDRouter:
         self.hold_prefill = hold_prefill
         self._prefill_open: set[str] = set()
         self._prefill_held: set[str] = set()  # prefill done, still counted (hold_prefill)
+        self.room_hold = room_hold
+        self._held: dict[str, _Held] = {}  # waiting for decode room, in arrival order
+        self._room_of: dict[str, tuple[str, int]] = {}  # rid -> (decode server, its need)
+        self._committed: dict[str, int] = {}  # decode server -> KV its in-flight requests hold
 
     def _link(self, backend: str) -> float:
         default = self.pair.link_bytes_per_s if self.pair else _DEFAULT_LINK_BYTES_PER_S
@@ -343,6 +381,107 @@ class PDRouter:
         bandwidth = min(self._link(prefill), self._link(decode))
         return transfer_time_s(req.prompt_tokens, per_token, bandwidth)
 
+    # -- holding for decode room ---------------------------------------------------------
+
+    @property
+    def held(self) -> int:
+        """Requests waiting in the router for decode room."""
+        return len(self._held)
+
+    def _need(self, req: RouteRequest) -> int:
+        policy = self.decode.policy
+        expected = (
+            policy.outputs.expect(req.max_tokens)
+            if isinstance(policy, DecodeCostPolicy)
+            else float(req.max_tokens or 0)
+        )
+        return room_need(req, expected)
+
+    def _without_room(self, need: int, exclude: Collection[str]) -> set[str] | None:
+        """Routable decode servers that cannot take `need` now; None if none can (hold)."""
+        states = _routable(self.decode, exclude)
+        full = set()
+        for state in states:
+            capacity = state.spec.kv_capacity_tokens
+            if capacity is None or need > capacity:
+                continue  # no pool size known, or never fits: not the router's to hold
+            if self._committed.get(state.id, 0) + need > capacity:
+                full.add(state.id)
+        return full if len(full) < len(states) else None
+
+    def submit(
+        self,
+        req: RouteRequest,
+        now: float,
+        *,
+        exclude_prefill: Collection[str] = (),
+        exclude_decode: Collection[str] = (),
+    ) -> PDDecision | None:
+        """`route` now, or None: held until `release` hands it out (with `room_hold`).
+
+        Held when no decode server has room for it, or when others are held already (they go
+        first). NoBackendError as `route`.
+        """
+        if not self.room_hold:
+            return self.route(
+                req, now, exclude_prefill=exclude_prefill, exclude_decode=exclude_decode
+            )
+        if not _routable(self.decode, exclude_decode):
+            raise NoBackendError(f"no routable decode server for {req.rid!r}")
+        need = self._need(req)
+        full = None if self._held else self._without_room(need, exclude_decode)
+        if full is None:
+            self._held[req.rid] = _Held(
+                req=req,
+                since=now,
+                need=need,
+                exclude_prefill=frozenset(exclude_prefill),
+                exclude_decode=frozenset(exclude_decode),
+            )
+            return None
+        return self.route(
+            req, now, exclude_prefill=exclude_prefill, exclude_decode={*exclude_decode, *full}
+        )
+
+    def release(self, now: float) -> list[tuple[RouteRequest, PDDecision]]:
+        """Held requests that fit a decode server now, longest wait per token of need first,
+        each routed to a pair whose decode server has its room; stops at the first that fits
+        nowhere (call as decode requests finish, and when a decode server joins or recovers).
+        """
+        out: list[tuple[RouteRequest, PDDecision]] = []
+        order = sorted(self._held.values(), key=lambda h: (-(now - h.since) / h.need, h.since))
+        for h in order:
+            full = self._without_room(h.need, h.exclude_decode)
+            if full is None:
+                break
+            try:
+                decision = self.route(
+                    h.req,
+                    now,
+                    exclude_prefill=h.exclude_prefill,
+                    exclude_decode={*h.exclude_decode, *full},
+                )
+            except NoBackendError:
+                break  # no prefill server to take it now: it stays first in line
+            del self._held[h.req.rid]
+            out.append((h.req, decision))
+        return out
+
+    def cancel(self, rid: str) -> bool:
+        """Drop a held request (its client left); False if it is not held."""
+        return self._held.pop(rid, None) is not None
+
+    def _commit_room(self, rid: str, decode: str, need: int) -> None:
+        self._room_of[rid] = (decode, need)
+        self._committed[decode] = self._committed.get(decode, 0) + need
+
+    def free_room(self, rid: str) -> None:
+        """`rid` no longer holds decode room (its decode side ended)."""
+        entry = self._room_of.pop(rid, None)
+        if entry is not None:
+            decode, need = entry
+            self._committed[decode] -= need
+
     def route(
         self,
         req: RouteRequest,
@@ -352,6 +491,20 @@ class PDRouter:
         exclude_decode: Collection[str] = (),
     ) -> PDDecision:
         """Choose and record both sides (NoBackendError if a pool has nothing routable)."""
+        decision = self._route(
+            req, now, exclude_prefill=exclude_prefill, exclude_decode=exclude_decode
+        )
+        self._commit_room(req.rid, decision.decode.backend, self._need(req))
+        return decision
+
+    def _route(
+        self,
+        req: RouteRequest,
+        now: float,
+        *,
+        exclude_prefill: Collection[str],
+        exclude_decode: Collection[str],
+    ) -> PDDecision:
         # A prefill server decodes nothing, and its answer (the prefill's end) is always seen,
         # streamed or not.
         prefill_req = dataclasses.replace(req, max_tokens=0, first_token_seen=True)
@@ -437,15 +590,19 @@ class PDRouter:
         if rid in self._prefill_held:
             self._prefill_held.discard(rid)
             self.prefill.on_finished(rid, now, 1, cached_tokens)
+        self.free_room(rid)
         self.decode.on_finished(rid, now, output_tokens)
 
     def on_failed(self, rid: str, now: float) -> None:
+        self.cancel(rid)
+        self.free_room(rid)
         self.on_prefill_failed(rid, now)
         self.decode.on_failed(rid, now)
 
     def stats(self) -> dict[str, Any]:
         return {
             "mode": "pair" if self.pair else "independent",
+            "held_for_decode_room": len(self._held),
             "prefill": self.prefill.stats(),
             "decode": self.decode.stats(),
         }

@@ -3,6 +3,8 @@
 Each request's life, as SGLang's PD mode lives it (backends/sim/pd.py has the engines)::
 
     arrival      PDRouter.route -> (prefill p, decode d)
+    room         d preallocates its KV (FCFS, prompt + output)  (SGLang: DecodePreallocQueue;
+                 p holds the request in its bootstrap queue until then)
     prefill      engine p runs it with one output token        -> router.on_prefill_done
     transfer     p's link sends the prompt's KV (FIFO per link) -> arrives at d
     decode       engine d joins it to its batch: first token    -> router.on_first_token
@@ -25,13 +27,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.sim.api import Aborted, Finished, FirstToken
+from backends.sim.api import Aborted, Finished, FirstToken, SimRequest
 from backends.sim.engine import Engine, EngineConfig
-from backends.sim.pd import KVLink, decode_engine, decode_request, prefill_engine
+from backends.sim.pd import (
+    KVLink,
+    PreallocQueue,
+    decode_engine,
+    decode_request,
+    prefill_engine,
+)
 from backends.sim.perf import Profile, get_profile
 from router.core.blocks import route_request_from_hash_ids
-from router.core.model import BackendSpec
-from router.core.pd import PairConfig, PDRouter
+from router.core.model import BackendSpec, RouteRequest
+from router.core.pd import PairConfig, PDDecision, PDRouter
 from router.core.policies import make_policy
 from router.core.routing import RoutingCore
 from router.priors import prior_from_profile
@@ -63,6 +71,8 @@ class PDSimConfig:
     seed: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
     link_bytes_per_s: float | None = None  # None: the profile's kv_link_bytes_per_s
+    # `pair` holds requests in one queue while no decode server has KV room (router/core/pd.py)
+    room_hold: bool = True
 
     def __post_init__(self) -> None:
         if self.prefill <= 0 or self.decode <= 0:
@@ -96,12 +106,13 @@ def make_pd_router(
     *,
     pair: PairConfig,
     seed: int = 0,
+    room_hold: bool = False,
 ) -> PDRouter:
     """`pair`, or `<prefill policy>+<decode policy>` (ValueError for anything else)."""
     if router == PAIR:
         pcore = RoutingCore(make_policy("cost", rng=random.Random(seed)), prefill)
         dcore = RoutingCore(make_policy("pd_decode", rng=random.Random(seed + 1)), decode)
-        return PDRouter(pcore, dcore, pair=pair)
+        return PDRouter(pcore, dcore, pair=pair, room_hold=room_hold)
     names = router.split("+")
     if len(names) != 2 or not all(names):
         raise ValueError(f"PD router {router!r}: use 'pair' or '<prefill>+<decode>' policy names")
@@ -122,25 +133,49 @@ class _Live:
     output: int
     prefill: str
     decode: str
+    preallocated: float | None = None  # its decode server held KV room: the prefill may start
     prefill_done: float | None = None  # the prefill server's answer
     at_decode: float | None = None  # its KV landed at the decode server
 
 
-def ttft_split(phases: list[tuple[float, float, float, float]]) -> dict[str, dict[str, float]]:
-    """Where TTFT went: (ttft, prefill, transfer, decode wait) per request -> mean seconds of
-    each phase over all requests and over the slowest tenth by TTFT (what sets the p90).
+Phases = tuple[float, float, float, float, float]
+PHASES = ("ttft", "room_wait", "prefill", "transfer", "decode_wait")
 
-    prefill: arrival to the prefill server's answer (its queue and compute); transfer: to the
-    KV's arrival at the decode server; decode wait: to the first token there (the wait for KV
-    room in its FCFS queue, then one step).
+
+def _unserved(
+    rid: str, arrival: float, why: str, prompt_tokens: int = 0, backend: str = ""
+) -> RequestOutcome:
+    return RequestOutcome(
+        rid=rid,
+        arrival=arrival,
+        prompt_tokens=prompt_tokens,
+        output_tokens=0,
+        cached_tokens=0,
+        ttft=None,
+        tpot=None,
+        e2e=None,
+        backend=backend,
+        error=why,
+    )
+
+
+def ttft_split(phases: list[Phases]) -> dict[str, dict[str, float]]:
+    """Where TTFT went: (ttft, room wait, prefill, transfer, decode wait) per request -> mean
+    seconds of each phase over all requests and over the slowest tenth by TTFT (what sets the
+    p90).
+
+    room wait: arrival to the decode server's preallocation of its KV (its FCFS queue for
+    room); prefill: from there to the prefill server's answer (its queue and compute);
+    transfer: to the KV's arrival at the decode server; decode wait: to the first token there
+    (one step, unless its batch is at its request cap).
     """
     if not phases:
         return {}
     ranked = sorted(phases)
     tail = ranked[int(0.9 * len(ranked)) :]
-    names = ("ttft", "prefill", "transfer", "decode_wait")
+    names = PHASES
 
-    def means(rows: list[tuple[float, float, float, float]]) -> dict[str, float]:
+    def means(rows: list[Phases]) -> dict[str, float]:
         return {n: sum(r[i] for r in rows) / len(rows) for i, n in enumerate(names)}
 
     return {"mean": means(ranked), "slowest_10pct": means(tail)}
@@ -152,12 +187,13 @@ def simulate_pd(
     config: PDSimConfig,
     *,
     on_request: Callable[[], None] | None = None,
-    probe: Callable[[float, Mapping[str, Engine]], None] | None = None,
+    probe: Callable[[float, Mapping[str, Engine], Mapping[str, int]], None] | None = None,
 ) -> PDRun:
     """Run `trace` through a fresh PD pool routed by `router`; every request ends in an outcome.
 
-    `probe(now, decode_engines)`, if given, is called at every arrival, before it is routed,
-    to read (never change) the decode servers' state (benchmarks/pd_tpot.py).
+    `probe(now, decode_engines, waiting_for_room)`, if given, is called at every arrival,
+    before it is routed, to read (never change) the decode servers' state and how many
+    requests each has queued for KV room (benchmarks/pd_tpot.py).
     """
     started = time.perf_counter()
     profile = config.resolved_profile
@@ -167,6 +203,7 @@ def simulate_pd(
     pengines = {b: prefill_engine(profile, config.engine) for b in pids}
     dengines = {b: decode_engine(profile, config.engine) for b in dids}
     links = {b: KVLink(config.link, profile.kv_bytes_per_token()) for b in pids}
+    rooms = {b: PreallocQueue(dengines[b]) for b in dids}
 
     def spec(bid: str, host: int) -> BackendSpec:
         return BackendSpec(
@@ -185,31 +222,25 @@ def simulate_pd(
             kv_bytes_per_token=profile.kv_bytes_per_token(), link_bytes_per_s=config.link
         ),
         seed=config.seed,
+        room_hold=config.room_hold,
     )
     engines: dict[str, Engine] = {**pengines, **dengines}
     live: dict[str, _Live] = {}
     outcomes: list[RequestOutcome] = []
     transfers: list[tuple[float, int, str]] = []  # (arrival at decode, seq, rid)
     prefill_cached: dict[str, int] = {}  # rid -> what its prefill server had cached
-    phases: list[tuple[float, float, float, float]] = []  # for ttft_split
+    prompts: dict[str, SimRequest] = {}  # prefill requests waiting for their decode room
+    arrivals: dict[str, float] = {}  # held in the router: rid -> arrival
+    phases: list[Phases] = []  # for ttft_split
     seq = 0
 
     def fail(rid: str, now: float, why: str) -> None:
         item = live.pop(rid)
+        rooms[item.decode].cancel(rid)
+        prompts.pop(rid, None)
         pd.on_failed(rid, now)
         outcomes.append(
-            RequestOutcome(
-                rid=rid,
-                arrival=item.arrival,
-                prompt_tokens=item.prompt,
-                output_tokens=0,
-                cached_tokens=0,
-                ttft=None,
-                tpot=None,
-                e2e=None,
-                backend=f"{item.prefill}/{item.decode}",
-                error=why,
-            )
+            _unserved(rid, item.arrival, why, item.prompt, f"{item.prefill}/{item.decode}")
         )
 
     def on_event(bid: str, event: FirstToken | Finished | Aborted) -> None:
@@ -237,10 +268,10 @@ def simulate_pd(
         cached = prefill_cached.pop(rid, 0)
         pd.on_finished(rid, event.time, event.output_tokens)
         ttft = event.first_token_time - item.arrival
-        if item.prefill_done is not None and item.at_decode is not None:
-            phases.append((ttft, item.prefill_done - item.arrival,
-                           item.at_decode - item.prefill_done,
-                           event.first_token_time - item.at_decode))  # fmt: skip
+        held, answered, landed = item.preallocated, item.prefill_done, item.at_decode
+        if held is not None and answered is not None and landed is not None:
+            phases.append((ttft, held - item.arrival, answered - held, landed - answered,
+                           event.first_token_time - landed))  # fmt: skip
         tpot = (
             (event.time - event.first_token_time) / (event.output_tokens - 1)
             if event.output_tokens > 1
@@ -268,12 +299,42 @@ def simulate_pd(
         batch.sort(key=lambda item: (item[0], item[1]))
         for _, _, bid, event in batch:
             on_event(bid, event)
+        for req, decision in pd.release(now):
+            send(req, decision, arrivals.pop(req.rid), now)
+        for rooms_at in rooms.values():
+            if rooms_at:
+                start_prefills(rooms_at.pump(now), now)
         while transfers and transfers[0][0] <= now:
             arrived, _, rid = heapq.heappop(transfers)
             item = live.get(rid)
             if item is not None:
                 item.at_decode = arrived
                 engines[item.decode].add_request(decode_request(rid, item.prompt, item.output), now)
+
+    def send(req: RouteRequest, decision: PDDecision, arrival: float, now: float) -> None:
+        """To both servers: the decode server queues it for KV room first."""
+        rid = req.rid
+        output = max(req.max_tokens or 1, 1)
+        live[rid] = _Live(
+            arrival=arrival,
+            prompt=req.prompt_tokens,
+            output=output,
+            prefill=decision.prefill.backend,
+            decode=decision.decode.backend,
+        )
+        room = rooms[decision.decode.backend]
+        if room.offer(rid, req.prompt_tokens, output):
+            prompts[rid] = _sim_request(req, output_tokens=1)
+            start_prefills(room.pump(now), now)
+        else:
+            fail(rid, now, f"too large for {decision.decode.backend}")
+
+    def start_prefills(rids: list[str], now: float) -> None:
+        """Their decode room is held: the prefill servers' bootstrap queues let them in."""
+        for rid in rids:
+            item = live[rid]
+            item.preallocated = now
+            pengines[item.prefill].add_request(prompts.pop(rid), now)
 
     def run_until(t: float) -> None:
         """Every engine step and transfer up to `t`, in time order."""
@@ -293,21 +354,16 @@ def simulate_pd(
         now = treq.timestamp / config.load
         run_until(now)
         if probe is not None:
-            probe(now, dengines)
+            probe(now, dengines, {b: len(q) for b, q in rooms.items()})
         rid = f"r{position}"
         req = route_request_from_hash_ids(
             rid, treq.hash_ids, trace.block_size, treq.input_length, treq.output_length
         )
-        decision = pd.route(req, now)
-        output = max(req.max_tokens or 1, 1)
-        live[rid] = _Live(
-            arrival=now,
-            prompt=req.prompt_tokens,
-            output=output,
-            prefill=decision.prefill.backend,
-            decode=decision.decode.backend,
-        )
-        pengines[decision.prefill.backend].add_request(_sim_request(req, output_tokens=1), now)
+        decision = pd.submit(req, now)
+        if decision is None:
+            arrivals[rid] = now  # held in the router for decode room
+        else:
+            send(req, decision, now, now)
         if on_request is not None:
             on_request()
     while True:
@@ -317,8 +373,12 @@ def simulate_pd(
         if not pending:
             break
         deliver(min(pending))
+    end = max(e.now for e in engines.values())
     for rid in list(live):
-        fail(rid, max(e.now for e in engines.values()), "lost by the engine")
+        fail(rid, end, "lost by the engine")
+    for rid, arrival in arrivals.items():  # held for room no decode server ever had
+        pd.on_failed(rid, end)
+        outcomes.append(_unserved(rid, arrival, "held for decode room to the end"))
 
     outcomes.sort(key=lambda o: o.arrival)
     summary = summarize(outcomes, wall_s=time.perf_counter() - started)

@@ -120,6 +120,8 @@ class ServerConfig(BaseSettings):
     decode: list[str] = Field(default_factory=list)
     bootstrap_port: int = Field(default=8998, gt=0, lt=65536)  # SGLang's default
     prefill_policy: str | None = None
+    # PD with the pair price: hold requests in the router while no decode server has KV room
+    pd_room_hold: bool = True
     decode_policy: str | None = None
 
     @field_validator("state")

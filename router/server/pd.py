@@ -36,10 +36,12 @@ from aiohttp import web
 
 from backends.sglang import TokenUsage, usage_from_sse_chunk
 from router.core.model import RouteRequest
-from router.core.pd import PairConfig, PDRouter
+from router.core.pd import PairConfig, PDDecision, PDRouter
 from router.core.policies import make_policy
 from router.core.routing import Decision, RoutingCore
 from router.server.config import ServerConfig, normalise_url
+from router.server.errors import ApiError
+from router.server.metrics import TTFT_BUCKETS, Gauge, Histogram
 from router.server.pool import BackendPool
 from router.server.proxy import (
     Endpoint,
@@ -118,7 +120,11 @@ class PDSetup:
             dpolicy = make_policy(dname, rng=random.Random(seed + 1))
             name = f"pd:{pname}+{dname}"
         pd = PDRouter(
-            RoutingCore(ppolicy, []), RoutingCore(dpolicy, []), pair=pair, hold_prefill=pair is None
+            RoutingCore(ppolicy, []),
+            RoutingCore(dpolicy, []),
+            pair=pair,
+            hold_prefill=pair is None,
+            room_hold=pair is not None and config.pd_room_hold,
         )
         return cls(
             name=name,
@@ -152,19 +158,77 @@ class PDProxy(Proxy):
         self.prefill_pool = prefill_pool
         self._prefill_of: dict[str, str] = {}
         self._prefill_cached: dict[str, int | None] = {}
+        self._held: dict[str, asyncio.Future[PDDecision]] = {}  # waiting for decode room
+        registry = self.metrics.registry
+        self.held_gauge = registry.register(
+            Gauge("prefix_router_pd_held", "Requests held in the router for decode KV room.")
+        )
+        self.room_wait = registry.register(
+            Histogram(
+                "prefix_router_pd_room_wait_seconds",
+                "Time requests waited in the router for decode KV room (held ones only).",
+                (),
+                TTFT_BUCKETS,
+            )
+        )
+        registry.collectors.append(lambda: self.held_gauge.set(value=float(self.pd.held)))
 
-    def _route(self, route_req: RouteRequest, now: float, exclude: set[str]) -> Decision:
+    def _route(self, route_req: RouteRequest, now: float, exclude: set[str]) -> Decision | None:
         prefill_ids = self.prefill_pool.entries
-        decision = self.pd.route(
+        decision = self.pd.submit(
             route_req,
             now,
             exclude_prefill={b for b in exclude if b in prefill_ids},
             exclude_decode={b for b in exclude if b not in prefill_ids},
         )
-        self._prefill_of[route_req.rid] = decision.prefill.backend
+        return None if decision is None else self._bind(route_req.rid, decision)
+
+    def _bind(self, rid: str, decision: PDDecision) -> Decision:
+        self._prefill_of[rid] = decision.prefill.backend
         return replace(
             decision.decode, predicted_cached_tokens=decision.prefill.predicted_cached_tokens
         )
+
+    async def _wait_for_route(self, route_req: RouteRequest) -> Decision:
+        """Held for decode room (router/core/pd.py): wait until `_release` binds it."""
+        rid = route_req.rid
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[PDDecision] = loop.create_future()
+        self._held[rid] = future
+        started = loop.time()
+        try:
+            decision = await asyncio.wait_for(future, self.config.queue_timeout_s)
+        except TimeoutError:
+            self.pd.cancel(rid)
+            raise ApiError(
+                429,
+                f"no decode server had KV room for this request within "
+                f"{self.config.queue_timeout_s:g} s",
+                code="router_queue_timeout",
+                headers={"Retry-After": str(self.config.retry_after_s)},
+            ) from None
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.pd.on_failed(rid, loop.time())  # bound as the client left: end it
+            else:
+                self.pd.cancel(rid)
+            raise
+        finally:
+            self._held.pop(rid, None)
+        self.room_wait.observe(value=loop.time() - started)
+        return self._bind(rid, decision)
+
+    def _release(self) -> None:
+        """Decode room freed: bind the held requests that fit now."""
+        if not self.pd.held:
+            return
+        now = asyncio.get_running_loop().time()
+        for req, decision in self.pd.release(now):
+            future = self._held.get(req.rid)
+            if future is not None and not future.done():
+                future.set_result(decision)
+            else:
+                self.pd.on_failed(req.rid, now)  # its client is gone
 
     def _report_failure(self, backend: str, now: float, failed: _UpstreamFailed) -> None:
         pool = self.prefill_pool if backend in self.prefill_pool.entries else self.pool
@@ -186,7 +250,9 @@ class PDProxy(Proxy):
                     flight.usage = replace(flight.usage, cached_tokens=cached)
             else:
                 self.pd.on_prefill_failed(flight.rid, now)
+            self.pd.free_room(flight.rid)
         super()._end(flight, ok=ok)
+        self._release()
 
     async def _attempt(
         self,

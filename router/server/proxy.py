@@ -415,7 +415,8 @@ class Proxy:
                     if engine_priority is not None:  # SGLang's own field
                         payload = _splice(payload, body, {"priority": engine_priority})
                 else:
-                    decision = self._route(route_req, asyncio.get_running_loop().time(), exclude)
+                    routed = self._route(route_req, asyncio.get_running_loop().time(), exclude)
+                    decision = routed or await self._wait_for_route(route_req)
             except NoBackendError:
                 break
             if self._sharing:
@@ -459,9 +460,13 @@ class Proxy:
             503, "no healthy backend available", code="no_healthy_backend", headers=headers
         )
 
-    def _route(self, route_req: RouteRequest, now: float, exclude: set[str]) -> Decision:
-        """Where the attempt goes (the PD proxy, router/server/pd.py, routes a pair here)."""
+    def _route(self, route_req: RouteRequest, now: float, exclude: set[str]) -> Decision | None:
+        """Where the attempt goes (the PD proxy, router/server/pd.py, routes a pair here);
+        None: held, `_wait_for_route` says where when it is released."""
         return self.core.route(route_req, now, exclude=exclude)
+
+    async def _wait_for_route(self, route_req: RouteRequest) -> Decision:
+        raise NotImplementedError("this proxy never holds a request")
 
     def _report_failure(self, backend: str, now: float, failed: _UpstreamFailed) -> None:
         """A backend failed an attempt before any byte reached the client."""

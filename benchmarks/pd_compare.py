@@ -28,10 +28,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.sim_compare import WORKLOADS, load_workload_trace
 from router.replay.metrics import write_json
 from router.replay.pd_simulate import PDSimConfig, simulate_pd, tpot_p90
 from router.replay.simulate import SimConfig, find_capacity, simulate_policy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported
+from sim_compare import WORKLOADS, load_workload_trace
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PD_ROUTERS = ("pair", "cache_aware+power_of_two")

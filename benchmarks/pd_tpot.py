@@ -4,14 +4,19 @@ pd_live.py's window (multi-turn seed 1, 240 s + 120 s, 2 prefill + 2 decode llam
 at a ladder of loads, each routed by
 
   pair                       ours: the paired price (decode side: (1 + N) x the step at the
-                             decode server's batch KV with the request joined, and KV room)
+                             decode server's batch KV with the request joined, and KV room),
+                             holding requests in the router while no decode server has room
+                             (released by wait per token of room, router/core/pd.py)
+  pair:no-hold               the same price, every request sent at once (to wait for room in
+                             its decode server's first-come-first-served queue)
   cache_aware+power_of_two   SMG's PD defaults as the simulator plays them (fresh request
                              counts; SMG 1.13 itself reads a load snapshot polled every 10 s)
   cache_aware+round_robin    a decode choice that ignores load
   cache_aware+random         a decode choice that knows nothing
 
-and, per router seed, reports p90 TTFT and where it went (`ttft_split`: the mean prefill,
-transfer and decode-wait phases over all requests and over the slowest tenth), TPOT p50 / p90 /
+and, per router seed, reports p90 TTFT and where it went (`ttft_split`: the mean room-wait,
+prefill, transfer and decode-wait phases over all requests and over the slowest tenth; the
+decode server preallocates KV before the prefill may start, as SGLang's), TPOT p50 / p90 /
 p99 / max and mean (TPOT: a
 request's mean gap between output tokens after its first, as the client measures it), and,
 sampled at every arrival on every decode server, the share of samples where requests were
@@ -30,6 +35,7 @@ the figures were taken changes only the wall time (~20 s).
 Run:  python benchmarks/pd_tpot.py
       python benchmarks/pd_tpot.py --table
       python benchmarks/pd_tpot.py --ttft-table
+      python benchmarks/pd_tpot.py --ttft-ladder
 """
 
 from __future__ import annotations
@@ -51,8 +57,10 @@ from router.replay.pd_simulate import PDSimConfig, simulate_pd
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROFILE = "llama3-8b-h100"
+NO_HOLD = "pair:no-hold"
 ROUTERS = (
     "pair",
+    NO_HOLD,
     "cache_aware+power_of_two",
     "cache_aware+round_robin",
     "cache_aware+random",
@@ -82,7 +90,10 @@ def measure(router: str, cfg: PDSimConfig, window: Any) -> dict[str, Any]:
                 if queued:
                     steps_queued.append(step)
 
-    run = simulate_pd(window, router, cfg, probe=probe)
+    if router == NO_HOLD:
+        run = simulate_pd(window, "pair", dataclasses.replace(cfg, room_hold=False), probe=probe)
+    else:
+        run = simulate_pd(window, router, cfg, probe=probe)
     tpots = sorted(o.tpot for o in run.outcomes if o.tpot is not None)
     return {
         "router": router,
@@ -197,12 +208,33 @@ def table(doc: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def ttft_ladder(doc: dict[str, Any]) -> str:
+    """p90 TTFT per load and router (seed means), and the pair's over SMG's rule."""
+    routers = doc["routers"]
+    rows = [
+        "| load | " + " | ".join(f"{r} s" for r in routers) + " | pair / SMG's rule |",
+        "|---" * (len(routers) + 2) + "|",
+    ]
+    for load in doc["loads"]:
+        p90 = {
+            r: statistics.fmean(
+                x["ttft_p90"] for x in doc["runs"] if x["load"] == load and x["router"] == r
+            )
+            for r in routers
+        }
+        cells = " | ".join(f"{p90[r]:.3f}" for r in routers)
+        ratio = p90["pair"] / p90["cache_aware+power_of_two"]
+        rows.append(f"| {load:g} | {cells} | {ratio:.2f} |")
+    return "\n".join(rows)
+
+
 def ttft_table(doc: dict[str, Any], loads: tuple[float, ...] = (2.5, 3.084)) -> str:
     """Where p90 TTFT goes, per router: the mean phases of the slowest tenth (seed means)."""
+    phases = ("ttft", "room_wait", "prefill", "transfer", "decode_wait")
     rows = [
-        "| load | router | p90 TTFT s | slowest 10%: TTFT | prefill | transfer | decode wait "
-        "| all: prefill | decode wait |",
-        "|---" * 9 + "|",
+        "| load | router | p90 TTFT s | slowest 10%: TTFT | room wait | prefill | transfer "
+        "| decode wait | all: room wait | prefill |",
+        "|---" * 10 + "|",
     ]
     for load in loads:
         for router in doc["routers"]:
@@ -214,13 +246,10 @@ def ttft_table(doc: dict[str, Any], loads: tuple[float, ...] = (2.5, 3.084)) -> 
                 return statistics.fmean(r["ttft_split"][part][key] for r in at)
 
             p90 = statistics.fmean(r["ttft_p90"] for r in at)
-            tail = " | ".join(
-                f"{mean('slowest_10pct', k):.3f}"
-                for k in ("ttft", "prefill", "transfer", "decode_wait")
-            )
+            tail = " | ".join(f"{mean('slowest_10pct', k):.3f}" for k in phases)
             rows.append(
-                f"| {load:g} | {router} | {p90:.3f} | {tail} | {mean('mean', 'prefill'):.3f} "
-                f"| {mean('mean', 'decode_wait'):.3f} |"
+                f"| {load:g} | {router} | {p90:.3f} | {tail} | {mean('mean', 'room_wait'):.3f} "
+                f"| {mean('mean', 'prefill'):.3f} |"
             )
     return "\n".join(rows)
 
@@ -238,12 +267,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ttft-table", action="store_true", help="print docs/pd.md's TTFT-split rows and stop"
     )
+    parser.add_argument(
+        "--ttft-ladder", action="store_true", help="print docs/pd.md's p90 TTFT rows and stop"
+    )
     args = parser.parse_args(argv)
     if args.table:
         print(table(json.loads(args.out.read_text())))
         return 0
     if args.ttft_table:
         print(ttft_table(json.loads(args.out.read_text())))
+        return 0
+    if args.ttft_ladder:
+        print(ttft_ladder(json.loads(args.out.read_text())))
         return 0
     loads = [float(x) for x in args.loads.split(",")]
     routers = args.routers.split(",")

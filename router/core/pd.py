@@ -449,7 +449,9 @@ class PDRouter:
         nowhere (call as decode requests finish, and when a decode server joins or recovers).
         """
         out: list[tuple[RouteRequest, PDDecision]] = []
-        order = sorted(self._held.values(), key=lambda h: (-(now - h.since) / h.need, h.since))
+        order = sorted(
+            self._held.values(), key=lambda h: (-(now - h.since) / max(h.need, 1), h.since)
+        )
         for h in order:
             full = self._without_room(h.need, h.exclude_decode)
             if full is None:

@@ -193,7 +193,8 @@ def simulate_pd(
 
     `probe(now, decode_engines, waiting_for_room)`, if given, is called at every arrival,
     before it is routed, to read (never change) the decode servers' state and how many
-    requests each has queued for KV room (benchmarks/pd_tpot.py).
+    requests wait for KV room on each (its own queue, plus those the router holds for the
+    whole pool; benchmarks/pd_tpot.py).
     """
     started = time.perf_counter()
     profile = config.resolved_profile
@@ -354,7 +355,7 @@ def simulate_pd(
         now = treq.timestamp / config.load
         run_until(now)
         if probe is not None:
-            probe(now, dengines, {b: len(q) for b, q in rooms.items()})
+            probe(now, dengines, {b: len(q) + pd.held for b, q in rooms.items()})
         rid = f"r{position}"
         req = route_request_from_hash_ids(
             rid, treq.hash_ids, trace.block_size, treq.input_length, treq.output_length

@@ -371,6 +371,7 @@ class PDRouter:
         self._held: dict[str, _Held] = {}  # waiting for decode room, in arrival order
         self._room_of: dict[str, tuple[str, int]] = {}  # rid -> (decode server, its need)
         self._committed: dict[str, int] = {}  # decode server -> KV its in-flight requests hold
+        self._room_changed = False  # room freed or a request held since the last release
 
     def _link(self, backend: str) -> float:
         default = self.pair.link_bytes_per_s if self.pair else _DEFAULT_LINK_BYTES_PER_S
@@ -431,6 +432,7 @@ class PDRouter:
         need = self._need(req)
         full = None if self._held else self._without_room(need, exclude_decode)
         if full is None:
+            self._room_changed = True
             self._held[req.rid] = _Held(
                 req=req,
                 since=now,
@@ -446,8 +448,13 @@ class PDRouter:
     def release(self, now: float) -> list[tuple[RouteRequest, PDDecision]]:
         """Held requests that fit a decode server now, longest wait per token of need first,
         each routed to a pair whose decode server has its room; stops at the first that fits
-        nowhere (call as decode requests finish, and when a decode server joins or recovers).
+        nowhere. Call it as decode requests end; it does nothing unless room was freed or a
+        request held since the last call (`room_changed` forces a pass, e.g. when a decode
+        server joins or recovers).
         """
+        if not self._held or not self._room_changed:
+            return []
+        self._room_changed = False
         out: list[tuple[RouteRequest, PDDecision]] = []
         order = sorted(
             self._held.values(), key=lambda h: (-(now - h.since) / max(h.need, 1), h.since)
@@ -483,6 +490,11 @@ class PDRouter:
         if entry is not None:
             decode, need = entry
             self._committed[decode] -= need
+            self._room_changed = True
+
+    def room_changed(self) -> None:
+        """The decode pool changed (a server joined or recovered): the next `release` looks."""
+        self._room_changed = True
 
     def route(
         self,

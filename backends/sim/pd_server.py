@@ -133,6 +133,7 @@ class PrefillSimServer(SimServer):
             if born >= cutoff:
                 break  # insertion order: the rest are younger
             del self._room_born[room]
+            self._shaken.discard(room)
             fut = self._rooms.pop(room, None)
             if fut is not None and not fut.done():
                 fut.cancel()
@@ -202,6 +203,7 @@ class PrefillSimServer(SimServer):
         try:
             ready = await asyncio.wait_for(asyncio.shield(fut), self.room_wait_s)
         except TimeoutError:
+            self._shaken.discard(room)  # its request never came: forget the handshake
             return web.json_response({"error": f"room {room} never prefilled"}, status=504)
         except asyncio.CancelledError:
             if fut.cancelled():

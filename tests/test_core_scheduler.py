@@ -348,7 +348,7 @@ def test_admission_counts_the_requests_held_ahead_at_the_rate_the_pool_binds_the
     assert shed is not None and shed.reason == "slo"  # type: ignore[attr-defined]
     assert shed.predicted_ttft_s == pytest.approx(10 / 9.5 + 0.01)  # type: ignore[attr-defined]
     # Priced by prefill seconds alone (queue ~0, 0.1 s held) it would be admitted, and wait.
-    assert late(rate_admission=False) is None
+    assert late(rate_admission=False, throughput_admission=False) is None
 
 
 def test_a_light_tenant_is_not_priced_behind_a_floods_backlog() -> None:
@@ -437,3 +437,38 @@ def test_isolation_leaves_a_single_tenant_simulation_unchanged() -> None:
         runs.append(simulate_policy(trace, "cost", cfg))
     on, off = ([(o.rid, o.backend, o.ttft, o.error) for o in r.outcomes] for r in runs)
     assert on == off and runs[0].summary["shed"] > 0
+
+
+def test_admission_sheds_what_comes_faster_than_full_batches_turn_over() -> None:
+    def admitted(headroom: float) -> tuple[list[str], list[float]]:
+        s = _sched(max_running=4, throughput_headroom=headroom, slo_ttft_s=2.0)
+        out, shed_at = [], []
+        for i in range(8):
+            shed = s.submit(_ticket(f"r{i}", 100, 0.0), 0.0)
+            if shed is None:
+                out.append(f"r{i}")
+            else:
+                shed_at.append(shed.predicted_ttft_s or 0.0)
+            s.step(0.0)
+        return out, shed_at
+
+    # Full batch: 4 slots, each request 256 steps (the default expected output) of 0.01 s
+    # plus its 0.01 s prefill: 4 / 2.6 requests a second, one admitted every 0.65 s. r0 is
+    # priced with nothing bound yet (no size to price the batch with); r1 starts the clock,
+    # r2..r4 wait 0.65 / 1.3 / 1.95 s for it (+ 0.01 s prefill); r5 would wait 2.6 s.
+    out, shed_at = admitted(1.0)
+    assert out == ["r0", "r1", "r2", "r3", "r4"]
+    assert shed_at[0] == pytest.approx(4 * 0.65 + 0.01)
+    # Twice the rate: 0.325 s apart, so r1..r7 are all within 2 s.
+    assert admitted(2.0)[0] == [f"r{i}" for i in range(8)]
+
+
+def test_the_throughput_clock_catches_up_with_time() -> None:
+    s = _sched(max_running=4, throughput_headroom=1.0, slo_ttft_s=2.0)
+    for i in range(5):
+        s.submit(_ticket(f"r{i}", 100, 0.0), 0.0)
+        for b in s.step(0.0).bound:  # decoding, on time: no lateness in the queue
+            s.core.on_first_token(b.ticket.req.rid, 0.0, cached_tokens=0)
+    assert s.submit(_ticket("early", 100, 0.5), 0.5) is not None  # 2.6 - 0.5 + 0.01 > 2
+    # By 2.6 s the pool has turned over the four admitted after r0 (as far as the clock says).
+    assert s.submit(_ticket("later", 100, 2.6), 2.6) is None

@@ -57,6 +57,22 @@ the release order: all of higher priority; within its priority its own tenant's,
 other tenant as many as its own plus one (fair queueing interleaves them). The queue holds at
 most `max_queue` requests; one waiting longer than `queue_timeout_s` is shed ("timeout").
 
+**Throughput admission** (`throughput_admission`). A pool whose batches are full completes at
+most mu requests a second: each backend's B running slots (fewer where B requests' own KV
+would not fit), each request N steps (the expected output) of the decode step at that batch,
+plus every prefill's share of the engine (the cost policy's `service_rate`, at the mean size
+of the last 256 bound requests). Admitting faster than that only fills the slots; at 2x
+capacity on shared-prefix (all answers 256 tokens) they filled in 14 s, then decoded in
+lock-step for ~14 s more with nothing finishing, no slot free and everything shed (goodput
+53.8 against 69.4 at capacity). So each admitted request advances a clock by
+1 / (`throughput_headroom` * mu), and a newcomer's predicted TTFT is at least that clock's
+lead over now plus its prefill: at sustained overload the pool admits ~headroom * mu and the
+starts stay spread over a request's lifetime. The headroom (1.5) lets the batches absorb
+bursts and a finite overload: at 1.0 shared-prefix at its capacity, which arrives 5% faster
+than its full batches sustain in the long run, sheds 19% (benchmarks/README.md has the
+sweep). A tenant under its share is not priced by the clock (it goes ahead of the others'
+excess), but its admissions advance it.
+
 **Engine priority** (`engine_priority`, for engines run with SGLang's
 `--enable-priority-scheduling`, whose waiting queue is then ordered by `priority`, higher
 first, then arrival). A tenant under its share (less than an equal share of the predicted
@@ -160,6 +176,11 @@ class SchedulerConfig:
     # to backends whose predicted prefill queue is under `isolation_queue_s` (see "Isolation").
     isolation: bool = True
     isolation_queue_s: float = 0.01
+    # Admission counts the requests admitted beyond the pool's throughput with its batches full
+    # (see "Throughput admission").
+    throughput_admission: bool = True
+    # ... at up to this multiple of that rate (bursts above it go into the batches).
+    throughput_headroom: float = 1.5
 
     def __post_init__(self) -> None:
         if not self.budget_s > 0:
@@ -176,6 +197,8 @@ class SchedulerConfig:
             raise ValueError("late_last_s must be positive")
         if not 0 <= self.reserve < 1:
             raise ValueError("reserve must be in [0, 1)")
+        if not self.throughput_headroom > 0:
+            raise ValueError("throughput_headroom must be positive")
         if not self.isolation_queue_s > 0:
             raise ValueError("isolation_queue_s must be positive")
         if self.max_queue < 1 or self.scan < 1:
@@ -262,6 +285,10 @@ class QueuePredictor(Protocol):
 
     def prefill_time(self, state: BackendState, new_tokens: int, context_tokens: int) -> float: ...
 
+    def service_rate(
+        self, state: BackendState, prompt_tokens: float, new_tokens: float, prefill_s: float
+    ) -> float: ...
+
     def forget(self, rid: str) -> None: ...
 
 
@@ -332,6 +359,11 @@ class Scheduler:
         self.shed_by_reason: dict[str, int] = {}
         # Isolation: when a tenant over its share last had requests waiting here.
         self._flood_seen = -math.inf
+        # Throughput admission: recent arrivals' (prompt tokens, predicted prefill seconds),
+        # and when the pool, at its full-batch rate, is through the requests admitted so far.
+        self._sizes: deque[tuple[int, int, float]] = deque(maxlen=256)
+        self._size_sums = [0.0, 0.0, 0.0]
+        self._paced_at = -math.inf
 
     # -- what the driver asks -------------------------------------------------------------
 
@@ -369,6 +401,7 @@ class Scheduler:
                         ticket=ticket, reason="slo", retry_after_s=retry, predicted_ttft_s=predicted
                     )
                 )
+            self._pace(backends, now)
         self._seq += 1
         lane_key = (ticket.priority, ticket.tenant)
         lane = self._lanes.get(lane_key)
@@ -500,6 +533,11 @@ class Scheduler:
             if self._tracks_shares:
                 self._charge(item.ticket.tenant, item.prefill_s, now)
             self._lead(req, decision)
+            self._note_size(
+                req.prompt_tokens,
+                req.prompt_tokens - decision.predicted_cached_tokens,
+                choice.explain.prefill_s if choice.explain is not None else item.prefill_s,
+            )
             state = next(s for s in backends if s.id == b)
             queue[b] = self._queue_s(state, now)
             slots[b] -= 1
@@ -542,6 +580,8 @@ class Scheduler:
                 "queue_timeout_s": self.config.queue_timeout_s,
                 "engine_priority": self.config.engine_priority,
                 "isolation": self.config.isolation,
+                "throughput_admission": self.config.throughput_admission,
+                "throughput_headroom": self.config.throughput_headroom,
             },
         }
 
@@ -619,6 +659,10 @@ class Scheduler:
             predicted = max(predicted, ahead_n / rate + min(queues) + item.prefill_s)
         if self._predictor is None:
             return predicted
+        if self.config.throughput_admission and not self._below_share(item.ticket.tenant, now):
+            # The pool works through what was admitted at its full-batch rate at best (a
+            # tenant under its share goes ahead of the others' excess: fair queueing).
+            predicted = max(predicted, self._paced_at - now + item.prefill_s)
         ahead = dict.fromkeys((s.id for s in backends), 0.0)
         loose = 0.0
         for w in first:
@@ -634,6 +678,29 @@ class Scheduler:
         if placed.predicted_ttft_s is not None:
             predicted = max(predicted, placed.predicted_ttft_s)
         return predicted
+
+    def _note_size(self, prompt_tokens: int, new_tokens: int, prefill_s: float) -> None:
+        """A bound request's size, as the policy priced it where it went."""
+        sizes, sums = self._sizes, self._size_sums
+        if len(sizes) == sizes.maxlen:
+            for i, old in enumerate(sizes[0]):
+                sums[i] -= old
+        sizes.append((prompt_tokens, new_tokens, prefill_s))
+        for i, value in enumerate((prompt_tokens, new_tokens, prefill_s)):
+            sums[i] += value
+
+    def _pace(self, backends: Sequence[BackendState], now: float) -> None:
+        """Count one admitted request against the pool's full-batch throughput."""
+        if not self.config.throughput_admission or self._predictor is None:
+            return
+        n = len(self._sizes)
+        if not n:
+            return
+        tokens, new, prefill_s = (total / n for total in self._size_sums)
+        rate = sum(self._predictor.service_rate(s, tokens, new, prefill_s) for s in backends)
+        rate *= self.config.throughput_headroom
+        if 0 < rate < math.inf:
+            self._paced_at = max(self._paced_at, now) + 1.0 / rate
 
     def _held_ahead(self, item: _Waiting, held: Iterable[_Waiting]) -> int:
         """Held requests that bind before `item`: all of higher priority; within its priority

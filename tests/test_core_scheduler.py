@@ -352,14 +352,23 @@ def test_admission_counts_the_requests_held_ahead_at_the_rate_the_pool_binds_the
 
 
 def test_a_light_tenant_is_not_priced_behind_a_floods_backlog() -> None:
-    s = _twenty_running_bound_at_ten_a_second()
-    for i in range(10):
-        s.submit(_ticket(f"held{i}", 100, 2.0, tenant="flood", deadline=5.0), 2.0)
-    # Fair queueing interleaves tenants: one flood request is ahead of it, not ten.
-    assert s.submit(_ticket("small", 100, 2.0, tenant="small", deadline=0.5), 2.0) is None
-    s.core.on_finished("run0", 2.1, output_tokens=10, cached_tokens=0)
-    s.core.on_finished("run1", 2.1, output_tokens=10, cached_tokens=0)
-    assert _bound(s, 2.1) == ["held0", "small"]  # two slots free: not held1 before it
+    def first_two(**config: object) -> list[str]:
+        s = _twenty_running_bound_at_ten_a_second(**config)
+        for i in range(10):
+            s.submit(_ticket(f"held{i}", 100, 2.0, tenant="flood", deadline=5.0), 2.0)
+        # Fair queueing interleaves tenants: one flood request is ahead of it, not ten.
+        assert s.submit(_ticket("small", 100, 2.0, tenant="small", deadline=0.5), 2.0) is None
+        s.core.on_finished("run0", 2.1, output_tokens=10, cached_tokens=0)
+        s.core.on_finished("run1", 2.1, output_tokens=10, cached_tokens=0)
+        return _bound(s, 2.1)  # two slots free: never held1 before it
+
+    # Service counted since the start: small starts level with the flood (no banked credit),
+    # the tie goes by name. (Without shares, throughput admission would price small behind
+    # the flood's ten: 10 / (1.5 * 20 / 2.76) s.)
+    assert first_two(isolation=False, throughput_admission=False) == ["held0", "small"]
+    # Counted over the share window (isolation, the default): the flood had twenty binds in
+    # it and small none, so small goes first.
+    assert first_two() == ["small", "held0"]
 
 
 def test_engine_priority_sends_an_under_share_tenant_ahead_and_past_the_budget() -> None:

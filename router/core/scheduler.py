@@ -22,7 +22,11 @@ allowed). The rest waits here, where the order can still change.
 **Order.** Higher `priority` first; within a priority, the tenant with the least service so
 far (virtual-time fair queueing: each bound request charges its tenant its predicted prefill
 seconds, and a tenant that comes back from idle starts at the least active tenant's count, so
-it cannot bank credit); within a tenant, shortest predicted prefill first with aging: the key
+it cannot bank credit; with isolation or engine priority on, service counts over the last
+`_SHARE_S` only, as the shares those judge by: counted since the start, a light tenant whose
+requests were bound freely while a flood was shed or held had more service than the flood
+and went after its whole backlog, past the scan limit, 2 s in the router on fairness seed 3);
+within a tenant, shortest predicted prefill first with aging: the key
 is ``prefill_s + aging * arrival``, i.e. ``prefill_s - aging * waited`` plus a constant, so
 the order of two waiting requests never changes and a sorted list keeps it. With a TTFT target
 (`late_last_s`, else `slo_ttft_s`), requests that can no longer meet it (waited + predicted
@@ -824,7 +828,10 @@ class Scheduler:
                 for (p, tenant), lane in self._lanes.items()
                 if p == priority and lane.items
             }
-            offered = {tenant: self._served.get(tenant, 0.0) for tenant in lanes}
+            # With shares tracked, service counts over the share window (the same decayed
+            # shares that isolation judges by), else since the start.
+            served = self._fair_shares(now) if self._tracks_shares else self._served
+            offered = {tenant: served.get(tenant, 0.0) for tenant in lanes}
             positions = dict.fromkeys(lanes, 0)
             # A step looks at no more than `scan` requests, so no lane gives more than that
             # (a copy: binding removes items from the lanes while this generator runs).

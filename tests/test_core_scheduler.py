@@ -481,3 +481,30 @@ def test_the_throughput_clock_catches_up_with_time() -> None:
     assert s.submit(_ticket("early", 100, 0.5), 0.5) is not None  # 2.6 - 0.5 + 0.01 > 2
     # By 2.6 s the pool has turned over the four admitted after r0 (as far as the clock says).
     assert s.submit(_ticket("later", 100, 2.6), 2.6) is None
+
+
+def test_an_under_share_request_goes_where_its_first_token_comes_soonest() -> None:
+    prior = PerfPrior(
+        prefill_tokens_per_s=10_000.0,
+        prefill_s_per_token_ctx=0.0,
+        decode_step_s=0.01,
+        decode_s_per_kv_token=1e-6,
+    )
+    specs = [BackendSpec(id=b, kv_capacity_tokens=1_000_000, prior=prior) for b in ("b0", "b1")]
+    core = RoutingCore(make_policy("cost", calibrate=False, interference=0.0), specs)
+    s = Scheduler(core, SchedulerConfig())
+    # b0 decodes a 10k-token stream: every step there takes 0.01 + 1e-6 * 10_001 s = 0.02 s.
+    core.route(_ticket("stream", 10_000).req, 0.0)
+    core.on_first_token("stream", 1.0, cached_tokens=0)
+    # b1 has a 500-token prefill queued (0.05 s); the policy sent it there, away from b0.
+    assert core.route(_ticket("queued", 500).req, 1.0).backend == "b1"
+    req = _ticket("small", 500).req  # 0.05 s of prefill, 10 output tokens
+    backends = core.backends()
+    # TTFT: b0 0.05 + 0.02 (the decode step its prefill step carries), b1 0.05 + 0.05.
+    # The policy's cost adds 10 decode steps and, at b1, the 0.05 s its prefill delays the
+    # queued request: b0 0.07 + 10 * 0.0205 = 0.275, b1 0.10 + 10 * 0.0105 + 0.05 = 0.255.
+    by_cost = s._choose(req, backends, 1.0, {"b0": 0.0, "b1": 0.0})
+    assert by_cost.backend == "b1"
+    fastest = s._fastest(req, backends, 1.0, {"b0": 0.0, "b1": 0.0})
+    assert fastest.backend == "b0"
+    assert fastest.predicted_ttft_s == pytest.approx(0.05 + 0.01 + 1e-6 * 10_001)

@@ -508,3 +508,23 @@ def test_an_under_share_request_goes_where_its_first_token_comes_soonest() -> No
     fastest = s._fastest(req, backends, 1.0, {"b0": 0.0, "b1": 0.0})
     assert fastest.backend == "b0"
     assert fastest.predicted_ttft_s == pytest.approx(0.05 + 0.01 + 1e-6 * 10_001)
+
+
+def test_while_isolation_is_on_admission_has_no_headroom() -> None:
+    def probe(isolation: bool) -> float | None:
+        s = _sched(max_running=2, slo_ttft_s=2.0, isolation=isolation)
+        s.submit(_ticket("s0", 100, tenant="small"), 0.0)  # nothing bound yet: not paced
+        assert _bound(s, 0.0) == ["s0"]
+        for rid, prompt in (("f0", 1000), ("f1", 100), ("f2", 100)):
+            assert s.submit(_ticket(rid, prompt, tenant="flood"), 0.0) is None
+            s.step(0.0)  # f0 takes the second running slot; f1 and f2 wait here
+        shed = s.submit(_ticket("f3", 100, tenant="flood"), 0.0)
+        return None if shed is None else shed.predicted_ttft_s
+
+    # Full batch: 2 slots, 256 steps of 0.01 s each, plus the mean prefill of what was bound:
+    # 0.01 s after s0 (2.58 s a turn), 0.055 s after f0 too (2.67 s). f0 and f1 advance the
+    # clock by 2.58 / 3 and 2.67 / 3 s (headroom 1.5). By f2 the flood is over its share
+    # (0.1 s of prefill bound against the small tenant's 0.01) with f1 waiting here, so
+    # isolation is on: f2 advances it by 2.67 s / 2 slots, with no headroom.
+    assert probe(True) == pytest.approx(0.86 + 0.89 + 1.335 + 0.01)
+    assert probe(False) == pytest.approx(0.86 + 0.89 + 0.89 + 0.01)

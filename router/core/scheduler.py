@@ -105,9 +105,9 @@ not the router: the step under way, its own step shared with the flood's prefill
 (2-6k tokens), and the flood's decode batch (100-200 requests) in every step. Tried and
 dropped (seed 2): setting backends aside for it, sized from its demand (p90 0.30 s), and
 keeping KV room for it on every backend (0.16-0.22 s), both at 50-58 req/s of flood goodput
-against 74 without isolation; this gave 0.18 s at 72, and 0.125 s at 70 with the fair order
-over the share window and TTFT placement (solo 0.082 s). One tenant alone never triggers it
-(a tenant alone is never under its share).
+against 74 without isolation; this gave 0.18 s at 72, and with the fair order over the share
+window, TTFT placement and no throughput headroom 0.112 s at 68.8 (solo 0.082 s). One tenant
+alone never triggers it (a tenant alone is never under its share).
 
 Any policy can be driven: the cost policy (and the oracle) supply `queue_s`, `prefill_estimate`
 and `choose(..., ahead=)`; for others the queue is the pending prefill tokens at `DEFAULT_PP`.

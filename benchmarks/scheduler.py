@@ -10,7 +10,9 @@ Three measurements, 8 x llama3-8b-h100 (conv-hicache: the HiCache profile), SLO 
     sim_<workload>.json (bisection to 5%), not rerun.
 (b) overload: goodput (requests with TTFT <= 2 s per second of arrivals), shed share and p90
     TTFT of the admitted requests at 1x, 1.5x and 2x the capacity of `cost` without the
-    scheduler; with the scheduler, deadline admission at 2 s sheds on arrival.
+    scheduler; with the scheduler, deadline admission at 2 s sheds on arrival. Then throughput
+    admission's headroom swept (1, 1.25, 1.5, 2, off) at 1x and 2x on multi-turn and
+    shared-prefix.
 (c) fairness: a small tenant (every 8th conversation of multi-turn seeds 2, 3 and 4, ~10% of
     requests) beside a flooding one (multi-turn seed 1 at 3x cost's capacity): the small
     tenant's p90 TTFT against its figure alone on the same pool, and the flood's goodput,
@@ -143,6 +145,24 @@ def _overload(job: tuple[str, float, float, bool]) -> dict[str, Any]:
     cfg = _config(workload, base * multiple, scheduler)
     run = simulate_policy(trace_for(workload), "cost", cfg)
     return {"workload": workload, "multiple": multiple, "load": base * multiple, "scheduler": on,
+            **_figures(run.summary)}  # fmt: skip
+
+
+# Throughput admission's headroom (x the pool's full-batch rate), swept at 1x and 2x on the two
+# decode-heavy workloads; None: throughput admission off.
+HEADROOMS: tuple[float | None, ...] = (1.0, 1.25, 1.5, 2.0, None)
+
+
+def _headroom(job: tuple[str, float, float, float | None]) -> dict[str, Any]:
+    workload, multiple, base, headroom = job
+    scheduler = (
+        replace(ADMISSION_SCHEDULER, throughput_admission=False)
+        if headroom is None
+        else replace(ADMISSION_SCHEDULER, throughput_headroom=headroom)
+    )
+    cfg = _config(workload, base * multiple, scheduler)
+    run = simulate_policy(trace_for(workload), "cost", cfg)
+    return {"workload": workload, "multiple": multiple, "headroom": headroom,
             **_figures(run.summary)}  # fmt: skip
 
 
@@ -289,6 +309,21 @@ def tables(doc: dict[str, Any]) -> str:
                 f"{r['ttft_p90']:.2f} | {r['ttft_p99']:.2f} | {r['router_wait_p90']:.2f} | "
                 f"{r['shed_answer_max_s'] * 1000:.0f} ms |"
             )
+    sweep = doc.get("headroom", [])
+    if sweep:
+        out += ["", "| workload | headroom | goodput 1x | goodput 2x | 2x / 1x | shed 1x | "
+                "p90 TTFT admitted 2x |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for w in sorted({r["workload"] for r in sweep}):
+            for h in HEADROOMS:
+                at = {r["multiple"]: r for r in sweep if r["workload"] == w and r["headroom"] == h}
+                if 1.0 not in at or 2.0 not in at:
+                    continue
+                one, two = at[1.0], at[2.0]
+                out.append(
+                    f"| {w} | {'off' if h is None else f'{h:g}'} | {one['goodput_rps']:.2f} | "
+                    f"{two['goodput_rps']:.2f} | {two['goodput_rps'] / one['goodput_rps']:.3f} | "
+                    f"{one['shed']} | {two['ttft_p90']:.2f} |"
+                )
     fair = doc.get("fairness", [])
     if fair:
         solo = {(r["small_seed"], r["flood_multiple"]): r["tenants"]["small"]["ttft_p90"]
@@ -368,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
             jobs = [(w, m, base[w], on) for w in workloads for m in (1.0, 1.5, 2.0)
                     for on in (False, True)]  # fmt: skip
             doc["overload"] = _map(pool, _overload, jobs, "overload")
+            jobs = [(w, m, base[w], h) for w in ("multi-turn", "shared-prefix") if w in base
+                    for m in (1.0, 2.0) for h in HEADROOMS]  # fmt: skip
+            doc["headroom"] = _map(pool, _headroom, jobs, "headroom")
             save()
         if "c" in parts:
             doc["fairness_base_load"] = FAIRNESS_BASE

@@ -322,3 +322,27 @@ def test_another_replicas_routing_is_seen_as_cache_and_queue() -> None:
     # both hold the prefix now and both are idle: equal cost, and the tie goes to "a"
     assert follow_up.backend == "a"
     assert follow_up.predicted_cached_tokens == 4000
+
+
+def test_service_rate_is_a_full_batch_turning_over_once_per_output() -> None:
+    prior = dataclasses.replace(PRIOR, decode_s_per_kv_token=1e-8)
+    policy = CostPolicy(calibrate=False)
+    for _ in range(4):
+        policy.outputs.observe(200)  # N = 200 steps per request
+    roomy = BackendState(
+        spec=BackendSpec(
+            id="a", kv_capacity_tokens=1_000_000, prior=prior, max_running_requests=100
+        )
+    )
+    # B = 100 running slots (1M tokens hold 1000+ requests of 500 new + 200 output tokens);
+    # each step reads 100 * (1000 + 100) KV tokens: 0.01 + 1e-8 * 110_000 = 0.0111 s;
+    # 100 requests every 200 * 0.0111 s, plus 100 prefills of 0.05 s each.
+    assert policy.service_rate(roomy, 1000, 500, 0.05) == pytest.approx(100 / (2.22 + 5.0))
+    tight = BackendState(
+        spec=BackendSpec(id="b", kv_capacity_tokens=35_000, prior=prior, max_running_requests=100)
+    )
+    # Memory binds first: 35_000 / (500 + 200) = 50 requests' own KV (a cached prefix is
+    # shared); steps of 0.01 + 1e-8 * 50 * 1100 = 0.01055 s.
+    assert policy.service_rate(tight, 1000, 500, 0.05) == pytest.approx(
+        50 / (200 * 0.01055 + 50 * 0.05)
+    )

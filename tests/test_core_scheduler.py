@@ -348,18 +348,27 @@ def test_admission_counts_the_requests_held_ahead_at_the_rate_the_pool_binds_the
     assert shed is not None and shed.reason == "slo"  # type: ignore[attr-defined]
     assert shed.predicted_ttft_s == pytest.approx(10 / 9.5 + 0.01)  # type: ignore[attr-defined]
     # Priced by prefill seconds alone (queue ~0, 0.1 s held) it would be admitted, and wait.
-    assert late(rate_admission=False) is None
+    assert late(rate_admission=False, throughput_admission=False) is None
 
 
 def test_a_light_tenant_is_not_priced_behind_a_floods_backlog() -> None:
-    s = _twenty_running_bound_at_ten_a_second()
-    for i in range(10):
-        s.submit(_ticket(f"held{i}", 100, 2.0, tenant="flood", deadline=5.0), 2.0)
-    # Fair queueing interleaves tenants: one flood request is ahead of it, not ten.
-    assert s.submit(_ticket("small", 100, 2.0, tenant="small", deadline=0.5), 2.0) is None
-    s.core.on_finished("run0", 2.1, output_tokens=10, cached_tokens=0)
-    s.core.on_finished("run1", 2.1, output_tokens=10, cached_tokens=0)
-    assert _bound(s, 2.1) == ["held0", "small"]  # two slots free: not held1 before it
+    def first_two(**config: object) -> list[str]:
+        s = _twenty_running_bound_at_ten_a_second(**config)
+        for i in range(10):
+            s.submit(_ticket(f"held{i}", 100, 2.0, tenant="flood", deadline=5.0), 2.0)
+        # Fair queueing interleaves tenants: one flood request is ahead of it, not ten.
+        assert s.submit(_ticket("small", 100, 2.0, tenant="small", deadline=0.5), 2.0) is None
+        s.core.on_finished("run0", 2.1, output_tokens=10, cached_tokens=0)
+        s.core.on_finished("run1", 2.1, output_tokens=10, cached_tokens=0)
+        return _bound(s, 2.1)  # two slots free: never held1 before it
+
+    # Service counted since the start: small starts level with the flood (no banked credit),
+    # the tie goes by name. (Without shares, throughput admission would price small behind
+    # the flood's ten: 10 / (1.5 * 20 / 2.76) s.)
+    assert first_two(isolation=False, throughput_admission=False) == ["held0", "small"]
+    # Counted over the share window (isolation, the default): the flood had twenty binds in
+    # it and small none, so small goes first.
+    assert first_two() == ["small", "held0"]
 
 
 def test_engine_priority_sends_an_under_share_tenant_ahead_and_past_the_budget() -> None:
@@ -437,3 +446,85 @@ def test_isolation_leaves_a_single_tenant_simulation_unchanged() -> None:
         runs.append(simulate_policy(trace, "cost", cfg))
     on, off = ([(o.rid, o.backend, o.ttft, o.error) for o in r.outcomes] for r in runs)
     assert on == off and runs[0].summary["shed"] > 0
+
+
+def test_admission_sheds_what_comes_faster_than_full_batches_turn_over() -> None:
+    def admitted(headroom: float) -> tuple[list[str], list[float]]:
+        s = _sched(max_running=4, throughput_headroom=headroom, slo_ttft_s=2.0)
+        out, shed_at = [], []
+        for i in range(8):
+            shed = s.submit(_ticket(f"r{i}", 100, 0.0), 0.0)
+            if shed is None:
+                out.append(f"r{i}")
+            else:
+                shed_at.append(shed.predicted_ttft_s or 0.0)
+            s.step(0.0)
+        return out, shed_at
+
+    # Full batch: 4 slots, each request 256 steps (the default expected output) of 0.01 s
+    # plus its 0.01 s prefill: 4 / 2.6 requests a second, one admitted every 0.65 s. r0 is
+    # priced with nothing bound yet (no size to price the batch with); r1 starts the clock,
+    # r2..r4 wait 0.65 / 1.3 / 1.95 s for it (+ 0.01 s prefill); r5 would wait 2.6 s.
+    out, shed_at = admitted(1.0)
+    assert out == ["r0", "r1", "r2", "r3", "r4"]
+    assert shed_at[0] == pytest.approx(4 * 0.65 + 0.01)
+    # Twice the rate: 0.325 s apart, so r1..r7 are all within 2 s.
+    assert admitted(2.0)[0] == [f"r{i}" for i in range(8)]
+
+
+def test_the_throughput_clock_catches_up_with_time() -> None:
+    s = _sched(max_running=4, throughput_headroom=1.0, slo_ttft_s=2.0)
+    for i in range(5):
+        s.submit(_ticket(f"r{i}", 100, 0.0), 0.0)
+        for b in s.step(0.0).bound:  # decoding, on time: no lateness in the queue
+            s.core.on_first_token(b.ticket.req.rid, 0.0, cached_tokens=0)
+    assert s.submit(_ticket("early", 100, 0.5), 0.5) is not None  # 2.6 - 0.5 + 0.01 > 2
+    # By 2.6 s the pool has turned over the four admitted after r0 (as far as the clock says).
+    assert s.submit(_ticket("later", 100, 2.6), 2.6) is None
+
+
+def test_an_under_share_request_goes_where_its_first_token_comes_soonest() -> None:
+    prior = PerfPrior(
+        prefill_tokens_per_s=10_000.0,
+        prefill_s_per_token_ctx=0.0,
+        decode_step_s=0.01,
+        decode_s_per_kv_token=1e-6,
+    )
+    specs = [BackendSpec(id=b, kv_capacity_tokens=1_000_000, prior=prior) for b in ("b0", "b1")]
+    core = RoutingCore(make_policy("cost", calibrate=False, interference=0.0), specs)
+    s = Scheduler(core, SchedulerConfig())
+    # b0 decodes a 10k-token stream: every step there takes 0.01 + 1e-6 * 10_001 s = 0.02 s.
+    core.route(_ticket("stream", 10_000).req, 0.0)
+    core.on_first_token("stream", 1.0, cached_tokens=0)
+    # b1 has a 500-token prefill queued (0.05 s); the policy sent it there, away from b0.
+    assert core.route(_ticket("queued", 500).req, 1.0).backend == "b1"
+    req = _ticket("small", 500).req  # 0.05 s of prefill, 10 output tokens
+    backends = core.backends()
+    # TTFT: b0 0.05 + 0.02 (the decode step its prefill step carries), b1 0.05 + 0.05.
+    # The policy's cost adds 10 decode steps and, at b1, the 0.05 s its prefill delays the
+    # queued request: b0 0.07 + 10 * 0.0205 = 0.275, b1 0.10 + 10 * 0.0105 + 0.05 = 0.255.
+    by_cost = s._choose(req, backends, 1.0, {"b0": 0.0, "b1": 0.0})
+    assert by_cost.backend == "b1"
+    fastest = s._fastest(req, backends, 1.0, {"b0": 0.0, "b1": 0.0})
+    assert fastest.backend == "b0"
+    assert fastest.predicted_ttft_s == pytest.approx(0.05 + 0.01 + 1e-6 * 10_001)
+
+
+def test_while_isolation_is_on_admission_has_no_headroom() -> None:
+    def probe(isolation: bool) -> float | None:
+        s = _sched(max_running=2, slo_ttft_s=2.0, isolation=isolation)
+        s.submit(_ticket("s0", 100, tenant="small"), 0.0)  # nothing bound yet: not paced
+        assert _bound(s, 0.0) == ["s0"]
+        for rid, prompt in (("f0", 1000), ("f1", 100), ("f2", 100)):
+            assert s.submit(_ticket(rid, prompt, tenant="flood"), 0.0) is None
+            s.step(0.0)  # f0 takes the second running slot; f1 and f2 wait here
+        shed = s.submit(_ticket("f3", 100, tenant="flood"), 0.0)
+        return None if shed is None else shed.predicted_ttft_s
+
+    # Full batch: 2 slots, 256 steps of 0.01 s each, plus the mean prefill of what was bound:
+    # 0.01 s after s0 (2.58 s a turn), 0.055 s after f0 too (2.67 s). f0 and f1 advance the
+    # clock by 2.58 / 3 and 2.67 / 3 s (headroom 1.5). By f2 the flood is over its share
+    # (0.1 s of prefill bound against the small tenant's 0.01) with f1 waiting here, so
+    # isolation is on: f2 advances it by 2.67 s / 2 slots, with no headroom.
+    assert probe(True) == pytest.approx(0.86 + 0.89 + 1.335 + 0.01)
+    assert probe(False) == pytest.approx(0.86 + 0.89 + 0.89 + 0.01)

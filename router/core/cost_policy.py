@@ -42,6 +42,7 @@ bounds what any router could reach with this cost function.
 
 from __future__ import annotations
 
+import math
 import random
 from bisect import bisect_right
 from collections import deque
@@ -538,6 +539,31 @@ class CostPolicy(BasePolicy):
     def prefill_time(self, state: BackendState, new_tokens: int, context_tokens: int) -> float:
         """Seconds `state` needs to prefill `new_tokens` at the end of `context_tokens`."""
         return self._model(state).perf.prefill_time(new_tokens, context_tokens)
+
+    def service_rate(
+        self, state: BackendState, prompt_tokens: float, new_tokens: float, prefill_s: float
+    ) -> float:
+        """Requests per second `state` completes with its batch full, for requests of
+        `prompt_tokens` of which `new_tokens` are not cached, each taking `prefill_s` of its
+        time to prefill (the scheduler's throughput admission).
+
+        The batch is B = max_running_requests, fewer if B requests' own KV (their uncached
+        prompt and output; a cached prefix is shared) would not fit its memory. Each request
+        stays for N steps (N: the expected output) of the step time TG at that batch, in which
+        every request reads its whole context (prompt + N/2 on average), and every prefill
+        takes its share of the engine's time: B / (N * TG(B * ctx) + B * prefill_s).
+        """
+        _, _, step0, per_kv = self._model(state).speeds()
+        expected = max(self.outputs.expect(None), 1.0)
+        spec = state.spec
+        batch = float(spec.max_running_requests or 0)
+        if spec.kv_capacity_tokens is not None:
+            fits = spec.kv_capacity_tokens / max(new_tokens + expected, 1.0)
+            batch = min(batch, fits) if batch else fits
+        if batch <= 0:
+            return math.inf
+        step_s = step0 + per_kv * batch * (prompt_tokens + expected / 2)
+        return batch / (expected * step_s + batch * prefill_s)
 
     def forget(self, rid: str) -> None:
         """Drop what `choose` kept for a request that will not be routed (shed by the router)."""

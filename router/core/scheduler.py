@@ -22,7 +22,11 @@ allowed). The rest waits here, where the order can still change.
 **Order.** Higher `priority` first; within a priority, the tenant with the least service so
 far (virtual-time fair queueing: each bound request charges its tenant its predicted prefill
 seconds, and a tenant that comes back from idle starts at the least active tenant's count, so
-it cannot bank credit); within a tenant, shortest predicted prefill first with aging: the key
+it cannot bank credit; with isolation or engine priority on, service counts over the last
+`_SHARE_S` only, as the shares those judge by: counted since the start, a light tenant whose
+requests were bound freely while a flood was shed or held had more service than the flood
+and went after its whole backlog, past the scan limit, 2 s in the router on fairness seed 3);
+within a tenant, shortest predicted prefill first with aging: the key
 is ``prefill_s + aging * arrival``, i.e. ``prefill_s - aging * waited`` plus a constant, so
 the order of two waiting requests never changes and a sorted list keeps it. With a TTFT target
 (`late_last_s`, else `slo_ttft_s`), requests that can no longer meet it (waited + predicted
@@ -57,6 +61,25 @@ the release order: all of higher priority; within its priority its own tenant's,
 other tenant as many as its own plus one (fair queueing interleaves them). The queue holds at
 most `max_queue` requests; one waiting longer than `queue_timeout_s` is shed ("timeout").
 
+**Throughput admission** (`throughput_admission`). A pool whose batches are full completes at
+most mu requests a second: each backend's B running slots (fewer where B requests' own KV
+would not fit), each request N steps (the expected output) of the decode step at that batch,
+plus every prefill's share of the engine (the cost policy's `service_rate`, at the mean size
+of the last 256 bound requests). Admitting faster than that only fills the slots; at 2x
+capacity on shared-prefix (all answers 256 tokens) they filled in 14 s, then decoded in
+lock-step for ~14 s more with nothing finishing, no slot free and everything shed (goodput
+53.8 against 69.4 at capacity). So each admitted request advances a clock by
+1 / (`throughput_headroom` * mu), and a newcomer's predicted TTFT is at least that clock's
+lead over now plus its prefill: at sustained overload the pool admits ~headroom * mu and the
+starts stay spread over a request's lifetime. The headroom (1.5) lets the batches absorb
+bursts and a finite overload: at 1.0 shared-prefix at its capacity, which arrives 5% faster
+than its full batches sustain in the long run, sheds 19% (benchmarks/README.md has the
+sweep). A tenant under its share is not priced by the clock (it goes ahead of the others'
+excess), but its admissions advance it. While isolation is on there is no headroom: the
+pool takes its full-batch rate and no more, so a flood's batches leave the light tenant's
+requests room (beside a 3x flood its p90 went from 1.50-1.53x solo to 1.30-1.37x, and the
+flood's own admitted p90 from 5.0-6.0 s to 1.2-1.6 s, for 1-4% of the flood's goodput).
+
 **Engine priority** (`engine_priority`, for engines run with SGLang's
 `--enable-priority-scheduling`, whose waiting queue is then ordered by `priority`, higher
 first, then arrival). A tenant under its share (less than an equal share of the predicted
@@ -74,15 +97,17 @@ above, kept whether or not engine priority is on) has requests waiting here and 
 is under its share, the over-share tenants' requests bind only to a backend whose predicted
 prefill queue is under `isolation_queue_s` (10 ms: next to nothing queued), and the
 under-share tenants' requests no longer see the over-share ones' held work (in the budget
-check, the running slots and admission). The router keeps the flood's backlog, the engines
+check, the running slots and admission) and go to the backend with the lowest predicted TTFT
+rather than the lowest cost (`_fastest`). The router keeps the flood's backlog, the engines
 keep short queues, and an under-share request waits at most for the step under way. What
 was measured (benchmarks/scheduler.py part c): the small tenant's wait is in the engines,
 not the router: the step under way, its own step shared with the flood's prefill chunks
 (2-6k tokens), and the flood's decode batch (100-200 requests) in every step. Tried and
 dropped (seed 2): setting backends aside for it, sized from its demand (p90 0.30 s), and
 keeping KV room for it on every backend (0.16-0.22 s), both at 50-58 req/s of flood goodput
-against 74 without isolation; this gives 0.18 s at 72. One tenant alone never triggers it
-(a tenant alone is never under its share).
+against 74 without isolation; this gave 0.18 s at 72, and with the fair order over the share
+window, TTFT placement and no throughput headroom 0.112 s at 68.8 (solo 0.082 s). One tenant
+alone never triggers it (a tenant alone is never under its share).
 
 Any policy can be driven: the cost policy (and the oracle) supply `queue_s`, `prefill_estimate`
 and `choose(..., ahead=)`; for others the queue is the pending prefill tokens at `DEFAULT_PP`.
@@ -160,6 +185,11 @@ class SchedulerConfig:
     # to backends whose predicted prefill queue is under `isolation_queue_s` (see "Isolation").
     isolation: bool = True
     isolation_queue_s: float = 0.01
+    # Admission counts the requests admitted beyond the pool's throughput with its batches full
+    # (see "Throughput admission").
+    throughput_admission: bool = True
+    # ... at up to this multiple of that rate (bursts above it go into the batches).
+    throughput_headroom: float = 1.5
 
     def __post_init__(self) -> None:
         if not self.budget_s > 0:
@@ -176,6 +206,8 @@ class SchedulerConfig:
             raise ValueError("late_last_s must be positive")
         if not 0 <= self.reserve < 1:
             raise ValueError("reserve must be in [0, 1)")
+        if not self.throughput_headroom > 0:
+            raise ValueError("throughput_headroom must be positive")
         if not self.isolation_queue_s > 0:
             raise ValueError("isolation_queue_s must be positive")
         if self.max_queue < 1 or self.scan < 1:
@@ -262,6 +294,10 @@ class QueuePredictor(Protocol):
 
     def prefill_time(self, state: BackendState, new_tokens: int, context_tokens: int) -> float: ...
 
+    def service_rate(
+        self, state: BackendState, prompt_tokens: float, new_tokens: float, prefill_s: float
+    ) -> float: ...
+
     def forget(self, rid: str) -> None: ...
 
 
@@ -332,6 +368,11 @@ class Scheduler:
         self.shed_by_reason: dict[str, int] = {}
         # Isolation: when a tenant over its share last had requests waiting here.
         self._flood_seen = -math.inf
+        # Throughput admission: recent arrivals' (prompt tokens, predicted prefill seconds),
+        # and when the pool, at its full-batch rate, is through the requests admitted so far.
+        self._sizes: deque[tuple[int, int, float]] = deque(maxlen=256)
+        self._size_sums = [0.0, 0.0, 0.0]
+        self._paced_at = -math.inf
 
     # -- what the driver asks -------------------------------------------------------------
 
@@ -369,6 +410,9 @@ class Scheduler:
                         ticket=ticket, reason="slo", retry_after_s=retry, predicted_ttft_s=predicted
                     )
                 )
+            # With isolation on, no headroom: the pool takes its full-batch rate and no more,
+            # so the flood's batches leave the tenants under their share room to be served.
+            self._pace(backends, now, 1.0 if split else self.config.throughput_headroom)
         self._seq += 1
         lane_key = (ticket.priority, ticket.tenant)
         lane = self._lanes.get(lane_key)
@@ -481,7 +525,10 @@ class Scheduler:
                 choice = self._choose(req, free, now, dict(boosted))
                 b = choice.backend
             else:
-                choice = self._choose(req, backends, now, ahead_under if under else ahead)
+                if under:
+                    choice = self._fastest(req, backends, now, ahead_under)
+                else:
+                    choice = self._choose(req, backends, now, ahead)
                 b = choice.backend
                 if not room(b, cap, under):
                     wait_for(b, item, under)
@@ -500,6 +547,11 @@ class Scheduler:
             if self._tracks_shares:
                 self._charge(item.ticket.tenant, item.prefill_s, now)
             self._lead(req, decision)
+            self._note_size(
+                req.prompt_tokens,
+                req.prompt_tokens - decision.predicted_cached_tokens,
+                choice.explain.prefill_s if choice.explain is not None else item.prefill_s,
+            )
             state = next(s for s in backends if s.id == b)
             queue[b] = self._queue_s(state, now)
             slots[b] -= 1
@@ -542,6 +594,8 @@ class Scheduler:
                 "queue_timeout_s": self.config.queue_timeout_s,
                 "engine_priority": self.config.engine_priority,
                 "isolation": self.config.isolation,
+                "throughput_admission": self.config.throughput_admission,
+                "throughput_headroom": self.config.throughput_headroom,
             },
         }
 
@@ -570,6 +624,31 @@ class Scheduler:
         if self._predictor is not None:
             return self._predictor.choose(req, backends, now, ahead=ahead)
         return self.core.policy.choose(req, backends, now)
+
+    def _fastest(
+        self,
+        req: RouteRequest,
+        backends: Sequence[BackendState],
+        now: float,
+        ahead: dict[str, float],
+    ) -> Choice:
+        """The backend with the lowest predicted TTFT (isolation's under-share requests).
+
+        The policy's whole cost also prices the decode steps the request will share and what
+        its prefill does to the streams running there; beside a flood whose batches fill every
+        backend, that sent the light tenant's requests to the few backends the flood had least
+        of, where they queued behind each other (fairness seed 3: p90 0.184 s by cost, 0.133 s
+        by TTFT; solo 0.088 s).
+        """
+        if self._predictor is None or len(backends) < 2:
+            return self._choose(req, backends, now, ahead)
+        best, best_ttft = backends[0], math.inf
+        for state in backends:
+            ttft = self._predictor.choose(req, [state], now, ahead=ahead).predicted_ttft_s
+            if ttft is not None and ttft < best_ttft:
+                best, best_ttft = state, ttft
+        # Priced once more alone: the policy keeps what it says of the last choice it made.
+        return self._choose(req, [best], now, ahead)
 
     def _admission_ttft(
         self,
@@ -619,6 +698,10 @@ class Scheduler:
             predicted = max(predicted, ahead_n / rate + min(queues) + item.prefill_s)
         if self._predictor is None:
             return predicted
+        if self.config.throughput_admission and not self._below_share(item.ticket.tenant, now):
+            # The pool works through what was admitted at its full-batch rate at best (a
+            # tenant under its share goes ahead of the others' excess: fair queueing).
+            predicted = max(predicted, self._paced_at - now + item.prefill_s)
         ahead = dict.fromkeys((s.id for s in backends), 0.0)
         loose = 0.0
         for w in first:
@@ -634,6 +717,29 @@ class Scheduler:
         if placed.predicted_ttft_s is not None:
             predicted = max(predicted, placed.predicted_ttft_s)
         return predicted
+
+    def _note_size(self, prompt_tokens: int, new_tokens: int, prefill_s: float) -> None:
+        """A bound request's size, as the policy priced it where it went."""
+        sizes, sums = self._sizes, self._size_sums
+        if len(sizes) == sizes.maxlen:
+            for i, old in enumerate(sizes[0]):
+                sums[i] -= old
+        sizes.append((prompt_tokens, new_tokens, prefill_s))
+        for i, value in enumerate((prompt_tokens, new_tokens, prefill_s)):
+            sums[i] += value
+
+    def _pace(self, backends: Sequence[BackendState], now: float, headroom: float) -> None:
+        """Count one admitted request against `headroom` x the pool's full-batch throughput."""
+        if not self.config.throughput_admission or self._predictor is None:
+            return
+        n = len(self._sizes)
+        if not n:
+            return
+        tokens, new, prefill_s = (total / n for total in self._size_sums)
+        rate = sum(self._predictor.service_rate(s, tokens, new, prefill_s) for s in backends)
+        rate *= headroom
+        if 0 < rate < math.inf:
+            self._paced_at = max(self._paced_at, now) + 1.0 / rate
 
     def _held_ahead(self, item: _Waiting, held: Iterable[_Waiting]) -> int:
         """Held requests that bind before `item`: all of higher priority; within its priority
@@ -757,7 +863,10 @@ class Scheduler:
                 for (p, tenant), lane in self._lanes.items()
                 if p == priority and lane.items
             }
-            offered = {tenant: self._served.get(tenant, 0.0) for tenant in lanes}
+            # With shares tracked, service counts over the share window (the same decayed
+            # shares that isolation judges by), else since the start.
+            served = self._fair_shares(now) if self._tracks_shares else self._served
+            offered = {tenant: served.get(tenant, 0.0) for tenant in lanes}
             positions = dict.fromkeys(lanes, 0)
             # A step looks at no more than `scan` requests, so no lane gives more than that
             # (a copy: binding removes items from the lanes while this generator runs).

@@ -6,8 +6,9 @@ a test takes a fraction of a second, except where a test needs a long stream.
 
 from __future__ import annotations
 
+import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,20 @@ from router.core.policies import POLICIES
 from router.server.app import RunningServer, start_server
 from router.server.config import ServerConfig
 
-__all__ = ["Setup", "cache_policy", "free_port", "router_for", "serving", "sims"]
+__all__ = [
+    "Script",
+    "Setup",
+    "cache_policy",
+    "free_port",
+    "read_request",
+    "router_for",
+    "scripted_server",
+    "serving",
+    "sims",
+]
+
+# A hand-written server's behaviour on one connection: (reader, writer, connection number).
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
 
 def free_port() -> int:
@@ -88,3 +102,38 @@ async def serving(count: int, *, speedup: float = 20.0, **overrides: Any) -> Asy
         aiohttp.ClientSession() as session,
     ):
         yield Setup(handles=handles, router=router, session=session)
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One HTTP/1.1 request (head and Content-Length body) off a hand-written server's socket."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head + await reader.readexactly(length)
+
+
+@asynccontextmanager
+async def scripted_server(script: Script) -> AsyncIterator[str]:
+    """A loopback server running `script(reader, writer, connection_number)` per connection:
+    exactly the bytes a test chose, split how it chose (framing real servers never produce)."""
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            await script(reader, writer, connections)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()

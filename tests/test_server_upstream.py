@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from functools import partial
 
 import pytest
+from server_fixtures import Script, read_request, scripted_server
 
 from router.server.upstream import (
     Upstream,
@@ -24,47 +23,12 @@ from router.server.upstream import (
     _whole_chunks,
 )
 
-Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
-
-
-async def _read_request(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    return head + await reader.readexactly(length)
-
-
-@asynccontextmanager
-async def _server(script: Script) -> AsyncIterator[str]:
-    """A server running `script(reader, writer, connection_number)` per connection."""
-    connections = 0
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        try:
-            await script(reader, writer, connections)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.close()
-        await server.wait_closed()
-
 
 def _answering(answer: bytes) -> Script:
     """A server script: read one request, send `answer` as one write, hold the connection."""
 
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        await _read_request(r)
+        await read_request(r)
         w.write(answer)
         await w.drain()
         await asyncio.sleep(0.1)
@@ -93,7 +57,7 @@ async def test_chunked_body_split_at_every_byte_is_reassembled_and_the_connectio
         seen.append(n)
         while True:
             try:
-                await _read_request(r)
+                await read_request(r)
             except asyncio.IncompleteReadError:
                 return
             for i in range(len(whole)):  # one byte per write: every split a reader can meet
@@ -102,7 +66,7 @@ async def test_chunked_body_split_at_every_byte_is_reassembled_and_the_connectio
                 await asyncio.sleep(0)
 
     upstream = _client()
-    async with _server(script) as url:
+    async with scripted_server(script) as url:
         target = upstream.target(url + "/generate")
         for _ in range(3):
             response = await upstream.post(target, b'{"text": "hi"}', b"X-Request-Id: r\r\n")
@@ -133,7 +97,7 @@ async def test_content_length_close_delimited_and_100_continue_bodies() -> None:
     ]
 
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        await _read_request(r)
+        await read_request(r)
         w.write(answers[n - 1])
         await w.drain()
         if n in (3,):  # the body ends with the connection
@@ -142,7 +106,7 @@ async def test_content_length_close_delimited_and_100_continue_bodies() -> None:
         await asyncio.sleep(0.05)
 
     upstream = _client()
-    async with _server(script) as url:
+    async with scripted_server(script) as url:
         target = upstream.target(url + "/v1/completions")
         bodies = []
         for _ in answers:
@@ -156,13 +120,13 @@ async def test_request_bytes_on_the_wire() -> None:
     sent: list[bytes] = []
 
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        sent.append(await _read_request(r))
+        sent.append(await read_request(r))
         w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await w.drain()
         await asyncio.sleep(0.05)
 
     upstream = _client()
-    async with _server(script) as url:
+    async with scripted_server(script) as url:
         port = url.rsplit(":", 1)[1]
         response = await upstream.post(
             upstream.target(url + "/generate?x=1"), b'{"a": 1}', b"X-Request-Id: abc\r\n"
@@ -178,13 +142,13 @@ async def test_request_bytes_on_the_wire() -> None:
 
 async def test_a_connection_the_server_dropped_while_idle_is_written_again_fresh() -> None:
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        await _read_request(r)
+        await read_request(r)
         w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % n)
         await w.drain()
         # no Connection: close, yet the server closes right after (a keep-alive timeout)
 
     upstream = _client()
-    async with _server(script) as url:
+    async with scripted_server(script) as url:
         target = upstream.target(url + "/generate")
         first = await upstream.post(target, b"{}", b"")
         assert await first.read() == b"1"
@@ -198,18 +162,18 @@ async def test_stale_connection_closed_as_the_request_goes_out_is_retried_once()
     """The race the idle check cannot see: the server closes without answering."""
 
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        await _read_request(r)
+        await read_request(r)
         if n == 1:
             w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
             await w.drain()
-            await _read_request(r)  # the second request arrives on the same connection...
+            await read_request(r)  # the second request arrives on the same connection...
             return  # ...and the server closes it unanswered
         w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")
         await w.drain()
         await asyncio.sleep(0.05)
 
     upstream = _client()
-    async with _server(script) as url:
+    async with scripted_server(script) as url:
         target = upstream.target(url + "/generate")
         assert await (await upstream.post(target, b"{}", b"")).read() == b"a"
         assert await (await upstream.post(target, b"{}", b"")).read() == b"b"
@@ -218,19 +182,19 @@ async def test_stale_connection_closed_as_the_request_goes_out_is_retried_once()
 
 async def test_refused_malformed_and_silent_backends_raise() -> None:
     upstream = _client(read_timeout_s=0.3)
-    async with _server(_stall) as url:
+    async with scripted_server(_stall) as url:
         dead = url.rsplit(":", 1)[0] + ":1"
         with pytest.raises(UpstreamError, match=r"connect to 127\.0\.0\.1:1"):
             await upstream.post(upstream.target(dead + "/generate"), b"{}", b"")
         with pytest.raises(TimeoutError, match="no byte from the backend"):
             await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
 
-    async with _server(_answering(b"SPDY/9 what\r\n\r\n")) as url:
+    async with scripted_server(_answering(b"SPDY/9 what\r\n\r\n")) as url:
         with pytest.raises(UpstreamError, match="malformed response head"):
             await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
 
     bad_chunk = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
-    async with _server(_answering(bad_chunk)) as url:
+    async with scripted_server(_answering(bad_chunk)) as url:
         response = await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
         with pytest.raises(UpstreamError, match="malformed chunk size"):
             await response.read()
@@ -238,13 +202,13 @@ async def test_refused_malformed_and_silent_backends_raise() -> None:
 
 
 async def _stall(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-    await _read_request(r)
+    await read_request(r)
     await asyncio.sleep(2)
 
 
 async def test_a_stream_that_breaks_midway_raises_after_what_arrived() -> None:
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        await _read_request(r)
+        await read_request(r)
         w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         w.write(b"6\r\ndata: \r\n3\r\n1\n\n\r\n")
         await w.drain()
@@ -252,7 +216,7 @@ async def test_a_stream_that_breaks_midway_raises_after_what_arrived() -> None:
         w.transport.abort()  # a reset, no terminal chunk
 
     upstream = _client()
-    async with _server(script) as url:
+    async with scripted_server(script) as url:
         response = await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
         got: list[bytes] = []
         with pytest.raises(UpstreamError):
@@ -266,7 +230,7 @@ async def test_a_sink_that_asks_for_a_drain_pauses_the_backend_until_drained() -
     pieces = [b"x" * 1000 for _ in range(20)]
 
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        await _read_request(r)
+        await read_request(r)
         w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         for piece in pieces:
             w.write(b"%x\r\n%b\r\n" % (len(piece), piece))
@@ -293,7 +257,7 @@ async def test_a_sink_that_asks_for_a_drain_pauses_the_backend_until_drained() -
         await asyncio.sleep(0.01)
         draining = False
 
-    async with _server(script) as url:
+    async with scripted_server(script) as url:
         response = await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
         await response.relay(sink, drain)
         upstream.close()
@@ -306,7 +270,7 @@ async def test_a_sink_error_ends_the_exchange_and_closes_the_connection() -> Non
         pass
 
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        await _read_request(r)
+        await read_request(r)
         w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         await w.drain()
         for _ in range(100):
@@ -318,7 +282,7 @@ async def test_a_sink_error_ends_the_exchange_and_closes_the_connection() -> Non
         raise Gone()
 
     upstream = _client()
-    async with _server(script) as url:
+    async with scripted_server(script) as url:
         response = await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
         with pytest.raises(Gone):
             await response.relay(sink, _no_drain)
@@ -333,7 +297,7 @@ async def test_chunk_extensions_and_trailers_are_skipped() -> None:
         b"5;name=value\r\nhello\r\n1 \r\n!\r\n0\r\nX-Trailer: t\r\n\r\n"
     )
     upstream = _client()
-    async with _server(_answering(answer)) as url:
+    async with scripted_server(_answering(answer)) as url:
         response = await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
         assert await response.read() == b"hello!"
         upstream.close()
@@ -342,12 +306,12 @@ async def test_chunk_extensions_and_trailers_are_skipped() -> None:
 async def test_idle_connections_past_their_timeout_are_closed_as_others_come_back() -> None:
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
         while True:
-            await _read_request(r)
+            await read_request(r)
             w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             await w.drain()
 
     upstream = Upstream(connect_timeout_s=2.0, read_timeout_s=5.0, idle_timeout_s=0.2)
-    async with _server(script) as url:
+    async with scripted_server(script) as url:
         target = upstream.target(url + "/generate")
 
         async def one() -> bytes:
@@ -372,7 +336,7 @@ async def test_whole_chunks_pass_through_raw_and_the_rest_goes_as_payload() -> N
     ]
 
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        await _read_request(r)
+        await read_request(r)
         w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         for piece in reads:
             await asyncio.sleep(0.02)  # one read each
@@ -382,10 +346,10 @@ async def test_whole_chunks_pass_through_raw_and_the_rest_goes_as_payload() -> N
 
     got: list[tuple[str, bytes]] = []
 
-    def raw(framed: bytes) -> bool | None:
+    def raw(framed: bytes, ended: bool) -> bool | None:
         if b"data: 4" in framed:
             return None
-        got.append(("raw", framed))
+        got.append(("raw, ended" if ended else "raw", framed))
         return False
 
     def sink(payload: bytes) -> bool:
@@ -393,7 +357,7 @@ async def test_whole_chunks_pass_through_raw_and_the_rest_goes_as_payload() -> N
         return False
 
     upstream = _client()
-    async with _server(script) as url:
+    async with scripted_server(script) as url:
         target = upstream.target(url + "/v1/completions")
         response = await upstream.post(target, b"{}", b"")
         await response.relay(sink, _no_drain, raw)
@@ -404,7 +368,7 @@ async def test_whole_chunks_pass_through_raw_and_the_rest_goes_as_payload() -> N
         ("payload", b"data: 2\n\nda"),
         ("payload", b"ta: 3\n\n"),
         ("payload", b"data: 4\n\n"),
-        ("raw", b"9\r\ndata: 5\n\n\r\n"),
+        ("raw, ended", reads[4]),  # with the terminal chunk: the sink writes the end or not
     ]
 
 
@@ -417,14 +381,14 @@ async def test_whole_chunks_then_a_split_one_in_the_same_read() -> None:
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        await _read_request(r)
+        await read_request(r)
         for part in (head + body[:cut], body[cut:]):
             w.write(part)
             await w.drain()
             await asyncio.sleep(0.05)
 
     upstream = _client()
-    async with _server(script) as url:
+    async with scripted_server(script) as url:
         response = await upstream.post(upstream.target(url + "/generate"), b"{}", b"")
         got: list[bytes] = []
         await response.relay(partial(_keep, got), _no_drain)

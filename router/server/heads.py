@@ -130,6 +130,7 @@ class StreamedResponse(_BytesHead):
     def __init__(self, status: int, lines: str) -> None:
         super().__init__(status, lines)
         self._head: bytes | None = None
+        self._end_written = False
 
     def _open(self, request: BaseRequest, writer: AbstractStreamWriter) -> None:
         writer.enable_chunking()
@@ -154,6 +155,19 @@ class StreamedResponse(_BytesHead):
         chunk = b"%b%x\r\n" % (head, len(data))
         _write(self._req, self._payload_writer, b"".join((chunk, data, b"\r\n")))
 
+    def end_written(self) -> None:
+        """The relay wrote the body's end (the terminal chunk) with its last events, straight
+        to the transport: `write_eof` only closes the books (one write per stream less)."""
+        self._end_written = True
+
     async def write_eof(self, data: bytes = b"") -> None:
+        if self._end_written and not data and self._head is None:
+            if not self._eof_sent:  # what aiohttp's write_eof records, without the write
+                writer = self._payload_writer
+                self._eof_sent = True
+                self._req = None
+                self._body_length = writer.output_size if writer is not None else 0
+                self._payload_writer = None
+            return
         self.send_head()
         await super().write_eof(data)

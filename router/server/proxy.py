@@ -662,6 +662,7 @@ class Proxy:
                 writer = await _to_client(request, response, events)
                 relay.transport = request.transport
                 relay.chunked = getattr(writer, "chunked", True)
+                relay.may_end = isinstance(response, StreamedResponse)
                 await upstream.relay(relay, writer.drain, relay.raw_sink())
                 if relay.pending.strip():
                     relay.done = relay.done or has_done(relay.pending)
@@ -697,6 +698,8 @@ class Proxy:
                 with contextlib.suppress(ValueError):
                     flight.usage = usage_from_sse_chunk(_loads(payload))
         self._end(flight, ok=True)
+        if relay.ended and isinstance(response, StreamedResponse):
+            response.end_written()
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
         return response

@@ -45,9 +45,11 @@ class SseRelay:
     __slots__ = (
         "chunked",
         "done",
+        "ended",
         "first_seen",
         "generate",
         "last_data",
+        "may_end",
         "on_first",
         "on_usage",
         "pending",
@@ -70,6 +72,8 @@ class SseRelay:
         self.first_seen = False
         self.transport: asyncio.Transport | None = None
         self.chunked = True
+        self.may_end = False  # the relay may write the body's end (the response knows: ended)
+        self.ended = False  # it did: the terminal chunk went with the last events
 
     def events_of(self, chunk: bytes) -> bytes:
         """The complete events of `pending + chunk`, after feedback (b"": none complete yet)."""
@@ -89,28 +93,47 @@ class SseRelay:
                 self.last_data = events
         elif has_usage(events):
             events = self.on_usage(events)
-        if not self.done and b"[DONE]" in events:
+        if not self.done and events.rfind(b"[DONE]") >= 0:
             self.done = has_done(events)
         return events
 
-    def raw_sink(self) -> Callable[[bytes], bool | None] | None:
+    def raw_sink(self) -> Callable[[bytes, bool], bool | None] | None:
         """`raw` where whole chunks may pass as they came: not for /generate (its last event
         is kept, de-chunked) nor for a client without chunked encoding."""
         return None if self.generate or not self.chunked else self.raw
 
-    def raw(self, framed: bytes) -> bool | None:
-        """Whole upstream chunks passed on as they came (the client's framing is the same);
-        None when this read needs the payload path (a usage event to read or drop, an
-        unfinished event pending)."""
-        # has_usage and _send inlined: this runs once per upstream read of a stream
-        if self.pending or not self.first_seen or b'"usage": {' in framed or b'"usage":{' in framed:
+    def raw(self, framed: bytes, ended: bool) -> bool | None:
+        """Whole upstream chunks passed on as they came (the client's framing is the same),
+        with the terminal chunk when `ended` and the stream is complete (`may_end`); None when
+        this read needs the payload path (an unfinished event pending, the first event not
+        seen, a usage event that is not a chunk of its own).
+
+        An event holding a usage object is cut out of its chunk and handed to `on_usage`
+        alone, its chunk re-framed or dropped; the other chunks pass untouched. Searches run
+        backwards (`rfind`: twice as fast as `in` over SSE text, a read of 100+ events at
+        saturation) and `"usage":` is looked for once before its two exact spellings.
+        """
+        if self.pending or not self.first_seen:
             return None
-        if not self.done and b"[DONE]" in framed:
+        if framed.rfind(b'"usage":') >= 0 and (
+            framed.rfind(b'"usage": {') >= 0 or framed.rfind(b'"usage":{') >= 0
+        ):
+            cut = _usage_chunks(framed, self.on_usage)
+            if cut is None:
+                return None
+            framed = cut
+        if not self.done and framed.rfind(b"[DONE]") >= 0:
             self.done = has_done(framed)
+        if ended:
+            if self.done and self.may_end:
+                self.ended = True  # the end goes with the events: one write, not two
+            else:
+                framed = framed[:-5]  # the proxy ends the body (an error event first)
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ClientGone()
-        transport.write(framed)
+        if framed:
+            transport.write(framed)
         return transport.get_write_buffer_size() > DRAIN_ABOVE
 
     def __call__(self, chunk: bytes) -> bool:
@@ -130,6 +153,51 @@ class SseRelay:
         return transport.get_write_buffer_size() > DRAIN_ABOVE
 
 
+def _usage_chunks(framed: bytes, on_usage: Callable[[bytes], bytes]) -> bytes | None:
+    """Whole chunks with each event holding a usage object replaced by `on_usage(event)`
+    (re-framed; dropped when that is empty); None unless each such event is one chunk's
+    whole payload, as SGLang sends them (then the payload path, which cuts events out of the
+    de-chunked text, reads it: the same event either way).
+
+    `framed` is whole chunks (the connection checked them), walked from the start to the last
+    chunk holding a usage object.
+    """
+    out: list[bytes] = []
+    kept = pos = 0  # framed[kept:pos] passes untouched
+    at = usage_at(framed, 0)
+    while at >= 0:
+        end = framed.find(b"\r\n", pos)
+        try:
+            size = int(framed[pos:end], 16)
+        except ValueError:
+            return None
+        if not size:
+            return None  # the terminal chunk: no usage past it (not reached)
+        start, stop = end + 2, end + 2 + size
+        if at >= stop + 2:  # not this chunk: the next one
+            pos = stop + 2
+            continue
+        if (
+            at < start
+            or framed.find(b"\n\n", start, stop) != stop - 2
+            or (pos and framed[pos - 4 : pos - 2] != b"\n\n")
+        ):
+            return None  # the usage event is not this chunk's whole payload
+        event = framed[start:stop]
+        replacement = on_usage(event)
+        if replacement != event:
+            out.append(framed[kept:pos])
+            if replacement:
+                out.append(b"%x\r\n%b\r\n" % (len(replacement), replacement))
+            kept = stop + 2
+        pos = stop + 2
+        at = usage_at(framed, pos)
+    if not out:
+        return framed
+    out.append(framed[kept:])
+    return b"".join(out)
+
+
 def usage_at(data: bytes, start: int) -> int:
     """Where the next usage object starts at or after `start` (-1: none); see `has_usage`."""
     spaced, compact = data.find(b'"usage": {', start), data.find(b'"usage":{', start)
@@ -143,8 +211,9 @@ def has_usage(data: bytes) -> bool:
 
     Two substring tests (pydantic's compact JSON, json.dumps' spaced) cost far less than a
     regular expression over every read; other spellings are missed (no feedback, no harm).
+    Backwards: CPython's `rfind` walks SSE text twice as fast as `in` does.
     """
-    return b'"usage": {' in data or b'"usage":{' in data
+    return data.rfind(b'"usage": {') >= 0 or data.rfind(b'"usage":{') >= 0
 
 
 def split_events(events: bytes) -> list[bytes]:

@@ -42,9 +42,10 @@ __all__ = ["Target", "Upstream", "UpstreamError", "UpstreamResponse"]
 
 # A sink gets each read's payload and says whether the client's buffer wants draining.
 Sink = Callable[[bytes], bool]
-# A raw sink gets whole chunks still framed (to pass them on as they are): its drain answer,
-# or None when it cannot take them raw (then the payload goes to the sink).
-RawSink = Callable[[bytes], bool | None]
+# A raw sink gets whole chunks still framed (to pass them on as they are) and whether they end
+# with the terminal chunk (`0\r\n\r\n`, the body's last 5 bytes then): its drain answer, or
+# None when it cannot take them raw (then the payload goes to the sink).
+RawSink = Callable[[bytes, bool], bool | None]
 _T = TypeVar("_T")
 
 _MAX_HEAD = 64 * 1024
@@ -102,8 +103,25 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        self.got_bytes = True
         self.last_read = time.monotonic()
+        raw = self._raw  # attached only once the head is in: got_bytes is True already
+        if raw is not None and self._mode == 2 and self._chunk_state == _SIZE:
+            # a stream's read of whole chunks goes to the raw sink as it came (inlined: this
+            # runs once per upstream read of every stream)
+            whole, ended = _whole_chunks(data) if not self._chunk_buf else (-1, False)
+            if whole == len(data) or (ended and whole >= 0):
+                try:
+                    drain = raw(data, ended)
+                except BaseException as exc:  # the sink's error ends the exchange (client gone)
+                    self._fail(exc)
+                    return
+                if drain is not None:  # None: not taken raw, the payload path below
+                    if ended:
+                        self._finish()
+                    elif drain:
+                        self._ask_drain()
+                    return
+        self.got_bytes = True
         if self._head_waiter is not None:
             self._on_head_bytes(data)
         elif self._done is not None:  # set with the head: a body, or bytes past its end
@@ -203,22 +221,6 @@ class _Connection(asyncio.Protocol):
 
     def _on_body(self, data: bytes) -> None:
         mode = self._mode
-        raw = self._raw
-        if mode == 2 and raw is not None and self._chunk_state == _SIZE and not self._chunk_buf:
-            # whole chunks go to the raw sink as they came (inlined: once per stream read)
-            whole, ended = _whole_chunks(data)
-            if whole == len(data) or (ended and whole >= 0):
-                try:
-                    drain = raw(data if whole == len(data) else data[:whole]) if whole else False
-                except BaseException as exc:  # the sink's error ends the exchange (client gone)
-                    self._fail(exc)
-                    return
-                if drain is not None:  # None: not taken raw, the payload path below
-                    if drain and not ended:
-                        self._ask_drain()
-                    if ended:
-                        self._finish()
-                    return
         if mode == 2:
             payload, ended = self._payload_of(data)
         elif mode == 1:
@@ -351,12 +353,16 @@ class _Connection(asyncio.Protocol):
         self._sink, self._raw = sink, raw
         return held
 
-    def _ask_drain(self) -> None:
-        """The client's buffer is full: stop reading and wake the owner to drain it."""
-        self.pause()
+    def notify(self) -> None:
+        """Wake the owner (its `wakeup` future: False, not the end); reading goes on."""
         done = self._done
         if done is not None and not done.done():
             done.set_result(False)
+
+    def _ask_drain(self) -> None:
+        """The client's buffer is full: stop reading and wake the owner to drain it."""
+        self.pause()
+        self.notify()
 
     def pause(self) -> None:
         """Stop reading until `wakeup` (the client's buffer is full)."""
@@ -415,14 +421,17 @@ class UpstreamResponse:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def next_payload(self) -> bytes:
-        """The next read's payload, reading paused after it; b"" once the body ended."""
+        """The payload of the next read (and of any read before the owner runs); b"" once the
+        body ended. Reading is not paused for it (a pause and a resume: two syscalls a
+        stream): what comes after is held for the next `attach`."""
         conn = self._conn
         got = conn.attach(None)
         if not got and not conn.finished:
 
             def collect(data: bytes) -> bool:
                 got.append(data)
-                return True  # pause: the owner takes it from here
+                conn.notify()
+                return False
 
             conn.attach(collect)
             await self._upstream.wait(conn, conn.wakeup())

@@ -61,7 +61,6 @@ import aiohttp
 from overhead import (
     MODEL,
     Processes,
-    _cpu_seconds,
     _cpus,
     _free_port,
     _install_uvloop,
@@ -273,21 +272,38 @@ class Target:
 
 
 def _tree_cpu(pid: int | None) -> float:
-    """User + system CPU seconds of `pid` and every descendant (threads included)."""
+    """User + system CPU seconds of `pid` and every descendant (threads included).
+
+    NaN when /proc cannot be read for another reason than a process having gone (e.g. this
+    process out of file descriptors after an overload step): that step then has no CPU
+    figure. (Reading such a failure as 0 s once put zeros, negative and huge values into a
+    committed run.)
+    """
     if pid is None:
         return 0.0
     total, todo, seen = 0.0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        total += _cpu_seconds(p)
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{p}/task").iterdir():
-                with contextlib.suppress(OSError):
-                    todo += [int(c) for c in (task / "children").read_text().split()]
+    try:
+        while todo:
+            p = todo.pop()
+            if p in seen:
+                continue
+            seen.add(p)
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                stat = Path(f"/proc/{p}/stat").read_text()
+                fields = stat[stat.rindex(")") + 2 :].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                for task in Path(f"/proc/{p}/task").iterdir():
+                    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                        todo += [int(c) for c in (task / "children").read_text().split()]
+    except OSError as exc:
+        print(f"  cannot read /proc for pid {pid}'s CPU ({exc}); this step has none", flush=True)
+        return math.nan
     return total
+
+
+def _ms_per(seconds: float, requests: int) -> float | None:
+    """Milliseconds per request, None when the CPU reading failed (NaN)."""
+    return round(seconds * 1000 / requests, 3) if math.isfinite(seconds) else None
 
 
 def _ladder(start: float, top: float, factor: float) -> list[float]:
@@ -423,11 +439,11 @@ def _row(t: Target, mode: str) -> dict[str, Any]:
         "mode": mode,
         "max_rps": step.rate,
         "chunks_per_s": round(step.chunks / step.wall_s, 1) if mode == "stream" else 0.0,
-        "cpu_ms_per_req": round(step.cpu_s * 1000 / ok, 3),
+        "cpu_ms_per_req": _ms_per(step.cpu_s, ok),
         "p99_ms_at_max": round(step.p99_ms, 2),
         "added_p99_ms_at_max": round(step.added_p99_ms or 0.0, 2),
-        "backend_cpu_ms_per_req": round(step.backend_cpu_s * 1000 / ok, 3),
-        "generator_cpu_ms_per_req": round(step.generator_cpu_s * 1000 / ok, 3),
+        "backend_cpu_ms_per_req": _ms_per(step.backend_cpu_s, ok),
+        "generator_cpu_ms_per_req": _ms_per(step.generator_cpu_s, ok),
         "capped_by_direct": bool(t.out.get(f"{mode}_capped", False)),
     }
 
@@ -452,7 +468,13 @@ async def _run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     return {
         "results": [_row(t, m) for m in modes for t in targets[1:]],
         "direct": [_row(targets[0], m) | {"router": "direct"} for m in modes],
-        "steps": [dataclasses.asdict(s) for s in steps],
+        "steps": [
+            {
+                k: None if isinstance(v, float) and math.isnan(v) else v
+                for k, v in dataclasses.asdict(s).items()
+            }
+            for s in steps
+        ],
         "notes": {
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared by every process "
             "here and by other engineers' jobs (a shared 2-core box)",

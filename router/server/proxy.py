@@ -416,7 +416,9 @@ class Proxy:
                         payload = _splice(payload, body, {"priority": engine_priority})
                 else:
                     routed = self._route(route_req, asyncio.get_running_loop().time(), exclude)
-                    decision = routed or await self._wait_for_route(route_req)
+                    if routed is None:  # held (PD: no decode room yet)
+                        routed = await self._wait_for_route(route_req)
+                    decision = routed
             except NoBackendError:
                 break
             if self._sharing:

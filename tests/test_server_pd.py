@@ -246,6 +246,12 @@ async def test_a_request_waits_in_the_router_for_decode_room() -> None:
     ):
         proxy = _proxy(server)
         capacity = dec[0].engine.load().kv_capacity_tokens
+        # the router's books count each request's expected output, E[min(N, max_tokens)] over
+        # the outputs it has seen finish: let it have seen long ones (decoding them for real
+        # would take minutes here), so a request's expectation is its cap
+        outputs = proxy.pd.decode.policy.outputs  # type: ignore[attr-defined]
+        for _ in range(16):
+            outputs.observe(capacity)
         big = {
             "text": LONG,
             "stream": True,

@@ -26,9 +26,9 @@ the price separates and the pair is the best prefill server with the best decode
 unequal links make the choice genuinely joint.
 
 **Holding for decode room** (`room_hold`, on with the pair price): when no decode server has
-room for a request's prompt plus output (by the router's own books: every request it sent
-there and has not seen finish, at prompt + max_tokens, which is what the decode server
-preallocates), the request waits in the router, in one queue for the whole decode pool,
+room for a request's prompt plus expected output (by the router's own books: every request
+it sent there and has not seen finish, at prompt + E[min(N, max_tokens)]), the request waits
+in the router, in one queue for the whole decode pool,
 instead of in one decode server's first-come-first-served preallocation queue. As decode
 requests finish, held requests are handed out highest response ratio first: the longest
 wait per token of room needed (HRRN with the room as the job's size). While the decode pool
@@ -320,10 +320,13 @@ class _Held:
 
 
 def room_need(req: RouteRequest, expected_output: float) -> int:
-    """KV tokens a decode server preallocates for `req`: its prompt and its output cap
-    (the expected output when it has none)."""
-    out = req.max_tokens if req.max_tokens is not None else math.ceil(expected_output)
-    return req.prompt_tokens + max(out, 0)
+    """Decode KV tokens `req` is expected to take: its prompt and its expected output
+    (E[min(N, max_tokens)] over recent outputs), not its cap. SGLang's decode server
+    preallocates the prompt and keeps a fixed reserve per request for growth, so books at
+    prompt + max_tokens would leave a real pool part empty whenever clients send large caps;
+    our simulated decode server reserves the whole output, and a request the books let
+    through too early waits in its queue (docs/pd.md)."""
+    return req.prompt_tokens + max(math.ceil(expected_output), 0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -115,9 +115,7 @@ class SseRelay:
         """
         if self.pending or not self.first_seen:
             return None
-        if framed.rfind(b'"usage":') >= 0 and (
-            framed.rfind(b'"usage": {') >= 0 or framed.rfind(b'"usage":{') >= 0
-        ):
+        if framed.rfind(b'"usage":') >= 0 and has_usage(framed):
             cut = _usage_chunks(framed, self.on_usage)
             if cut is None:
                 return None
@@ -129,12 +127,7 @@ class SseRelay:
                 self.ended = True  # the end goes with the events: one write, not two
             else:
                 framed = framed[:-5]  # the proxy ends the body (an error event first)
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise ClientGone()
-        if framed:
-            transport.write(framed)
-        return transport.get_write_buffer_size() > DRAIN_ABOVE
+        return self._send(framed)
 
     def __call__(self, chunk: bytes) -> bool:
         """The upstream sink: write the read's events; True when the client's buffer is full."""

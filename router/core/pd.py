@@ -452,8 +452,7 @@ class PDRouter:
         """Held requests that fit a decode server now, longest wait per token of need first,
         each routed to a pair whose decode server has its room; stops at the first that fits
         nowhere. Call it as decode requests end; it does nothing unless room was freed or a
-        request held since the last call (`room_changed` forces a pass, e.g. when a decode
-        server joins or recovers).
+        request held since the last call.
         """
         if not self._held or not self._room_changed:
             return []
@@ -495,10 +494,6 @@ class PDRouter:
             self._committed[decode] -= need
             self._room_changed = True
 
-    def room_changed(self) -> None:
-        """The decode pool changed (a server joined or recovered): the next `release` looks."""
-        self._room_changed = True
-
     def route(
         self,
         req: RouteRequest,
@@ -511,7 +506,8 @@ class PDRouter:
         decision = self._route(
             req, now, exclude_prefill=exclude_prefill, exclude_decode=exclude_decode
         )
-        self._commit_room(req.rid, decision.decode.backend, self._need(req))
+        if self.room_hold:  # the books only the hold reads
+            self._commit_room(req.rid, decision.decode.backend, self._need(req))
         return decision
 
     def _route(

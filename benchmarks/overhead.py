@@ -230,9 +230,14 @@ def _cpu_seconds(pid: int | None) -> float:
     if pid is None:
         return time.process_time()
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return _proc_cpu_seconds(pid)
     except OSError:
         return 0.0
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` from /proc (OSError if it cannot be read)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

@@ -64,6 +64,7 @@ from overhead import (
     _cpus,
     _free_port,
     _install_uvloop,
+    _proc_cpu_seconds,
     _wait_ready,
 )
 
@@ -289,9 +290,7 @@ def _tree_cpu(pid: int | None) -> float:
                 continue
             seen.add(p)
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                stat = Path(f"/proc/{p}/stat").read_text()
-                fields = stat[stat.rindex(")") + 2 :].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                total += _proc_cpu_seconds(p)
                 for task in Path(f"/proc/{p}/task").iterdir():
                     with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                         todo += [int(c) for c in (task / "children").read_text().split()]

@@ -308,3 +308,25 @@ def test_without_room_hold_submit_routes_at_once() -> None:
         blocks = tuple(range(100 * k, 100 * k + 90))
         assert pd.submit(_req(f"r{k}", blocks, 90_000, max_tokens=5_000), 0.0) is not None
     assert pd.held == 0
+
+
+def test_a_server_coming_back_releases_what_waits_for_it() -> None:
+    pd = _held_pd()
+    pd.decode.set_healthy("d1", False)
+    assert pd.submit(_need("r1", 800, (1,)), 0.0) is not None  # on d0, the only one up
+    assert pd.submit(_need("r2", 500, (2,)), 1.0) is None  # 200 left on d0
+    assert pd.release(2.0) == []  # nothing freed, nothing came back
+    pd.decode.set_healthy("d1", True)
+    assert pd.release(3.0) == []  # the core was not told: it does not look again
+    pd.backends_changed()
+    [(req, decision)] = pd.release(3.0)
+    assert (req.rid, decision.decode.backend) == ("r2", "d1")
+    # the prefill side too: a leader that fits but has no prefill server waits for one
+    assert pd.submit(_need("r3", 600, (3,)), 4.0) is None  # 200 + 500 used: no room
+    pd.prefill.set_healthy("p0", False)
+    pd.on_finished("r1", 5.0, output_tokens=20)  # room on d0, but no prefill server
+    assert pd.release(5.0) == [] and pd.held == 1
+    pd.prefill.set_healthy("p0", True)
+    assert pd.release(5.5) == []
+    pd.backends_changed()
+    assert [req.rid for req, _ in pd.release(6.0)] == ["r3"]

@@ -306,3 +306,42 @@ async def test_no_pd_room_hold_sends_at_once() -> None:
         b = await asyncio.wait_for(b_task, 10)
         await asyncio.wait_for(_first_chunk(b), 10)
         b.close()
+
+
+async def test_a_held_request_goes_to_a_decode_server_that_comes_back() -> None:
+    # two decode servers, one drained: a fills the other, b is held; when the drained one is
+    # undrained (as when a server recovers) b goes there without waiting for a to end
+    async with (
+        pd_pool(prefills=1, decodes=2, context_length=1 << 20) as (_, dec, server),
+        aiohttp.ClientSession() as session,
+    ):
+        proxy = _proxy(server)
+        decode_pool = pd_decode_pool(server)
+        spare = dec[1].url
+        assert decode_pool.drain(spare, True)
+        capacity = dec[0].engine.load().kv_capacity_tokens
+        outputs = proxy.pd.decode.policy.outputs  # type: ignore[attr-defined]
+        for _ in range(16):  # see test_a_request_waits_in_the_router_for_decode_room
+            outputs.observe(capacity)
+        big = {
+            "text": LONG,
+            "stream": True,
+            "sampling_params": {"max_new_tokens": capacity - 50_000},
+        }
+        small = {"text": LONG, "stream": True, "sampling_params": {"max_new_tokens": 60_000}}
+        a = await session.post(server.url + "/generate", json=big)
+        assert a.status == 200 and a.headers["X-Prefix-Router-Backend"] == dec[0].url
+        await _first_chunk(a)
+        b_task = asyncio.create_task(session.post(server.url + "/generate", json=small))
+        for _ in range(50):
+            if proxy.pd.held:
+                break
+            await asyncio.sleep(0.02)
+        assert proxy.pd.held == 1
+        assert decode_pool.drain(spare, False)
+        b = await asyncio.wait_for(b_task, 10)
+        assert b.status == 200 and b.headers["X-Prefix-Router-Backend"] == spare
+        await asyncio.wait_for(_first_chunk(b), 10)
+        assert dec[0].engine.load().running == 1  # a still decoding: b did not wait for it
+        a.close()
+        b.close()

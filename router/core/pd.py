@@ -374,7 +374,8 @@ class PDRouter:
         self._held: dict[str, _Held] = {}  # waiting for decode room, in arrival order
         self._room_of: dict[str, tuple[str, int]] = {}  # rid -> (decode server, its need)
         self._committed: dict[str, int] = {}  # decode server -> KV its in-flight requests hold
-        self._room_changed = False  # room freed or a request held since the last release
+        # room freed, a server back, or a request held since the last release
+        self._room_changed = False
 
     def _link(self, backend: str) -> float:
         default = self.pair.link_bytes_per_s if self.pair else _DEFAULT_LINK_BYTES_PER_S
@@ -477,6 +478,12 @@ class PDRouter:
             del self._held[h.req.rid]
             out.append((h.req, decision))
         return out
+
+    def backends_changed(self) -> None:
+        """A server became routable (recovered, added, undrained): the next `release`
+        looks again, since a held request may fit there or its prefill side may be back."""
+        if self._held:
+            self._room_changed = True
 
     def cancel(self, rid: str) -> bool:
         """Drop a held request (its client left); False if it is not held."""

@@ -111,8 +111,11 @@ class RoutingCore:
         del self._counters[backend_id]
         self.policy.on_backend_removed(backend_id)
 
-    def set_healthy(self, backend_id: str, healthy: bool) -> None:
-        self._state(backend_id).healthy = healthy
+    def set_healthy(self, backend_id: str, healthy: bool) -> bool:
+        """Mark a backend (un)healthy; True if that changed it."""
+        state = self._state(backend_id)
+        changed, state.healthy = state.healthy != healthy, healthy
+        return changed
 
     def set_draining(self, backend_id: str, draining: bool) -> None:
         self._state(backend_id).draining = draining

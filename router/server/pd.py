@@ -172,6 +172,8 @@ class PDProxy(Proxy):
             )
         )
         registry.collectors.append(lambda: self.held_gauge.set(value=float(self.pd.held)))
+        for side in (prefill_pool, self.pool):
+            side.on_routable.append(self._routable_again)
 
     def _route(self, route_req: RouteRequest, now: float, exclude: set[str]) -> Decision | None:
         prefill_ids = self.prefill_pool.entries
@@ -229,6 +231,11 @@ class PDProxy(Proxy):
                 future.set_result(decision)
             else:
                 self.pd.on_failed(req.rid, now)  # its client is gone
+
+    def _routable_again(self) -> None:
+        """A prefill or decode server came back: a held request may go now."""
+        self.pd.backends_changed()
+        self._release()
 
     def _report_failure(self, backend: str, now: float, failed: _UpstreamFailed) -> None:
         pool = self.prefill_pool if backend in self.prefill_pool.entries else self.pool

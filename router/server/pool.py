@@ -170,6 +170,8 @@ class BackendPool:
         self.entries: dict[str, PoolEntry] = {}
         # told of each discovery and removal (the KV event subscriptions, router/server/kv_events)
         self.observers: list[PoolObserver] = []
+        # called when a backend becomes routable (healthy again, or no longer draining)
+        self.on_routable: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -209,9 +211,11 @@ class BackendPool:
         entry = self.entries.get(url.rstrip("/"))
         if entry is None:
             return False
-        entry.draining = draining
+        was_draining, entry.draining = entry.draining, draining
         if entry.discovered:
             self.core.set_draining(entry.id, draining)
+            if was_draining and not draining and entry.healthy:
+                self._routable_again()
         return True
 
     def get(self, url: str) -> PoolEntry | None:
@@ -252,7 +256,13 @@ class BackendPool:
             log.info("backend %s is now %s", entry.url, "healthy" if healthy else "unhealthy")
         entry.healthy = healthy
         if entry.discovered and entry.url in self.entries:
-            self.core.set_healthy(entry.id, healthy)
+            changed = self.core.set_healthy(entry.id, healthy)
+            if changed and healthy and not entry.draining:
+                self._routable_again()
+
+    def _routable_again(self) -> None:
+        for callback in self.on_routable:
+            callback()
 
     def report_failure(self, backend_id: str, now: float, reason: str, *, trip: bool) -> None:
         """The proxy saw a backend fail a request; may open its breaker."""

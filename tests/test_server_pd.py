@@ -237,6 +237,33 @@ async def _first_chunk(resp: aiohttp.ClientResponse) -> bytes:
     raise AssertionError("the stream ended without an event")
 
 
+async def _fill_then_hold(
+    server: RunningServer, session: aiohttp.ClientSession, capacity: int
+) -> tuple[aiohttp.ClientResponse, asyncio.Task[aiohttp.ClientResponse]]:
+    """Send a (streaming) request that fills most of a decode server's KV pool, then one
+    that does not fit beside it; return the first's open response once the second is held.
+
+    The router's books count each request's expected output, E[min(N, max_tokens)] over the
+    outputs it has seen finish: it is shown long ones (decoding them for real would take
+    minutes here), so a request's expectation is its cap."""
+    proxy = _proxy(server)
+    outputs = proxy.pd.decode.policy.outputs  # type: ignore[attr-defined]
+    for _ in range(16):
+        outputs.observe(capacity)
+    big = {"text": LONG, "stream": True, "sampling_params": {"max_new_tokens": capacity - 50_000}}
+    small = {"text": LONG, "stream": True, "sampling_params": {"max_new_tokens": 60_000}}
+    a = await session.post(server.url + "/generate", json=big)
+    assert a.status == 200
+    await _first_chunk(a)
+    b_task = asyncio.create_task(session.post(server.url + "/generate", json=small))
+    for _ in range(50):
+        if proxy.pd.held:
+            break
+        await asyncio.sleep(0.02)
+    assert proxy.pd.held == 1
+    return a, b_task
+
+
 async def test_a_request_waits_in_the_router_for_decode_room() -> None:
     # one decode server: a fills most of its KV pool, b does not fit beside it, so the router
     # holds b (the decode server never sees it) until a ends
@@ -245,28 +272,7 @@ async def test_a_request_waits_in_the_router_for_decode_room() -> None:
         aiohttp.ClientSession() as session,
     ):
         proxy = _proxy(server)
-        capacity = dec[0].engine.load().kv_capacity_tokens
-        # the router's books count each request's expected output, E[min(N, max_tokens)] over
-        # the outputs it has seen finish: let it have seen long ones (decoding them for real
-        # would take minutes here), so a request's expectation is its cap
-        outputs = proxy.pd.decode.policy.outputs  # type: ignore[attr-defined]
-        for _ in range(16):
-            outputs.observe(capacity)
-        big = {
-            "text": LONG,
-            "stream": True,
-            "sampling_params": {"max_new_tokens": capacity - 50_000},
-        }
-        small = {"text": LONG, "stream": True, "sampling_params": {"max_new_tokens": 60_000}}
-        a = await session.post(server.url + "/generate", json=big)
-        assert a.status == 200
-        await _first_chunk(a)
-        b_task = asyncio.create_task(session.post(server.url + "/generate", json=small))
-        for _ in range(50):
-            if proxy.pd.held:
-                break
-            await asyncio.sleep(0.02)
-        assert proxy.pd.held == 1
+        a, b_task = await _fill_then_hold(server, session, dec[0].engine.load().kv_capacity_tokens)
         assert dec[0].engine.load().running == 1  # b never reached the decode server
         async with session.get(server.url + "/metrics") as resp:
             assert "prefix_router_pd_held 1.0" in await resp.text()
@@ -315,29 +321,11 @@ async def test_a_held_request_goes_to_a_decode_server_that_comes_back() -> None:
         pd_pool(prefills=1, decodes=2, context_length=1 << 20) as (_, dec, server),
         aiohttp.ClientSession() as session,
     ):
-        proxy = _proxy(server)
         decode_pool = pd_decode_pool(server)
         spare = dec[1].url
         assert decode_pool.drain(spare, True)
-        capacity = dec[0].engine.load().kv_capacity_tokens
-        outputs = proxy.pd.decode.policy.outputs  # type: ignore[attr-defined]
-        for _ in range(16):  # see test_a_request_waits_in_the_router_for_decode_room
-            outputs.observe(capacity)
-        big = {
-            "text": LONG,
-            "stream": True,
-            "sampling_params": {"max_new_tokens": capacity - 50_000},
-        }
-        small = {"text": LONG, "stream": True, "sampling_params": {"max_new_tokens": 60_000}}
-        a = await session.post(server.url + "/generate", json=big)
-        assert a.status == 200 and a.headers["X-Prefix-Router-Backend"] == dec[0].url
-        await _first_chunk(a)
-        b_task = asyncio.create_task(session.post(server.url + "/generate", json=small))
-        for _ in range(50):
-            if proxy.pd.held:
-                break
-            await asyncio.sleep(0.02)
-        assert proxy.pd.held == 1
+        a, b_task = await _fill_then_hold(server, session, dec[0].engine.load().kv_capacity_tokens)
+        assert a.headers["X-Prefix-Router-Backend"] == dec[0].url
         assert decode_pool.drain(spare, False)
         b = await asyncio.wait_for(b_task, 10)
         assert b.status == 200 and b.headers["X-Prefix-Router-Backend"] == spare

@@ -10,6 +10,8 @@ with bootstrap ports, `--mode decode`; backends/sim/pd_server.py):
                              `smg launch --pd-disaggregation --prefill URL PORT ... --decode URL
                              ... --prefill-policy cache_aware --decode-policy power_of_two`
   ours:cache_aware+power_of_two (optional, --targets): our proxy with SMG's pair of policies
+  pair:slo-tpot=S            (optional) ours with `--slo-tpot S`: no request bound to a decode
+                             server while its predicted step there passes S seconds
 
 The load is SMG's capacity as the simulator sees it: the highest load at which
 `cache_aware+power_of_two` keeps p90 TTFT <= the SLO on this window (find_capacity, to
@@ -26,6 +28,7 @@ Results: benchmarks/results/pd_live.json. Taken on a shared 2-core box.
 Run:  python benchmarks/pd_live.py                       (~2 minutes a run)
       python benchmarks/pd_live.py --runs 3
       python benchmarks/pd_live.py --load 3 --targets pair,smg:cache_aware+power_of_two
+      python benchmarks/pd_live.py --targets pair,pair:slo-tpot=0.025,smg:cache_aware+power_of_two
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from router.replay.client import ReplayConfig, replay
 from router.replay.compare import ProcessSet, _tail
 from router.replay.gentrace import MultiTurnConfig, multi_turn
 from router.replay.metrics import RequestOutcome, percentile, summarize, write_json
-from router.replay.pd_simulate import PDSimConfig, simulate_pd
+from router.replay.pd_simulate import PDSimConfig, simulate_pd, tpot_slo_of
 from router.replay.ports import free_port_block
 from router.replay.simulate import capacity_p90, find_capacity
 from router.replay.traces import Trace
@@ -78,6 +81,9 @@ def _router_argv(
     if target.startswith("ours:"):
         ppolicy, dpolicy = target[5:].split("+")
         argv += ["--prefill-policy", ppolicy, "--decode-policy", dpolicy]
+    slo = tpot_slo_of(target)
+    if slo is not None:
+        argv += ["--slo-tpot", f"{slo:g}"]
     return argv
 
 
@@ -186,38 +192,59 @@ def table(paths: list[Path]) -> str:
                     + (f"{sim:.3f} |" if sim is not None else "- |")
                 )
             checks = run["checks"]
-            mean = checks.get("pair_tpot_mean_over_smg")
-            rows.append(
-                f"| {name} | | pair / SMG | {checks['pair_ttft_p90_over_smg']:.2f}x | | "
-                f"{checks['pair_tpot_p90_over_smg']:.4f}x | "
-                + (f"{mean:.4f}x | | | |" if mean is not None else "- | | | |")
-            )
+            for label, c in [("pair", checks), *checks.get("slo_tpot", {}).items()]:
+                mean = c.get("pair_tpot_mean_over_smg")
+                rows.append(
+                    f"| {name} | | {label} / SMG | {c['pair_ttft_p90_over_smg']:.2f}x | | "
+                    f"{c['pair_tpot_p90_over_smg']:.4f}x | "
+                    + (f"{mean:.4f}x | | | |" if mean is not None else "- | | | |")
+                )
     return "\n".join(rows)
 
 
+def _against_smg(ours: dict[str, Any], smg: dict[str, Any]) -> dict[str, Any]:
+    ttft, tpot = ours["ttft_p90"] / smg["ttft_p90"], ours["tpot_p90"] / smg["tpot_p90"]
+    return {
+        "pair_ttft_p90_over_smg": ttft,
+        "pair_tpot_p90_over_smg": tpot,
+        "pair_tpot_mean_over_smg": ours["tpot_mean"] / smg["tpot_mean"],
+        "ttft_ok": ttft <= 0.7,
+        "tpot_ok": tpot <= 1.0,
+    }
+
+
 def _checks(results: dict[str, Any]) -> dict[str, Any]:
+    """`pair` against SMG at the top level; any `pair:slo-tpot=S` target under `slo_tpot`."""
     smg = results.get(f"smg:{SMG_PAIR}")
     ours = results.get("pair")
     checks: dict[str, Any] = {"no_failures": all(r["failed"] == 0 for r in results.values())}
     if smg and ours:
-        checks["pair_ttft_p90_over_smg"] = ours["ttft_p90"] / smg["ttft_p90"]
-        checks["pair_tpot_p90_over_smg"] = ours["tpot_p90"] / smg["tpot_p90"]
-        checks["pair_tpot_mean_over_smg"] = ours["tpot_mean"] / smg["tpot_mean"]
-        checks["ttft_ok"] = checks["pair_ttft_p90_over_smg"] <= 0.7
-        checks["tpot_ok"] = checks["pair_tpot_p90_over_smg"] <= 1.0
+        checks.update(_against_smg(ours, smg))
+    if smg:
+        slo = {t: _against_smg(r, smg) for t, r in results.items() if tpot_slo_of(t) is not None}
+        if slo:
+            checks["slo_tpot"] = slo
     return checks
 
 
 def _all_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Every run's checks side by side, and whether each held in all of them."""
     checks = [r["checks"] for r in runs]
-    out: dict[str, Any] = {
-        "runs": len(runs),
-        **{f"{k}_all": all(c.get(k, False) for c in checks)
-           for k in ("no_failures", "ttft_ok", "tpot_ok")},
-    }  # fmt: skip
-    for key in ("pair_ttft_p90_over_smg", "pair_tpot_p90_over_smg", "pair_tpot_mean_over_smg"):
-        out[key] = [c.get(key) for c in checks]
+    keys = ("pair_ttft_p90_over_smg", "pair_tpot_p90_over_smg", "pair_tpot_mean_over_smg")
+
+    def side_by_side(per_run: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            f"{k}_all": all(c.get(k, False) for c in per_run) for k in ("ttft_ok", "tpot_ok")
+        }
+        return out | {key: [c.get(key) for c in per_run] for key in keys}
+
+    out = {"runs": len(runs), "no_failures_all": all(c.get("no_failures") for c in checks)}
+    out |= side_by_side(checks)
+    targets = sorted({t for c in checks for t in c.get("slo_tpot", {})})
+    if targets:
+        out["slo_tpot"] = {
+            t: side_by_side([c.get("slo_tpot", {}).get(t, {}) for c in checks]) for t in targets
+        }
     return out
 
 
@@ -258,10 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     window = multi_turn(MultiTurnConfig(seed=1)).window(args.start, args.duration)
     cfg = PDSimConfig(prefill=args.prefill, decode=args.decode, profile=PROFILE)
 
-    def sim_at(router: str, load: float) -> dict[str, Any]:
+    def sim_at(target: str, load: float) -> dict[str, Any]:
         from dataclasses import replace
 
-        return simulate_pd(window, router, replace(cfg, load=load)).summary
+        slo = tpot_slo_of(target)
+        at = replace(cfg, load=load, tpot_slo_s=slo)
+        return simulate_pd(window, "pair" if slo is not None else target, at).summary
 
     load = args.load
     capacity = None
@@ -274,10 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         load = capacity = round(found.max_load, 3)
         print(f"simulated {SMG_PAIR} capacity (p90 TTFT <= {args.slo_ttft_p90:g} s): {load}")
-    simulated = {r: sim_at(r, load) for r in ("pair", SMG_PAIR)}
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     targets = args.targets.split(",")
+    extra = [t for t in targets if tpot_slo_of(t) is not None]
+    simulated = {r: sim_at(r, load) for r in ("pair", SMG_PAIR, *extra)}
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="pd-live-") as tmp:
         for i in range(args.runs):

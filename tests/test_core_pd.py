@@ -330,3 +330,59 @@ def test_a_server_coming_back_releases_what_waits_for_it() -> None:
     assert pd.release(5.5) == []
     pd.backends_changed()
     assert [req.rid for req, _ in pd.release(6.0)] == ["r3"]
+
+
+def _slo_pd(tpot_slo_s: float | None) -> PDRouter:
+    specs = [BackendSpec(id="p0", kv_capacity_tokens=1_000_000, prior=PRIOR)]
+    dspecs = [BackendSpec(id=b, kv_capacity_tokens=100_000, prior=PRIOR) for b in ("d0", "d1")]
+    return PDRouter(
+        RoutingCore(make_policy("cost", interference=0.0, calibrate=False), specs),
+        RoutingCore(make_policy("pd_decode"), dspecs),
+        pair=PairConfig(kv_bytes_per_token=1000, link_bytes_per_s=1e9),
+        room_hold=True,
+        tpot_slo_s=tpot_slo_s,
+    )
+
+
+def test_a_tpot_slo_holds_requests_whose_predicted_step_would_pass_it() -> None:
+    # step = 10 ms + 1 us per KV token of the batch the request would join (its prompt, half
+    # its 20 expected tokens, and the prompts on their way there): 11.5 ms allows 1500 tokens
+    pd = _slo_pd(0.0115)
+    assert pd.submit(_req("r1", (1,), 900), 0.0).decode.backend == "d0"  # type: ignore[union-attr]
+    # d0: 900 + 900 + 10 = 1810 tokens, 11.81 ms: over; d1 is empty
+    assert pd.submit(_req("r2", (2,), 900), 0.0).decode.backend == "d1"  # type: ignore[union-attr]
+    # 900 + 700 + 10 = 1610 on either: held, though both have KV room for it
+    assert pd.submit(_req("r3", (3,), 700), 1.0) is None
+    assert pd.submit(_req("r4", (4,), 100), 2.0) is None  # fits, but r3 waits first
+    # at 2.5: r4 0.5/120 leads r3 1.5/720 and fits beside r1: 900 + 100 + 10, 11.01 ms
+    assert [(req.rid, d.decode.backend) for req, d in pd.release(2.5)] == [("r4", "d0")]
+    assert pd.release(2.6) == [] and pd.held == 1  # nothing changed for r3
+    pd.on_finished("r1", 3.0, output_tokens=20)
+    # d0 holds r4 alone now: 100 + 700 + 10 = 810 tokens, 10.81 ms (d1: 1610, over)
+    assert [(req.rid, d.decode.backend) for req, d in pd.release(3.0)] == [("r3", "d0")]
+    # too large for the SLO anywhere: it waits for a server with nothing in flight
+    assert pd.submit(_req("big", (5, 6, 7, 8, 9), 5000), 4.0) is None
+    pd.on_finished("r2", 5.0, output_tokens=20)
+    assert [(req.rid, d.decode.backend) for req, d in pd.release(5.0)] == [("big", "d1")]
+
+
+def test_without_a_tpot_slo_the_same_requests_go_at_once() -> None:
+    pd = _slo_pd(None)
+    for k, prompt in enumerate((900, 900, 700, 100, 5000)):
+        blocks = tuple(range(10 * k, 10 * k + 5))
+        assert pd.submit(_req(f"r{k}", blocks, prompt), 0.0) is not None
+
+
+def test_a_tpot_slo_needs_the_pair_and_the_hold() -> None:
+    specs = [BackendSpec(id="p0", prior=PRIOR)]
+    dspecs = [BackendSpec(id="d0", prior=PRIOR)]
+    cost = make_policy("cost", calibrate=False)
+    with pytest.raises(ValueError, match="pair price and the room hold"):
+        PDRouter(
+            RoutingCore(cost, specs),
+            RoutingCore(make_policy("pd_decode"), dspecs),
+            pair=PairConfig(),
+            tpot_slo_s=0.02,
+        )
+    with pytest.raises(ValueError, match="positive"):
+        _slo_pd(0.0)

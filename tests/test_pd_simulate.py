@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -116,6 +117,19 @@ def test_no_tpot_exceeds_the_step_with_a_full_decode_pool() -> None:
     assert max(tpots) > 0.9 * ceiling  # and the queued ones run close to it
 
 
+def test_a_tpot_slo_keeps_every_request_under_it() -> None:
+    # the same overloaded decode server; the router holds what would slow its batch past S
+    trace = multi_turn(MultiTurnConfig(seed=1)).window(240.0, 120.0)
+    slo = 0.9 * PROFILE.decode_step_time(1, PROFILE.kv_capacity_tokens)
+    cfg = PDSimConfig(prefill=2, decode=1, profile=PROFILE, load=2.0)
+    free = simulate_pd(trace, "pair", cfg)
+    bound = simulate_pd(trace, "pair", dataclasses.replace(cfg, tpot_slo_s=slo))
+    assert free.summary["failed"] == bound.summary["failed"] == 0
+    assert max(o.tpot for o in free.outcomes if o.tpot is not None) > slo
+    assert max(o.tpot for o in bound.outcomes if o.tpot is not None) <= slo
+    assert bound.summary["ttft_p90"] > free.summary["ttft_p90"]  # the wait moved to TTFT
+
+
 def test_pair_keeps_conversations_on_their_prefill_server() -> None:
     # a one-block system prompt: the hits come from each conversation's own history
     trace = multi_turn(
@@ -157,6 +171,8 @@ def test_simulate_pd_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         (["--pd", "0:2"], "PREFILL:DECODE"),
         (["--pd", "2:2", "--policies", "pair,nope+cost"], "PD router"),
         (["--pd", "2:2", "--link-gbps", "0"], "--link-gbps"),
+        (["--pd", "2:2", "--slo-tpot", "-1"], "--slo-tpot"),
+        (["--slo-tpot", "0.02"], "--slo-tpot applies to PD pools"),
     ],
 )
 def test_simulate_pd_cli_errors(

@@ -246,21 +246,27 @@ async def _fill_then_hold(
     The router's books count each request's expected output, E[min(N, max_tokens)] over the
     outputs it has seen finish: it is shown long ones (decoding them for real would take
     minutes here), so a request's expectation is its cap."""
-    proxy = _proxy(server)
-    outputs = proxy.pd.decode.policy.outputs  # type: ignore[attr-defined]
+    outputs = _proxy(server).pd.decode.policy.outputs  # type: ignore[attr-defined]
     for _ in range(16):
         outputs.observe(capacity)
     big = {"text": LONG, "stream": True, "sampling_params": {"max_new_tokens": capacity - 50_000}}
     small = {"text": LONG, "stream": True, "sampling_params": {"max_new_tokens": 60_000}}
-    a = await session.post(server.url + "/generate", json=big)
+    return await _send_then_hold(server, session, big, small)
+
+
+async def _send_then_hold(
+    server: RunningServer, session: aiohttp.ClientSession, first: Any, second: Any
+) -> tuple[aiohttp.ClientResponse, asyncio.Task[aiohttp.ClientResponse]]:
+    """Stream `first` to its first event, then send `second` and wait until it is held."""
+    a = await session.post(server.url + "/generate", json=first)
     assert a.status == 200
     await _first_chunk(a)
-    b_task = asyncio.create_task(session.post(server.url + "/generate", json=small))
+    b_task = asyncio.create_task(session.post(server.url + "/generate", json=second))
     for _ in range(50):
-        if proxy.pd.held:
+        if _proxy(server).pd.held:
             break
         await asyncio.sleep(0.02)
-    assert proxy.pd.held == 1
+    assert _proxy(server).pd.held == 1
     return a, b_task
 
 
@@ -333,3 +339,35 @@ async def test_a_held_request_goes_to_a_decode_server_that_comes_back() -> None:
         assert dec[0].engine.load().running == 1  # a still decoding: b did not wait for it
         a.close()
         b.close()
+
+
+async def test_slo_tpot_holds_a_request_that_would_slow_the_batch_past_it() -> None:
+    # an SLO just above the profile's empty-batch step (6.64 ms): any second request would pass
+    # it beside the first, so it waits in the router though the decode server has KV room
+    async with (
+        pd_pool(prefills=1, decodes=1, slo_tpot_s=0.0067) as (_, dec, server),
+        aiohttp.ClientSession() as session,
+    ):
+        body = {"text": LONG, "stream": True, "sampling_params": {"max_new_tokens": 2000}}
+        a, b_task = await _send_then_hold(server, session, body, body)
+        assert dec[0].engine.load().running == 1
+        a.close()
+        b = await asyncio.wait_for(b_task, 10)
+        assert b.status == 200
+        await asyncio.wait_for(_first_chunk(b), 10)
+        b.close()
+
+
+def test_slo_tpot_is_refused_outside_the_pair_price() -> None:
+    from router.server.config import ServerConfig
+
+    with pytest.raises(ValueError, match="--slo-tpot applies to PD mode"):
+        ServerConfig(backends=["http://127.0.0.1:1"], slo_tpot_s=0.03)
+    with pytest.raises(ValueError, match="--slo-tpot applies to PD mode"):
+        ServerConfig(
+            prefill=["http://127.0.0.1:1"],
+            decode=["http://127.0.0.1:2"],
+            decode_policy="power_of_two",
+            slo_tpot_s=0.03,
+        )
+    ServerConfig(prefill=["http://127.0.0.1:1"], decode=["http://127.0.0.1:2"], slo_tpot_s=0.03)

@@ -75,6 +75,7 @@ def run_pd(args: argparse.Namespace, routers: list[str]) -> int:
             seed=args.seed,
             engine=engine_cfg,
             link_bytes_per_s=args.link_gbps * 1e9 if args.link_gbps else None,
+            tpot_slo_s=args.slo_tpot,
         )
         with tqdm(
             total=len(trace.requests), desc=desc, unit="req", disable=args.quiet, leave=False
@@ -113,6 +114,7 @@ def run_pd(args: argparse.Namespace, routers: list[str]) -> int:
             "pd": {"prefill": prefill, "decode": decode},
             "profile": args.profile,
             "load": args.load,
+            "slo_tpot": args.slo_tpot,
             "results": results,
         }
         if capacity:

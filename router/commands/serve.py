@@ -89,6 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="PD mode, pair price: send every request at once instead of holding it in the "
         "router while no decode server has KV room (docs/pd.md)",
     )
+    a(
+        "--slo-tpot",
+        type=float,
+        dest="slo_tpot_s",
+        metavar="S",
+        help="PD mode, pair price: fill no decode server past the KV at which its learned "
+        "decode step reaches S seconds; requests wait in the router instead (docs/pd.md)",
+    )
     a("--host", help="listen address (default 127.0.0.1)")
     a("--port", type=int, help="listen port (default 30000)")
     a(
@@ -271,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
             prefill_policy=args.prefill_policy,
             decode_policy=args.decode_policy,
             pd_room_hold=args.pd_room_hold,
+            slo_tpot_s=args.slo_tpot_s,
         )
     except (ValidationError, FileNotFoundError) as exc:
         print(f"bad configuration: {exc}", file=sys.stderr)

@@ -122,6 +122,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="GB/S",
         help="with --pd: KV transfer link per server, GB/s (default: the profile's, 40)",
     )
+    parser.add_argument(
+        "--slo-tpot",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --pd, router 'pair': fill no decode server past the KV at which its learned "
+        "decode step reaches S seconds (requests wait in the router instead; docs/pd.md)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write results JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="write a TTFT CDF PNG here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -169,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--slo-ttft and --scheduler-budget need --scheduler on")
     if args.link_gbps is not None and not (args.link_gbps > 0 and math.isfinite(args.link_gbps)):
         return _fail(f"--link-gbps must be a positive number, got {args.link_gbps:g}")
+    if args.slo_tpot is not None and not (args.slo_tpot > 0 and math.isfinite(args.slo_tpot)):
+        return _fail(f"--slo-tpot must be a positive number of seconds, got {args.slo_tpot:g}")
+    if args.slo_tpot is not None and args.pd is None:
+        return _fail("--slo-tpot applies to PD pools: give --pd P:D")
     if args.pd is not None:
         from router.commands._simulate_pd import DEFAULT_PD_ROUTERS, run_pd
 

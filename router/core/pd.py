@@ -237,10 +237,8 @@ class DecodeCostPolicy(BasePolicy):
         kv_at: dict[str, int] = {}
         quotes: list[DecodeQuote] = []
         for state in backends:
-            model = self._model(state)
-            incoming = state.pending_prefill_tokens  # routed here, KV not arrived / not joined
-            batch_kv = state.decoding_kv_tokens + incoming + n + int(out / 2)
-            step = model.decode_step_time(batch_kv)
+            batch_kv = self.batch_kv(state, n, out)
+            step = self._model(state).decode_step_time(batch_kv)
             kv_at[state.id] = batch_kv
             quotes.append(
                 DecodeQuote(
@@ -252,6 +250,18 @@ class DecodeCostPolicy(BasePolicy):
             )
         self._kv_at[req.rid] = kv_at
         return quotes
+
+    def batch_kv(self, state: BackendState, prompt_tokens: int, expected_output: float) -> int:
+        """The batch KV a request is priced at on `state`: its decoding requests, those on
+        their way to it, this prompt and half of the expected output."""
+        incoming = state.pending_prefill_tokens  # routed here, KV not arrived / not joined
+        return state.decoding_kv_tokens + incoming + prompt_tokens + int(expected_output / 2)
+
+    def step_with(self, state: BackendState, prompt_tokens: int, expected_output: float) -> float:
+        """`state`'s learned decode step with a request of this size joined (TG)."""
+        return self._model(state).decode_step_time(
+            self.batch_kv(state, prompt_tokens, expected_output)
+        )
 
     def choose(self, req: RouteRequest, backends: Sequence[BackendState], now: float) -> Choice:
         """On its own (no pair): the cheapest decode server, room wait included."""
@@ -350,19 +360,26 @@ class PDRouter:
         links: Mapping[str, float] | None = None,
         hold_prefill: bool = False,
         room_hold: bool = False,
+        tpot_slo_s: float | None = None,
     ) -> None:
         """`pair` None: each side routes by its own policy. `links`: bytes/s per server id.
 
         `hold_prefill`: a request counts in its prefill server's load until it finishes, not
         until its prefill does, as SMG counts it (its load guards ride the response body);
         the independent baselines use it to play SMG. `room_hold`: `submit` may hold a
-        request until a decode server has room for it (`release` hands it out).
+        request until a decode server has room for it (`release` hands it out). `tpot_slo_s`
+        (with `room_hold`): it also waits while its predicted step on every decode server
+        (the learned TG at the batch it would join) passes the SLO.
         """
         if pair is not None:
             if not isinstance(prefill.policy, CostPolicy):
                 raise TypeError("pair pricing needs the `cost` policy on the prefill pool")
             if not isinstance(decode.policy, DecodeCostPolicy):
                 raise TypeError("pair pricing needs the `pd_decode` policy on the decode pool")
+        if tpot_slo_s is not None and (pair is None or not room_hold):
+            raise ValueError("a TPOT SLO needs the pair price and the room hold")
+        if tpot_slo_s is not None and not tpot_slo_s > 0:
+            raise ValueError("tpot_slo_s must be positive")
         self.prefill = prefill
         self.decode = decode
         self.pair = pair
@@ -371,6 +388,7 @@ class PDRouter:
         self._prefill_open: set[str] = set()
         self._prefill_held: set[str] = set()  # prefill done, still counted (hold_prefill)
         self.room_hold = room_hold
+        self.tpot_slo_s = tpot_slo_s
         self._held: dict[str, _Held] = {}  # waiting for decode room, in arrival order
         self._room_of: dict[str, tuple[str, int]] = {}  # rid -> (decode server, its need)
         self._committed: dict[str, int] = {}  # decode server -> KV its in-flight requests hold
@@ -402,16 +420,27 @@ class PDRouter:
         )
         return room_need(req, expected)
 
-    def _without_room(self, need: int, exclude: Collection[str]) -> set[str] | None:
-        """Routable decode servers that cannot take `need` now; None if none can (hold)."""
+    def _without_room(
+        self, req: RouteRequest, need: int, exclude: Collection[str]
+    ) -> set[str] | None:
+        """Routable decode servers that cannot take `req` (`need` KV tokens) now; None if none
+        can (hold). With a TPOT SLO, a server also cannot take it while its predicted step
+        with `req` joined would pass the SLO, unless nothing is in flight there (a request
+        the SLO cannot fit anywhere goes to an empty server rather than wait for ever)."""
         states = _routable(self.decode, exclude)
         full = set()
         for state in states:
             capacity = state.spec.kv_capacity_tokens
-            if capacity is None or need > capacity:
-                continue  # no pool size known, or never fits: not the router's to hold
-            if self._committed.get(state.id, 0) + need > capacity:
+            if capacity is not None and need > capacity:
+                continue  # never fits: not the router's to hold
+            if capacity is not None and self._committed.get(state.id, 0) + need > capacity:
                 full.add(state.id)
+            elif self.tpot_slo_s is not None and state.in_flight:
+                policy = self.decode.policy
+                assert isinstance(policy, DecodeCostPolicy)
+                expected = policy.outputs.expect(req.max_tokens)
+                if policy.step_with(state, req.prompt_tokens, expected) > self.tpot_slo_s:
+                    full.add(state.id)
         return full if len(full) < len(states) else None
 
     def submit(
@@ -434,7 +463,7 @@ class PDRouter:
         if not _routable(self.decode, exclude_decode):
             raise NoBackendError(f"no routable decode server for {req.rid!r}")
         need = self._need(req)
-        full = None if self._held else self._without_room(need, exclude_decode)
+        full = None if self._held else self._without_room(req, need, exclude_decode)
         if full is None:
             self._room_changed = True
             self._held[req.rid] = _Held(
@@ -463,7 +492,7 @@ class PDRouter:
             self._held.values(), key=lambda h: (-(now - h.since) / max(h.need, 1), h.since)
         )
         for h in order:
-            full = self._without_room(h.need, h.exclude_decode)
+            full = self._without_room(h.req, h.need, h.exclude_decode)
             if full is None:
                 break
             try:

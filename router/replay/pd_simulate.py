@@ -58,6 +58,13 @@ __all__ = [
 ]
 
 PAIR = "pair"
+# a benchmark target: `pair` under `--slo-tpot S` (PDSimConfig.tpot_slo_s)
+PAIR_SLO_TPOT = "pair:slo-tpot="
+
+
+def tpot_slo_of(target: str) -> float | None:
+    """S of a `pair:slo-tpot=S` target name (None for any other name)."""
+    return float(target.removeprefix(PAIR_SLO_TPOT)) if target.startswith(PAIR_SLO_TPOT) else None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,6 +80,8 @@ class PDSimConfig:
     link_bytes_per_s: float | None = None  # None: the profile's kv_link_bytes_per_s
     # `pair` holds requests in one queue while no decode server has KV room (router/core/pd.py)
     room_hold: bool = True
+    # `pair`: the decode side's room ends where its learned step passes this (router/core/pd.py)
+    tpot_slo_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.prefill <= 0 or self.decode <= 0:
@@ -81,6 +90,8 @@ class PDSimConfig:
             raise ValueError("load must be positive")
         if self.link_bytes_per_s is not None and not self.link_bytes_per_s > 0:
             raise ValueError("link_bytes_per_s must be positive")
+        if self.tpot_slo_s is not None and not (self.tpot_slo_s > 0 and self.room_hold):
+            raise ValueError("tpot_slo_s must be positive and needs room_hold")
 
     @property
     def resolved_profile(self) -> Profile:
@@ -107,12 +118,13 @@ def make_pd_router(
     pair: PairConfig,
     seed: int = 0,
     room_hold: bool = False,
+    tpot_slo_s: float | None = None,
 ) -> PDRouter:
     """`pair`, or `<prefill policy>+<decode policy>` (ValueError for anything else)."""
     if router == PAIR:
         pcore = RoutingCore(make_policy("cost", rng=random.Random(seed)), prefill)
         dcore = RoutingCore(make_policy("pd_decode", rng=random.Random(seed + 1)), decode)
-        return PDRouter(pcore, dcore, pair=pair, room_hold=room_hold)
+        return PDRouter(pcore, dcore, pair=pair, room_hold=room_hold, tpot_slo_s=tpot_slo_s)
     names = router.split("+")
     if len(names) != 2 or not all(names):
         raise ValueError(f"PD router {router!r}: use 'pair' or '<prefill>+<decode>' policy names")
@@ -224,6 +236,7 @@ def simulate_pd(
         ),
         seed=config.seed,
         room_hold=config.room_hold,
+        tpot_slo_s=config.tpot_slo_s if router == PAIR else None,
     )
     engines: dict[str, Engine] = {**pengines, **dengines}
     live: dict[str, _Live] = {}

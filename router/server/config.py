@@ -122,6 +122,9 @@ class ServerConfig(BaseSettings):
     prefill_policy: str | None = None
     # PD with the pair price: hold requests in the router while no decode server has KV room
     pd_room_hold: bool = True
+    # PD with the pair price and the hold: fill no decode server past the KV at which its
+    # learned step reaches this many seconds (`--slo-tpot`)
+    slo_tpot_s: float | None = Field(default=None, gt=0)
     decode_policy: str | None = None
 
     @field_validator("state")
@@ -226,6 +229,13 @@ class ServerConfig(BaseSettings):
         if self.prefill and (self.backends or self.embedded or self.scheduler):
             raise ValueError(
                 "PD mode (--prefill/--decode) takes no --backend, --embedded or --scheduler"
+            )
+        if self.slo_tpot_s is not None and (
+            not self.prefill or self.prefill_policy or self.decode_policy or not self.pd_room_hold
+        ):
+            raise ValueError(
+                "--slo-tpot applies to PD mode with the pair price and its room hold (no "
+                "--prefill-policy, --decode-policy or --no-pd-room-hold)"
             )
         return self
 

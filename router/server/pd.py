@@ -125,6 +125,7 @@ class PDSetup:
             pair=pair,
             hold_prefill=pair is None,
             room_hold=pair is not None and config.pd_room_hold,
+            tpot_slo_s=config.slo_tpot_s if pair is not None else None,
         )
         return cls(
             name=name,

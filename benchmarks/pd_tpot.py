@@ -39,6 +39,9 @@ Run:  python benchmarks/pd_tpot.py
       python benchmarks/pd_tpot.py --table
       python benchmarks/pd_tpot.py --ttft-table
       python benchmarks/pd_tpot.py --ttft-ladder
+      python benchmarks/pd_tpot.py --trace-seed 2 --loads 2.8,3.2,3.6,4 --seeds 1 \
+          --routers pair,pair:slo-tpot=0.025,cache_aware+power_of_two \
+          --out benchmarks/results/pd_tpot_seed2.json        (an unseen window)
 """
 
 from __future__ import annotations
@@ -195,8 +198,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.grid(True, alpha=0.25)
     ax1.legend(fontsize=7)
     fig.suptitle(
-        f"multi-turn, PD {doc['pd']['prefill']}P+{doc['pd']['decode']}D x {doc['profile']}: "
-        "where TPOT comes from (virtual time)",
+        f"{doc['window']['trace']}, PD {doc['pd']['prefill']}P+{doc['pd']['decode']}D x "
+        f"{doc['profile']}: where TPOT comes from (virtual time)",
         fontsize=9,
     )
     fig.tight_layout()
@@ -274,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loads", default=",".join(f"{x:g}" for x in LOADS))
     parser.add_argument("--routers", default=",".join(ROUTERS))
     parser.add_argument("--seeds", type=int, default=3, help="router seeds per cell (default 3)")
+    parser.add_argument(
+        "--trace-seed",
+        type=int,
+        default=1,
+        help="the multi-turn trace's seed (default 1, pd_live.py's; others: unseen windows)",
+    )
     parser.add_argument("--live-load", type=float, default=3.084, help="marked on the plot")
     parser.add_argument("--out", type=Path, default=RESULTS / "pd_tpot.json")
     parser.add_argument("--table", action="store_true", help="print docs/pd.md's rows and stop")
@@ -295,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     loads = [float(x) for x in args.loads.split(",")]
     routers = args.routers.split(",")
-    window = multi_turn(MultiTurnConfig(seed=1)).window(240.0, 120.0)
+    window = multi_turn(MultiTurnConfig(seed=args.trace_seed)).window(240.0, 120.0)
     base = PDSimConfig(prefill=2, decode=2, profile=PROFILE)
     rows = []
     for load in loads:
@@ -312,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     doc = {
-        "window": {"trace": "multi_turn seed 1", "start": 240.0, "duration": 120.0},
+        "window": {
+            "trace": f"multi_turn seed {args.trace_seed}",
+            "start": 240.0,
+            "duration": 120.0,
+        },
         "profile": PROFILE,
         "pd": {"prefill": base.prefill, "decode": base.decode},
         "loads": loads,

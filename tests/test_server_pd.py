@@ -120,6 +120,12 @@ async def test_stats_and_readiness_cover_both_pools() -> None:
         assert sum(b["routed"] for b in decode_rows.values()) == 2
         assert all(b["healthy"] and b["learned"]["decode_step_s"] > 0 for b in decode_rows.values())
         assert decode["core"]["in_flight"] == 0
+        assert stats["pd"] == {
+            "mode": "pair",
+            "room_hold": True,
+            "held_for_decode_room": 0,
+            "tpot_slo_s": None,
+        }
         async with session.get(server.url + "/readiness") as resp:
             assert resp.status == 200
             ready = await resp.json()
@@ -351,6 +357,9 @@ async def test_slo_tpot_holds_a_request_that_would_slow_the_batch_past_it() -> N
         body = {"text": LONG, "stream": True, "sampling_params": {"max_new_tokens": 2000}}
         a, b_task = await _send_then_hold(server, session, body, body)
         assert dec[0].engine.load().running == 1
+        async with session.get(server.url + "/stats") as resp:
+            pd_stats = (await resp.json())["pd"]
+        assert pd_stats["tpot_slo_s"] == 0.0067 and pd_stats["held_for_decode_room"] == 1
         a.close()
         b = await asyncio.wait_for(b_task, 10)
         assert b.status == 200

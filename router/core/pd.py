@@ -648,13 +648,17 @@ class PDRouter:
         self.on_prefill_failed(rid, now)
         self.decode.on_failed(rid, now)
 
-    def stats(self) -> dict[str, Any]:
+    def hold_stats(self) -> dict[str, Any]:
+        """How the pair is chosen and what waits in the router (the `pd` part of /stats)."""
         return {
             "mode": "pair" if self.pair else "independent",
+            "room_hold": self.room_hold,
             "held_for_decode_room": len(self._held),
-            "prefill": self.prefill.stats(),
-            "decode": self.decode.stats(),
+            "tpot_slo_s": self.tpot_slo_s,
         }
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.hold_stats(), "prefill": self.prefill.stats(), "decode": self.decode.stats()}
 
 
 def _routable(core: RoutingCore, exclude: Collection[str]) -> list[BackendState]:

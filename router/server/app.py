@@ -164,6 +164,7 @@ async def _lifecycle(config: ServerConfig, app: web.Application) -> AsyncIterato
     )
     if pd is not None:
         state.status.decode = PoolView(pd.pd.decode, pd.pool())  # /stats, /readiness
+        state.status.pd_stats = pd.pd.hold_stats
     kv_events = KVEventsManager(policy, hasher, config.kv_events, config.kv_event_endpoints)
     pool.observers.append(kv_events)
     state.status.kv_events = kv_events

@@ -97,6 +97,7 @@ class StatusApi:
         self.kv_events: Any = None  # the KV event subscriptions, when the app has them
         self.scheduler_stats: Callable[[], Any] | None = None  # set with --scheduler on
         self.decode: PoolView | None = None  # set in PD mode: the decode pool
+        self.pd_stats: Callable[[], Any] | None = None  # set in PD mode: the pair's hold
         metrics.registry.collectors.append(self._collect)
 
     def _states(self) -> dict[str, BackendState]:
@@ -207,6 +208,7 @@ class StatusApi:
             "replicas": self.sync.stats(),
             "kv_events": self.kv_events.stats() if self.kv_events is not None else None,
             "scheduler": self.scheduler_stats() if self.scheduler_stats is not None else None,
+            "pd": self.pd_stats() if self.pd_stats is not None else None,
         }
 
     async def stats(self, request: web.Request) -> web.StreamResponse:

@@ -929,7 +929,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['mode']} | {r['concurrency']} | {r['router']} | {r['p50_ms']:.2f} "
             f"| {r['p99_ms']:.2f} | {r['added_p50_ms']:+.2f} | {r['added_p99_ms']:+.2f} "
-            f"| {r['throughput_rps']:.0f} | {'-' if cpu is None else f'{cpu:.2f}'} |"
+            f"| {r['throughput_rps']:.0f} | {'-' if cpu is None else f'{cpu:.3f}'} |"
         )
     return "\n".join(lines)
 

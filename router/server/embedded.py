@@ -8,15 +8,13 @@
 3. wait for SIGINT/SIGTERM, then stop the router first (in-flight requests end, upstreams
    close) and the simulated backends after it.
 
-uvloop is used when installed (`install_uvloop`), else asyncio's default loop. Once the
-router is up, `settle_gc` freezes what startup built and spaces the young collections out.
+uvloop is used when installed (`install_uvloop`), else asyncio's default loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import sys
@@ -27,11 +25,9 @@ from router.server.app import start_server
 from router.server.config import ServerConfig
 
 __all__ = [
-    "GC_YOUNG_THRESHOLD",
     "install_uvloop",
     "serve",
     "serve_async",
-    "settle_gc",
     "start_embedded",
     "stop_on_signals",
     "usage_text",
@@ -48,24 +44,6 @@ def install_uvloop() -> bool:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return True
-
-
-# Young objects between collections of generation 0 (CPython's default: 700). A request
-# allocates a few hundred containers that its end frees by reference counting; what a young
-# collection finds alive is the work in flight, about the same whatever the threshold, so
-# the default paid that scan every few requests (1-2% of a router's CPU per request).
-GC_YOUNG_THRESHOLD = 20_000
-
-
-def settle_gc() -> None:
-    """Move what startup allocated (modules, the app, the tokenizer's tables) out of the
-    collector's view (`gc.freeze`: never scanned again, never freed) and collect the young
-    generation less often. Garbage cycles (a failed request's traceback) wait a little longer
-    to be freed; nothing else changes."""
-    gc.collect()
-    gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def usage_text(url: str, model: str, api_key: str | None) -> str:
@@ -124,7 +102,6 @@ async def serve_async(config: ServerConfig, out: TextIO = sys.stdout) -> None:
     server = None
     try:
         server = await start_server(config)
-        settle_gc()
         models = server.state.pool.models()
         key = config.api_keys[0] if config.api_keys else None
         print(usage_text(server.url, models[0] if models else "default", key), file=out, flush=True)

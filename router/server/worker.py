@@ -17,7 +17,7 @@ from pathlib import Path
 
 from router.server.app import start_server
 from router.server.config import ServerConfig
-from router.server.embedded import install_uvloop, settle_gc, stop_on_signals
+from router.server.embedded import install_uvloop, stop_on_signals
 
 __all__ = ["main", "run_worker"]
 
@@ -25,7 +25,6 @@ __all__ = ["main", "run_worker"]
 async def run_worker(config: ServerConfig) -> None:
     """Serve until SIGTERM or SIGINT, then close the router (in-flight requests end first)."""
     server = await start_server(config)
-    settle_gc()
     stop = stop_on_signals()
     try:
         await stop.wait()

@@ -347,8 +347,9 @@ async def abort_request(
 
 
 def _is_map(value: Any) -> bool:
-    """isinstance(value, Mapping), the common dict answered without the ABC machinery."""
-    return type(value) is dict or isinstance(value, Mapping)
+    """isinstance(value, Mapping), the common dict and None (an absent key: `meta_info` of
+    every OpenAI answer) answered without the ABC machinery."""
+    return type(value) is dict or (value is not None and isinstance(value, Mapping))
 
 
 def cached_tokens_from_openai(obj: Any) -> int | None:

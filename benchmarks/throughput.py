@@ -273,7 +273,7 @@ class Target:
 
 
 def _tree_cpu(pid: int | None) -> float:
-    """User + system CPU seconds of `pid` and every descendant (threads included).
+    """CPU seconds of `pid` and every descendant (threads included; `_proc_cpu_seconds`).
 
     NaN when /proc cannot be read for another reason than a process having gone (e.g. this
     process out of file descriptors after an overload step): that step then has no CPU

@@ -84,15 +84,18 @@ class _RobustLine:
     def predict(self, x1: float, x2: float) -> float:
         return self.c1 * x1 + self.c2 * x2
 
-    def observe(self, x1: float, x2: float, y: float, weight: float = 1.0) -> None:
+    def observe(self, x1: float, x2: float, y: float, weight: float = 1.0) -> bool:
+        """Add an observation; True when it refitted the line (c1, c2 may have changed)."""
         if not (math.isfinite(y) and y > 0 and x1 > 0 and x2 >= 0 and weight > 0):
-            return  # a non-positive duration carries no information about speed
+            return False  # a non-positive duration carries no information about speed
         self.window.append((x1, x2, y, weight))
         self.count += 1
         self._since += 1
         if self.count <= _EAGER_FITS or self._since >= _REFIT_EVERY:
             self._fit()
             self._since = 0
+            return True
+        return False
 
     def _fit(self) -> None:
         obs = self.window
@@ -185,9 +188,12 @@ class PerfModel:
         if prior_weight < 0 or prefill_shape_weight < 0:
             raise ValueError("prior_weight and prefill_shape_weight must be non-negative")
         self.prior = prior
-        # Observations passed on to either line: the fit can only change when this does, so a
-        # cache of values derived from `learned()` checks one int (the cost policy's hot loop).
+        # Refits of either line: the coefficients change only then, so a cache of values
+        # derived from `learned()` checks one int (the cost policy's hot loop, `learned()`
+        # itself). Counting every observation instead rebuilt both after each stream (its
+        # decode step is observed) although 31 in 32 leave the fit as it was.
         self.updates = 0
+        self._learned: tuple[int, PerfPrior] | None = None  # (updates, learned())
         self._prefill = _RobustLine(
             1.0 / prior.prefill_tokens_per_s,
             prior.prefill_s_per_token_ctx,
@@ -215,8 +221,9 @@ class PerfModel:
 
     def observe_prefill(self, new_tokens: int, context_tokens: int, seconds: float) -> None:
         """A prefill of `new_tokens` (of `context_tokens`) took `seconds` (queueing removed)."""
-        if new_tokens > 0:
-            self._prefill.observe(new_tokens, attention_pairs(new_tokens, context_tokens), seconds)
+        if new_tokens > 0 and self._prefill.observe(
+            new_tokens, attention_pairs(new_tokens, context_tokens), seconds
+        ):
             self.updates += 1
 
     def observe_prefill_total(
@@ -227,14 +234,15 @@ class PerfModel:
         The model is linear in (new, pairs), so sums over requests are one valid
         observation; it weighs as much as the `count` it stands for.
         """
-        if new_tokens > 0:
-            self._prefill.observe(new_tokens, max(pairs, new_tokens), seconds, max(count, 1))
+        if new_tokens > 0 and self._prefill.observe(
+            new_tokens, max(pairs, new_tokens), seconds, max(count, 1)
+        ):
             self.updates += 1
 
     def observe_decode(self, batch_kv_tokens: int, step_seconds: float) -> None:
         """A decode step with `batch_kv_tokens` KV tokens in the batch took `step_seconds`."""
-        self._decode.observe(1.0, max(batch_kv_tokens, 0), step_seconds)
-        self.updates += 1
+        if self._decode.observe(1.0, max(batch_kv_tokens, 0), step_seconds):
+            self.updates += 1
 
     @property
     def prefill_observations(self) -> int:
@@ -245,13 +253,19 @@ class PerfModel:
         return self._decode.count
 
     def learned(self) -> PerfPrior:
-        """The current estimate, in the prior's terms (what /stats and /metrics show)."""
-        return PerfPrior(
+        """The current estimate, in the prior's terms (what /stats and /metrics show); one
+        object per fit (a `PerfPrior` is frozen), not one per call."""
+        cached = self._learned
+        if cached is not None and cached[0] == self.updates:
+            return cached[1]
+        learned = PerfPrior(
             prefill_tokens_per_s=1.0 / self._prefill.c1,
             prefill_s_per_token_ctx=self._prefill.c2,
             decode_step_s=self._decode.c1,
             decode_s_per_kv_token=self._decode.c2,
         )
+        self._learned = (self.updates, learned)
+        return learned
 
 
 class OutputLengthModel:

@@ -601,9 +601,12 @@ def _whole_chunks(data: bytes, payloads: list[bytes] | None = None) -> tuple[int
     to `payloads` when given), and whether exactly the terminal chunk (no trailers) follows
     them to the end; -1: malformed or unusual (the state machine, `_dechunk`, says which).
 
-    A read of one chunk or so is walked chunk by chunk; a longer one (a backend that sends
-    faster than the router reads: 100+ events per read at the saturation runs' speed) is
-    first checked with C-level calls only (`_split_whole`), twice as fast from 8 chunks on.
+    A read of up to a few dozen chunks is walked chunk by chunk; a longer one (a backend
+    that sends faster than the router reads: 100+ events per read at the saturation runs'
+    speed) is first checked with C-level calls only (`_split_whole`). With SGLang's chat
+    chunks (~260-300 bytes) the walk is the faster of the two up to ~30 chunks (2 chunks:
+    0.95 vs 1.6 us, 10: 4.3 vs 4.7-5.2 us) and they meet around 8 KB (30 chunks: 12.4 us
+    each); at 128 chunks the split is ~5% faster.
     """
     if len(data) > _SPLIT_ABOVE:
         whole = _split_whole(data, payloads)
@@ -612,7 +615,7 @@ def _whole_chunks(data: bytes, payloads: list[bytes] | None = None) -> tuple[int
     return _walk_chunks(data, payloads)
 
 
-_SPLIT_ABOVE = 512  # bytes: about two SSE chunks
+_SPLIT_ABOVE = 8192  # bytes: ~30 SGLang chat chunks, where the walk and the split meet
 
 
 def _split_whole(data: bytes, payloads: list[bytes] | None) -> tuple[int, bool] | None:

@@ -223,6 +223,23 @@ def test_the_queue_is_bounded_and_a_wait_times_out() -> None:
     assert s.waiting() == 1
 
 
+def test_a_wait_times_out_at_the_instant_it_asked_to_be_woken() -> None:
+    # 0.0411 + 1.0 - 0.0411 < 1.0 in floats: a check on the wait's length kept the request
+    # at the wake-up time it had asked for (arrival + timeout), so the driver was woken at
+    # that same instant forever (a simulation hung there).
+    arrival, timeout = 0.0411, 1.0
+    assert (arrival + timeout) - arrival < timeout
+    s = _sched(budget_s=0.1, queue_timeout_s=timeout)
+    s.submit(_ticket("busy", 80_000), 0.0)
+    s.step(0.0)  # 8 s queued: nothing else binds for a while
+    assert s.submit(_ticket("w", 1000, arrival), arrival) is None
+    wake = s.step(arrival).wake_at
+    assert wake == arrival + timeout
+    out = s.step(wake)
+    assert [(x.ticket.req.rid, x.reason) for x in out.shed] == [("w", "timeout")]
+    assert out.wake_at is None and s.waiting() == 0
+
+
 def test_a_higher_priority_binds_first() -> None:
     s = _sched(budget_s=0.1)
     s.submit(_ticket("busy", 8000), 0.0)

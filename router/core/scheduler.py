@@ -987,7 +987,9 @@ class Scheduler:
     def _expire(self, now: float) -> list[Shed]:
         timeout = self.config.queue_timeout_s
         out = []
-        while (item := self._oldest()) is not None and now - item.ticket.arrival >= timeout:
+        # The same sum as `_next_timeout`: `now - arrival >= timeout` can miss by one ulp at the
+        # very instant the driver was asked to wake, and that instant then repeats forever.
+        while (item := self._oldest()) is not None and now >= item.ticket.arrival + timeout:
             self._drop(item)
             out.append(self._count(Shed(ticket=item.ticket, reason="timeout", retry_after_s=1.0)))
         if len(self._leader_blocks) > 4 * self.config.scan:  # leaders no one asked about

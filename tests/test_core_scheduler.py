@@ -223,6 +223,23 @@ def test_the_queue_is_bounded_and_a_wait_times_out() -> None:
     assert s.waiting() == 1
 
 
+def test_a_wait_times_out_at_the_instant_it_asked_to_be_woken() -> None:
+    # 0.0411 + 1.0 - 0.0411 < 1.0 in floats: a check on the wait's length kept the request
+    # at the wake-up time it had asked for (arrival + timeout), so the driver was woken at
+    # that same instant forever (a simulation hung there).
+    arrival, timeout = 0.0411, 1.0
+    assert (arrival + timeout) - arrival < timeout
+    s = _sched(budget_s=0.1, queue_timeout_s=timeout)
+    s.submit(_ticket("busy", 80_000), 0.0)
+    s.step(0.0)  # 8 s queued: nothing else binds for a while
+    assert s.submit(_ticket("w", 1000, arrival), arrival) is None
+    wake = s.step(arrival).wake_at
+    assert wake == arrival + timeout
+    out = s.step(wake)
+    assert [(x.ticket.req.rid, x.reason) for x in out.shed] == [("w", "timeout")]
+    assert out.wake_at is None and s.waiting() == 0
+
+
 def test_a_higher_priority_binds_first() -> None:
     s = _sched(budget_s=0.1)
     s.submit(_ticket("busy", 8000), 0.0)
@@ -483,7 +500,9 @@ def test_the_throughput_clock_catches_up_with_time() -> None:
     assert s.submit(_ticket("later", 100, 2.6), 2.6) is None
 
 
-def test_an_under_share_request_goes_where_its_first_token_comes_soonest() -> None:
+def _cost_prefers_a_full_backend(stream_tokens: int) -> Scheduler:
+    """b0 decodes a `stream_tokens` stream; b1 has a 500-token prefill queued (0.05 s), past
+    the 0.04 s budget: no room at b1, room at b0."""
     prior = PerfPrior(
         prefill_tokens_per_s=10_000.0,
         prefill_s_per_token_ctx=0.0,
@@ -492,12 +511,17 @@ def test_an_under_share_request_goes_where_its_first_token_comes_soonest() -> No
     )
     specs = [BackendSpec(id=b, kv_capacity_tokens=1_000_000, prior=prior) for b in ("b0", "b1")]
     core = RoutingCore(make_policy("cost", calibrate=False, interference=0.0), specs)
-    s = Scheduler(core, SchedulerConfig())
-    # b0 decodes a 10k-token stream: every step there takes 0.01 + 1e-6 * 10_001 s = 0.02 s.
-    core.route(_ticket("stream", 10_000).req, 0.0)
+    core.route(_ticket("stream", stream_tokens).req, 0.0)
     core.on_first_token("stream", 1.0, cached_tokens=0)
-    # b1 has a 500-token prefill queued (0.05 s); the policy sent it there, away from b0.
     assert core.route(_ticket("queued", 500).req, 1.0).backend == "b1"
+    return Scheduler(core, SchedulerConfig(budget_s=0.04))
+
+
+def test_an_under_share_request_goes_where_its_first_token_comes_soonest() -> None:
+    # b0 decodes a 10k-token stream: every step there takes 0.01 + 1e-6 * 10_001 s = 0.02 s.
+    # b1 has a 500-token prefill queued (0.05 s); the policy sent it there, away from b0.
+    s = _cost_prefers_a_full_backend(10_000)
+    core = s.core
     req = _ticket("small", 500).req  # 0.05 s of prefill, 10 output tokens
     backends = core.backends()
     # TTFT: b0 0.05 + 0.02 (the decode step its prefill step carries), b1 0.05 + 0.05.
@@ -508,6 +532,32 @@ def test_an_under_share_request_goes_where_its_first_token_comes_soonest() -> No
     fastest = s._fastest(req, backends, 1.0, {"b0": 0.0, "b1": 0.0})
     assert fastest.backend == "b0"
     assert fastest.predicted_ttft_s == pytest.approx(0.05 + 0.01 + 1e-6 * 10_001)
+
+
+def test_a_request_does_not_wait_for_a_full_backend_when_one_with_room_is_as_fast() -> None:
+    s = _cost_prefers_a_full_backend(10_000)
+    s.submit(_ticket("small", 500, 1.0), 1.0)  # 0.05 s of prefill, 10 output tokens
+    # TTFT: b0 0.05 + 0.02 (the decode step its prefill step carries: 0.01 + 1e-6 * 10_001),
+    # b1 0.05 queued + 0.05. Cost adds 10 decode steps and at b1 the 0.05 s its prefill delays
+    # the queued one: b0 0.07 + 10 * 0.0205 = 0.275, b1 0.10 + 10 * 0.0105 + 0.05 = 0.255, so
+    # the policy picks b1, which has no room. b0 has room, an earlier first token (0.07 <=
+    # 0.10) and as much cached (nothing either way): it binds there now instead of waiting.
+    out = s.step(1.0)
+    assert [(b.ticket.req.rid, b.decision.backend) for b in out.bound] == [("small", "b0")]
+    assert out.bound[0].decision.predicted_ttft_s == pytest.approx(0.05 + 0.01 + 1e-6 * 10_001)
+
+
+def test_a_request_still_waits_for_a_full_backend_that_gives_the_earlier_first_token() -> None:
+    s = _cost_prefers_a_full_backend(60_000)
+    s.submit(_ticket("small", 500, 1.0), 1.0)
+    # b0's decode step is now 0.01 + 1e-6 * 60_001 = 0.07 s: TTFT there 0.05 + 0.07 = 0.12,
+    # later than b1's 0.10, so it waits for b1 (whose queue falls under 0.04 s at 1.01 s).
+    out = s.step(1.0)
+    assert out.bound == ()
+    assert out.wake_at == pytest.approx(1.01)
+    assert [(b.ticket.req.rid, b.decision.backend) for b in s.step(1.011).bound] == [
+        ("small", "b1")
+    ]
 
 
 def test_while_isolation_is_on_admission_has_no_headroom() -> None:

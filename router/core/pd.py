@@ -39,6 +39,11 @@ rest (room collects for it, as in SGLang's own queue), and it binds, when it fit
 priced then: its prefill server is chosen when its prefill can start. No knob: the order
 does not depend on units.
 
+**A TPOT SLO** (`tpot_slo_s`, off by default): a request also waits while its predicted step
+on every decode server (`step_with`: the step the pair price uses) passes the SLO, unless a
+server has nothing in flight. A full decode pool otherwise runs at whatever step its KV sets;
+admitting less moves the wait into TTFT, which only a deployment with a TPOT target wants.
+
 `PDRouter` holds two `RoutingCore`s, one per pool, and feeds each the events of its side: the
 prefill core sees routed / first token (= the prefill server's answer, its prefill done) /
 finished; the decode core sees routed / first token (the client's first token) / finished.

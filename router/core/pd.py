@@ -486,8 +486,9 @@ class PDRouter:
     def release(self, now: float) -> list[tuple[RouteRequest, PDDecision]]:
         """Held requests that fit a decode server now, longest wait per token of need first,
         each routed to a pair whose decode server has its room; stops at the first that fits
-        nowhere. Call it as decode requests end; it does nothing unless room was freed or a
-        request held since the last call.
+        nowhere. Call it as decode requests end and when a server becomes routable again; it
+        does nothing unless room was freed, a server came back (`backends_changed`) or a
+        request was held since the last call.
         """
         if not self._held or not self._room_changed:
             return []

@@ -222,7 +222,7 @@ class PDProxy(Proxy):
         return self._bind(rid, decision)
 
     def _release(self) -> None:
-        """Decode room freed: bind the held requests that fit now."""
+        """Decode room freed or a server came back: bind the held requests that fit now."""
         if not self.pd.held:
             return
         now = asyncio.get_running_loop().time()

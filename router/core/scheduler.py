@@ -531,14 +531,15 @@ class Scheduler:
                 choice = self._choose(req, free, now, dict(boosted))
                 b = choice.backend
             else:
+                held_ahead = ahead_under if under else ahead
                 if under:
-                    choice = self._fastest(req, backends, now, ahead_under)
+                    choice = self._fastest(req, backends, now, held_ahead)
                 else:
-                    choice = self._choose(req, backends, now, ahead)
+                    choice = self._choose(req, backends, now, held_ahead)
                 b = choice.backend
                 if not room(b, cap, under):
                     roomy = [s for s in backends if room(s.id, cap, under)]
-                    alt = self._no_wait(req, choice, roomy, now, ahead_under if under else ahead)
+                    alt = self._no_wait(req, choice, roomy, now, held_ahead)
                     if alt is None:
                         wait_for(b, item, under)
                         item.held_for, item.held_at = b, now

@@ -142,17 +142,15 @@ class PrefillSimServer(SimServer):
         boot = bootstrap_fields(body)
         req.output_tokens = 1  # a prefill server computes the prompt and the first token
         sim = replace(sim, output_tokens=1)
-        if boot is None:
-            self.engine.add_request(sim, now)
-            return
-        self._room_of[req.rid] = boot.room
-        self._room(boot.room)
-        if boot.room in self._shaken:
+        if boot is not None:
+            self._room_of[req.rid] = boot.room
+            self._room(boot.room)
+            if boot.room not in self._shaken:  # the bootstrap queue, until the handshake
+                self._bootstrapping[boot.room] = (req, sim)
+                asyncio.get_running_loop().call_later(self.room_wait_s, self._expire, boot.room)
+                return
             self._shaken.discard(boot.room)
-            self.engine.add_request(sim, now)
-            return
-        self._bootstrapping[boot.room] = (req, sim)
-        asyncio.get_running_loop().call_later(self.room_wait_s, self._expire, boot.room)
+        self.engine.add_request(sim, now)
 
     def _handshake(self, room: str) -> None:
         """The decode side holds the room's KV: its prefill may start."""

@@ -330,6 +330,19 @@ def test_with_a_target_a_request_already_past_it_goes_after_those_that_can_still
     assert first_released(1.0) == "on_time"
 
 
+def test_a_request_still_on_time_is_found_behind_any_number_of_late_ones() -> None:
+    # scan 2: a step looks at 2 requests. Nine late requests (shorter, so first in SPT order)
+    # fill the front the rule used to search (4 x scan = 8); the one still on time is 10th.
+    s = _sched(budget_s=0.1, aging=0.0, late_last_s=1.0, scan=2)
+    s.submit(_ticket("busy", 8000), 0.0)
+    s.step(0.0)
+    for i in range(9):
+        s.submit(_ticket(f"late{i}", 3000, 0.0), 0.0)  # at 0.8 s: waited 0.8 + 0.3 > 1.0
+    s.submit(_ticket("on_time", 5000, 0.7), 0.7)  # waited 0.1 + 0.5 <= 1.0
+    s.core.on_first_token("busy", 0.8, cached_tokens=0)
+    assert _bound(s, 0.8)[0] == "on_time"
+
+
 def _twenty_running_bound_at_ten_a_second(**config: object) -> Scheduler:
     """One backend with 20 running slots, all taken by requests bound one every 0.1 s."""
     s = _sched(max_running=20, budget_s=0.5, **config)

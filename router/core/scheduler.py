@@ -917,14 +917,10 @@ class Scheduler:
             if target is None:
                 snapshot = {tenant: lane.items[:scan] for tenant, lane in lanes.items()}
             else:
-                snapshot = {}
-                for tenant, lane in lanes.items():
-                    front = lane.items[: 4 * scan]
-                    lost = [w for w in front if self._slack(w, now, target) < 0]
-                    if lost:
-                        ids = {id(w) for w in lost}
-                        front = [w for w in front if id(w) not in ids] + lost
-                    snapshot[tenant] = front[:scan]
+                snapshot = {
+                    tenant: self._front(lane.items, now, target, scan)
+                    for tenant, lane in lanes.items()
+                }
             while positions:
                 tenant = min(positions, key=lambda t: (offered[t], t))
                 i = positions[tenant]
@@ -937,6 +933,27 @@ class Scheduler:
                 offered[tenant] += max(item.prefill_s, 1e-3)
                 if item.ticket.req.rid in self._items:
                     yield item
+
+    def _front(
+        self, items: Sequence[_Waiting], now: float, target: float, scan: int
+    ) -> list[_Waiting]:
+        """The first `scan` of a lane's requests, those that can still meet `target` first.
+
+        The search goes as deep as it must: in a backlog whose front is all late (a burst
+        on a large pool), the requests still on time sit further back, and looking at a
+        fixed front instead (4 x scan) left them to go late in turn.
+        """
+        on_time: list[_Waiting] = []
+        late: list[_Waiting] = []
+        for w in items:
+            if self._slack(w, now, target) < 0:
+                if len(late) < scan:
+                    late.append(w)
+            else:
+                on_time.append(w)
+                if len(on_time) == scan:
+                    break
+        return (on_time + late)[:scan]
 
     def _slack(self, w: _Waiting, now: float, target: float) -> float:
         """Seconds `w` may still wait here and meet its deadline once bound at an idle backend."""

@@ -363,6 +363,28 @@ def test_a_backend_with_every_running_slot_taken_takes_nothing_more() -> None:
     assert _bound(s, 2.1) == ["next"]
 
 
+def test_a_request_behind_one_waiting_for_a_running_slot_prices_that_wait() -> None:
+    # b0 holds a 9,000-token prefix and its one running slot is taken; b1 is idle.
+    s = _sched(backends=2, max_running=1, budget_s=0.5)
+    prefix = tuple(range(50_000, 50_009))
+    s.submit(_ticket("running", 9000, 0.0, blocks=prefix), 0.0)
+    (first,) = s.step(0.0).bound
+    s.core.on_first_token("running", 0.9, cached_tokens=0)  # decoding at b0, prefix cached
+    b0 = first.decision.backend
+    b1 = "b1" if b0 == "b0" else "b0"
+    # x: 9,000 cached at b0 (0.1 s of prefill) against 1.0 s at b1: it waits for b0's slot.
+    s.submit(_ticket("x", 10_000, 1.0, blocks=(*prefix, 60_000)), 1.0)
+    assert _bound(s, 1.0) == []
+    # y waits behind x for the same slot: besides x's and its own prefill (0.1 + 0.1 s) it
+    # waits for requests to finish there. b0's full-batch rate, one slot: each request its
+    # 0.9 s prefill (the size bound lately) and 256 decode steps (no outputs seen yet) of 0.01 s.
+    gap = s._slot_wait_s(b0, s.core.backends(), 1.0)
+    assert gap == pytest.approx(0.9 + 256 * 0.01)  # far later than b1's 1.0 s first token
+    s.submit(_ticket("y", 10_000, 1.0, blocks=(*prefix, 60_001)), 1.0)
+    out = s.step(1.0)
+    assert [(b.ticket.req.rid, b.decision.backend) for b in out.bound] == [("y", b1)]
+
+
 def test_admission_counts_the_requests_held_ahead_at_the_rate_the_pool_binds_them() -> None:
     def late(**config: object) -> object:
         s = _twenty_running_bound_at_ten_a_second(**config)

@@ -504,3 +504,44 @@ def test_a_remembered_head_reads_as_parsed_and_each_caller_owns_its_headers() ->
             "content-length": str(k)
         }
     assert len(upstream_module._HEADS) <= upstream_module._HEADS_KEPT
+
+
+async def test_the_read_timeout_of_a_kept_alive_connections_next_request_counts_from_it() -> None:
+    """The read timer an exchange leaves pending serves the next one on the same connection:
+    a request sent 0.2 s after the last (timeout 0.5 s) that gets no answer times out 0.5 s
+    after it was sent, not when the old timer fires; an idle connection's timer ends."""
+    loop = asyncio.get_running_loop()
+    sent_second = 0.0
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+        await w.drain()
+        await read_request(r)  # the second request: never answered
+        await asyncio.sleep(3)
+
+    upstream = _client(read_timeout_s=0.5)
+    async with scripted_server(script) as url:
+        target = upstream.target(url + "/generate")
+        assert await (await upstream.post(target, b"{}", b"")).read() == b"a"
+        (conn,) = upstream._idle[target.key]
+        assert conn._timer is not None  # left pending for the next exchange
+        await asyncio.sleep(0.2)
+        sent_second = loop.time()
+        with pytest.raises(TimeoutError, match="no byte from the backend"):
+            await upstream.post(target, b"{}", b"")
+        assert 0.45 <= loop.time() - sent_second < 1.0
+
+    async def answer_and_hold(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")
+        await w.drain()
+        await asyncio.sleep(3)
+
+    async with scripted_server(answer_and_hold) as url:
+        target = upstream.target(url + "/generate")
+        assert await (await upstream.post(target, b"{}", b"")).read() == b"b"
+        (conn,) = upstream._idle[target.key]
+        await asyncio.sleep(0.7)  # idle past the period: the timer fired and ended
+        assert conn._timer is None and not conn.closed and conn.error is None
+    upstream.close()

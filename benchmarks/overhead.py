@@ -65,7 +65,7 @@ import aiohttp
 
 from router.replay.launchers import LAUNCHERS
 
-__all__ = ["CellResult", "Samples", "main", "markdown_table", "percentile"]
+__all__ = ["CellResult", "Samples", "main", "markdown_table", "percentile", "ratio_table"]
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 TARGETS = (
@@ -690,7 +690,9 @@ def _profiled_router(out: str, router_argv: Sequence[str]) -> int:
 
     from router.cli import main as router_main
 
-    profiler = cProfile.Profile()
+    # the thread's CPU clock: time the router spends waiting for a core on a shared box is not
+    # charged to whatever function happened to be running
+    profiler = cProfile.Profile(time.thread_time)
 
     def start(signum: int, frame: object) -> None:
         profiler.enable()
@@ -803,6 +805,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cprofile", type=Path, help="also profile prefix-router; pstats file here")
     p.add_argument("--quick", action="store_true", help="a few requests per cell (smoke test)")
     p.add_argument("--render", type=Path, help="print a results JSON as a Markdown table")
+    p.add_argument(
+        "--ratios",
+        type=Path,
+        nargs="+",
+        help="print router CPU per request and its ratios (after / before / smg) of A/B runs",
+    )
     p.add_argument("--profiled-router", metavar="OUT", help=argparse.SUPPRESS)
     return p
 
@@ -815,6 +823,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.profiled_router:
             return _profiled_router(args.profiled_router, argv[cut + 1 :])
     args = _parser().parse_args(argv)
+    if args.ratios:
+        print(ratio_table([(f.name, json.loads(f.read_text())["results"]) for f in args.ratios]))
+        return 0
     if args.render:
         print(markdown_table(json.loads(args.render.read_text())["results"]))
         return 0
@@ -931,6 +942,39 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             f"| {r['p99_ms']:.2f} | {r['added_p50_ms']:+.2f} | {r['added_p99_ms']:+.2f} "
             f"| {r['throughput_rps']:.0f} | {'-' if cpu is None else f'{cpu:.3f}'} |"
         )
+    return "\n".join(lines)
+
+
+def ratio_table(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> str:
+    """Router CPU ms per request of A/B runs (prefix-router = after, prefix-router-before =
+    before) and their ratios, one row per run and mode: what an A/B in overhead.md reports."""
+    lines = [
+        "| run | mode | requests | after | before | smg 1.13 | sglang-router "
+        "| after / before | after / smg | before / smg |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = ("prefix-router", "prefix-router-before", "smg", "sglang-router")
+    for run, rows in runs:
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            cpu: dict[str, float] = {}
+            requests = 0
+            for r in rows:
+                value = r.get("cpu_ms_per_request", {}).get(r["router"])
+                if r["mode"] == mode and r["router"] in names and value is not None:
+                    cpu[r["router"]] = value
+                    requests = max(requests, r["requests"])
+            if "prefix-router" not in cpu:
+                continue
+
+            def ratio(a: str, b: str, cpu: dict[str, float] = cpu) -> str:
+                return f"{cpu[a] / cpu[b]:.3f}" if a in cpu and cpu.get(b) else "-"
+
+            cells = [f"{cpu[n]:.3f}" if n in cpu else "-" for n in names]
+            lines.append(
+                f"| {run} | {mode} | {requests} | " + " | ".join(cells) + " | "
+                f"{ratio('prefix-router', 'prefix-router-before')} | "
+                f"{ratio('prefix-router', 'smg')} | {ratio('prefix-router-before', 'smg')} |"
+            )
     return "\n".join(lines)
 
 

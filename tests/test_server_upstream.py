@@ -15,9 +15,12 @@ from functools import partial
 import pytest
 from server_fixtures import Script, read_request, scripted_server
 
+from router.server import upstream as upstream_module
 from router.server.upstream import (
     Upstream,
     UpstreamError,
+    _parse_head,
+    _parsed_head,
     _split_whole,
     _walk_chunks,
     _whole_chunks,
@@ -428,3 +431,117 @@ def test_the_split_check_agrees_with_the_walk_wherever_it_answers() -> None:
             assert not got_pieces
         assert _whole_chunks(data) == want
     assert answered > 300  # reads of whole chunks of CRLF-free events are answered
+
+
+def _walk_by_int(data: bytes) -> tuple[int, bool, list[bytes]]:
+    """The chunk walk with `int(size, 16)` for every size line: what `_walk_chunks` answered
+    before its table of sizes, kept here as the reference."""
+    pos, payloads = 0, []
+    while pos < len(data):
+        end = data.find(b"\r\n", pos, pos + 18)
+        if end < 0:
+            return pos, False, payloads
+        try:
+            size = int(data[pos:end], 16)
+        except ValueError:
+            return -1, False, payloads
+        if not size:
+            return pos, data[end:] == b"\r\n\r\n", payloads
+        stop = end + 2 + size
+        if stop + 2 > len(data) or data[stop : stop + 2] != b"\r\n":
+            return (pos, False, payloads) if stop + 2 > len(data) else (-1, False, payloads)
+        payloads.append(data[end + 2 : stop])
+        pos = stop + 2
+    return pos, False, payloads
+
+
+def test_the_walks_size_table_reads_every_spelling_as_int_does() -> None:
+    """Sizes in the table (lower-case hex) and out of it (upper case, leading zeros, a `0x`,
+    spaces, 4 KiB and more, garbage) give the walk the answer `int(size, 16)` gives."""
+    rng = random.Random(1313)
+    spellings = (
+        lambda n: b"%x" % n,
+        lambda n: b"%X" % n,
+        lambda n: b"0%x" % n,
+        lambda n: b"0x%x" % n,
+        lambda n: b" %x" % n,
+        lambda n: b"%x " % n,
+    )
+    for case in range(2000):
+        pieces = []
+        for _ in range(rng.randint(1, 8)):
+            size = rng.choice((rng.randint(1, 300), rng.randint(3000, 5000)))
+            spell = spellings[0] if rng.random() < 0.7 else rng.choice(spellings)
+            pieces.append(b"%b\r\n%b\r\n" % (spell(size), b"x" * size))
+        if rng.random() < 0.3:
+            pieces.append(rng.choice((b"0\r\n\r\n", b"00\r\n\r\n", b"0\r\nT: 1\r\n\r\n")))
+        if case % 40 == 0:
+            pieces.insert(rng.randrange(len(pieces)), b"zz\r\nxx\r\n")  # not a size
+        data = b"".join(pieces)
+        if rng.random() < 0.3:
+            data = data[: rng.randint(0, len(data))]
+        got: list[bytes] = []
+        pos, ended = _walk_chunks(data, got)
+        assert (pos, ended, got) == _walk_by_int(data), data[:80]
+
+
+def test_a_remembered_head_reads_as_parsed_and_each_caller_owns_its_headers() -> None:
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nX-A: 1\r\nx-a: 2\r\n"
+        b"Transfer-Encoding: chunked\r\nDate: Sat, 05 Dec 2026 02:10:46 GMT"
+    )
+    first = _parsed_head(bytes(bytearray(head)))  # equal bytes, another object
+    first[1]["x-a"] = "changed by its caller"
+    second = _parsed_head(bytes(bytearray(head)))
+    assert first[0] == second[0] == 200 and second == _parse_head(head)
+    assert second[1]["x-a"] == "1, 2"
+    for bad in (b"HTTX/1.1 200 OK", b"HTTP/1.1 200 OK\r\nno colon"):
+        for _ in range(2):  # refused each time: a malformed head is never remembered
+            with pytest.raises(ValueError):
+                _parsed_head(bad)
+    for k in range(3 * upstream_module._HEADS_KEPT):  # bounded
+        assert _parsed_head(b"HTTP/1.1 200 OK\r\nContent-Length: %d" % k)[1] == {
+            "content-length": str(k)
+        }
+    assert len(upstream_module._HEADS) <= upstream_module._HEADS_KEPT
+
+
+async def test_the_read_timeout_of_a_kept_alive_connections_next_request_counts_from_it() -> None:
+    """The read timer an exchange leaves pending serves the next one on the same connection:
+    a request sent 0.2 s after the last (timeout 0.5 s) that gets no answer times out 0.5 s
+    after it was sent, not when the old timer fires; an idle connection's timer ends."""
+    loop = asyncio.get_running_loop()
+    sent_second = 0.0
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+        await w.drain()
+        await read_request(r)  # the second request: never answered
+        await asyncio.sleep(3)
+
+    upstream = _client(read_timeout_s=0.5)
+    async with scripted_server(script) as url:
+        target = upstream.target(url + "/generate")
+        assert await (await upstream.post(target, b"{}", b"")).read() == b"a"
+        (conn,) = upstream._idle[target.key]
+        assert conn._timer is not None  # left pending for the next exchange
+        await asyncio.sleep(0.2)
+        sent_second = loop.time()
+        with pytest.raises(TimeoutError, match="no byte from the backend"):
+            await upstream.post(target, b"{}", b"")
+        assert 0.45 <= loop.time() - sent_second < 1.0
+
+    async def answer_and_hold(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")
+        await w.drain()
+        await asyncio.sleep(3)
+
+    async with scripted_server(answer_and_hold) as url:
+        target = upstream.target(url + "/generate")
+        assert await (await upstream.post(target, b"{}", b"")).read() == b"b"
+        (conn,) = upstream._idle[target.key]
+        await asyncio.sleep(0.7)  # idle past the period: the timer fired and ended
+        assert conn._timer is None and not conn.closed and conn.error is None
+    upstream.close()

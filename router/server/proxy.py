@@ -63,6 +63,7 @@ import itertools
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -179,6 +180,9 @@ class _Flight:
     ended: bool = False
     route: RouteRequest | None = None  # what was routed (the recorder's blocks and sizes)
     model: str | None = None
+    # the request's loop's clock (`loop.time`), looked up once: `asyncio.get_running_loop()`
+    # costs a getpid syscall on CPython 3.11, and a stream took five of them
+    clock: Callable[[], float] = time.monotonic
 
 
 class Proxy:
@@ -312,7 +316,7 @@ class Proxy:
 
     async def forward(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        flight = _Flight(rid="-", endpoint=endpoint.path, started=loop.time())
+        flight = _Flight(rid="-", endpoint=endpoint.path, started=loop.time(), clock=loop.time)
         self.metrics.in_flight.inc(amount=1)
         try:
             response = await self._forward(request, endpoint, flight)
@@ -408,14 +412,14 @@ class Proxy:
             flight.attempts = attempt + 1
             try:
                 if attempt == 0 and self.scheduling is not None and not exclude:
-                    now = asyncio.get_running_loop().time()
+                    now = flight.clock()
                     ticket = ticket_for(request, body, route_req, now)
                     decision = await self.scheduling.bind(ticket)
                     engine_priority = self.scheduling.engine_priority(rid)
                     if engine_priority is not None:  # SGLang's own field
                         payload = _splice(payload, body, {"priority": engine_priority})
                 else:
-                    routed = self._route(route_req, asyncio.get_running_loop().time(), exclude)
+                    routed = self._route(route_req, flight.clock(), exclude)
                     if routed is None:  # held (PD: no decode room yet)
                         routed = await self._wait_for_route(route_req)
                     decision = routed
@@ -428,7 +432,7 @@ class Proxy:
             flight.backend = decision.backend
             flight.predicted_cached = decision.predicted_cached_tokens
             flight.predicted_ttft_s = decision.predicted_ttft_s
-            flight.routed_at = asyncio.get_running_loop().time()
+            flight.routed_at = flight.clock()
             self.metrics.dispatch.observe(value=flight.routed_at - flight.started)
             if self.config.explain:
                 flight.reason = route_reason(decision)
@@ -443,7 +447,7 @@ class Proxy:
                 )
             except _UpstreamFailed as failed:
                 last = failed
-                now = asyncio.get_running_loop().time()
+                now = flight.clock()
                 self._end(flight, ok=False)
                 self.metrics.errors.inc("upstream_5xx" if failed.status else "upstream_connect")
                 culprit = failed.backend or decision.backend
@@ -501,7 +505,7 @@ class Proxy:
         if flight.ended or flight.backend is None:
             return
         flight.ended = True
-        now = asyncio.get_running_loop().time()
+        now = flight.clock()
         if self._sharing:  # the record, before the ending forgets it
             rec = self.core.record(flight.rid)
             if rec is not None:
@@ -528,7 +532,7 @@ class Proxy:
             self.scheduling.kick()
 
     def _first_token(self, flight: _Flight, cached: int | None) -> None:
-        now = asyncio.get_running_loop().time()
+        now = flight.clock()
         if flight.ttft_s is not None or flight.backend is None:
             return
         flight.ttft_s = now - flight.started
@@ -686,7 +690,7 @@ class Proxy:
             # the first byte went out: never retried; the client gets an error event and the end
             self.metrics.errors.inc("stream_broken")
             self._end(flight, ok=False)
-            now = asyncio.get_running_loop().time()
+            now = flight.clock()
             self.pool.report_failure(flight.backend, now, broken, trip=True)
             log.warning("rid=%s backend=%s %s", flight.rid, flight.backend, broken)
             flight.status = 502

@@ -154,14 +154,24 @@ class _Connection(asyncio.Protocol):
         self._held, self._sink, self._raw, self._done, self._left = [], None, None, None, 0
         self._head_waiter = self.loop.create_future()
         self.last_read = time.monotonic()
-        self._timer = self.loop.call_later(self.read_timeout_s, self._check_silence)
+        if self._timer is None:  # else the last exchange's timer, still pending, serves this one
+            self._timer = self.loop.call_later(self.read_timeout_s, self._check_silence)
         # one write, one segment: `writelines` may send the head alone, waking the backend
         # for half a request (on uvloop it cost 8x aiohttp's single write per short request)
         self.transport.write(head + body)
         return self._head_waiter
 
     def _check_silence(self) -> None:
-        """The read timeout: fires once per period, not re-armed on every read."""
+        """The read timeout: fires once per period, not re-armed on every read.
+
+        An exchange that ends leaves its timer pending (a cancel and a new timer for each
+        request on a kept-alive connection cost ~1.1 us): the next `send` resets `last_read`,
+        so this fires when that exchange has been silent for the period, as a timer of its
+        own would; on an idle connection it ends here.
+        """
+        if self.finished:
+            self._timer = None
+            return
         silent = time.monotonic() - self.last_read
         if self._paused or silent < self.read_timeout_s:
             wait = self.read_timeout_s - (0.0 if self._paused else silent)
@@ -184,7 +194,7 @@ class _Connection(asyncio.Protocol):
             self._head = head
             return
         try:
-            status, headers, version = _parse_head(head[:end])
+            status, headers, version = _parsed_head(head[:end])
         except ValueError as exc:
             self._fail(UpstreamError(f"malformed response head: {exc}"))
             return
@@ -325,8 +335,7 @@ class _Connection(asyncio.Protocol):
         return out, False
 
     def _finish(self) -> None:
-        self._stop_timer()
-        self.finished = True
+        self.finished = True  # the read timer stays for the next exchange (`_check_silence`)
         self._mode = 0
         done = self._done
         if done is not None and not done.done():
@@ -644,19 +653,29 @@ def _split_whole(data: bytes, payloads: list[bytes] | None) -> tuple[int, bool] 
     return (len(data) - 5 if ended else len(data)), ended
 
 
+# A chunk's size line as the servers write it (lower-case hex, no leading zero) -> its size:
+# one dict lookup instead of `int(text, 16)` for every chunk of every stream (a stream of 256
+# tokens is ~40 chunks). Sizes past the table, other spellings and the terminal "0" go to int().
+_HEX_SIZES = {b"%x" % size: size for size in range(1, 4096)}
+
+
 def _walk_chunks(data: bytes, payloads: list[bytes] | None) -> tuple[int, bool]:
     """`_whole_chunks` chunk by chunk (any read: it stops where the whole chunks stop)."""
     pos, size_of = 0, len(data)
+    find, sizes = data.find, _HEX_SIZES
     while pos < size_of:
-        end = data.find(b"\r\n", pos, pos + 18)
+        end = find(b"\r\n", pos, pos + 18)
         if end < 0:
             return pos, False
-        try:
-            size = int(data[pos:end], 16)
-        except ValueError:
-            return -1, False
-        if not size:
-            return pos, data[end:] == b"\r\n\r\n"
+        text = data[pos:end]
+        size = sizes.get(text)
+        if size is None:
+            try:
+                size = int(text, 16)
+            except ValueError:
+                return -1, False
+            if not size:
+                return pos, data[end:] == b"\r\n\r\n"
         stop = end + 2 + size
         if stop + 2 > size_of or data[stop : stop + 2] != b"\r\n":
             return (pos, False) if stop + 2 > size_of else (-1, False)
@@ -664,6 +683,25 @@ def _walk_chunks(data: bytes, payloads: list[bytes] | None) -> tuple[int, bool]:
             payloads.append(data[end + 2 : stop])
         pos = stop + 2
     return pos, False
+
+
+# Heads parsed lately: a backend answers with the same head bytes again and again (Date
+# changes once a second, Content-Length with a whole answer's size), so a dict lookup replaces
+# the parse (0.35 vs 1.9 us a response on this box). Cleared when full, not an LRU.
+_HEADS: dict[bytes, tuple[int, dict[str, str], bytes]] = {}
+_HEADS_KEPT = 64
+
+
+def _parsed_head(head: bytes) -> tuple[int, dict[str, str], bytes]:
+    """`_parse_head`, remembered; each caller gets its own copy of the headers."""
+    known = _HEADS.get(head)
+    if known is None:
+        known = _parse_head(head)  # a malformed head raises, and is not kept
+        if len(_HEADS) >= _HEADS_KEPT:
+            _HEADS.clear()
+        _HEADS[head] = known
+    status, headers, version = known
+    return status, dict(headers), version
 
 
 _WS = " \t\n\r\x0b\x0c"  # what bytes.strip() strips (str.strip() would take \xa0 too)

@@ -162,3 +162,24 @@ async def test_isolation_is_on_by_default_and_the_flag_turns_it_off() -> None:
                 stats = (await resp.json())["scheduler"]
             assert stats["config"]["isolation"] is expected
             assert stats["bound"] == 2 and set(stats["served_s_by_tenant"]) == {"flood", "small"}
+
+
+async def test_scheduler_headroom_sets_or_turns_off_throughput_admission() -> None:
+    from router.cli import build_parser
+    from router.server.config import load_config
+    from router.server.scheduling import scheduler_config
+
+    parse = build_parser().parse_args
+    assert parse(["serve", "--scheduler-headroom", "off"]).scheduler_headroom == 0.0
+    assert parse(["serve", "--scheduler-headroom", "2.5"]).scheduler_headroom == 2.5
+    for bad in ("-1", "nan", "lots"):
+        with pytest.raises(SystemExit):
+            parse(["serve", "--scheduler-headroom", bad])
+    default = scheduler_config(load_config())
+    assert default.throughput_admission and default.throughput_headroom == 1.5
+    assert scheduler_config(load_config(scheduler_headroom=2.5)).throughput_headroom == 2.5
+    assert scheduler_config(load_config(scheduler_headroom=0)).throughput_admission is False
+    async with serving(1, policy="cost", scheduler=True, scheduler_headroom=0) as setup:
+        async with setup.session.get(setup.url + "/stats") as resp:
+            config = (await resp.json())["scheduler"]["config"]
+        assert config["throughput_admission"] is False

@@ -184,7 +184,8 @@ def test_start_and_duration_select_a_window(
         (["--start", "100000"], "the trace window holds no requests"),
         (["--slo-ttft-p90", "0", "--find-capacity"], "--slo-ttft-p90 must be a positive"),
         (["--capacity-precision", "1.5", "--find-capacity"], "--capacity-precision must be in"),
-        (["--slo-ttft", "2"], "--slo-ttft and --scheduler-budget need --scheduler on"),
+        (["--slo-ttft", "2"], "--slo-ttft, --scheduler-budget and --scheduler-headroom need"),
+        (["--scheduler-headroom", "off"], "--scheduler-headroom need --scheduler on"),
         (["--scheduler", "on", "--slo-ttft", "-1"], "--slo-ttft must be a positive"),
     ],
 )
@@ -371,7 +372,28 @@ def test_scheduler_on_adds_goodput_shed_and_router_wait_to_each_result(
     assert res["shed"] > 0 and res["failed"] == res["shed"]
     assert res["goodput_slo_s"] == 0.5
     assert res["goodput_rps"] > 0 and res["router_wait_p90"] >= 0
+    assert doc["scheduler_headroom"] == 1.5
     off = _json_run(capsys, gsp_trace, tmp_path, "--backends", "4", "--policies", "cost")
-    assert off["scheduler"] == "off"
+    assert off["scheduler"] == "off" and off["scheduler_headroom"] is None
     assert off["results"]["cost"]["shed"] == 0
     assert off["results"]["cost"]["router_wait_p90"] == 0.0
+
+
+def test_scheduler_headroom_off_admits_by_the_deadline_alone(
+    gsp_trace: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # Far past capacity (4 GPUs at 20x): the throughput clock turns away requests the
+    # deadline alone would admit; without it fewer are shed and, the batches filled at once,
+    # fewer are served within the deadline (here 155 / 67 shed, 44.5 / 30.3 req/s).
+    args = ("--backends", "4", "--load", "20", "--policies", "cost", "--scheduler", "on")
+    paced = _json_run(capsys, gsp_trace, tmp_path, *args, "--slo-ttft", "0.5")
+    unpaced = _json_run(
+        capsys, gsp_trace, tmp_path, *args, "--slo-ttft", "0.5", "--scheduler-headroom", "off"
+    )
+    assert unpaced["scheduler_headroom"] == "off"
+    assert unpaced["results"]["cost"]["shed"] < paced["results"]["cost"]["shed"]
+    assert unpaced["results"]["cost"]["goodput_rps"] < paced["results"]["cost"]["goodput_rps"]
+    wider = _json_run(
+        capsys, gsp_trace, tmp_path, *args, "--slo-ttft", "0.5", "--scheduler-headroom", "3"
+    )
+    assert wider["scheduler_headroom"] == 3.0

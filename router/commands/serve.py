@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from router.commands._scheduler_args import HEADROOM_HELP, headroom_arg
+
 __all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
 HELP = "run the live router (OpenAI- and SGLang-compatible proxy)"
@@ -159,6 +161,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "rest (default 0.5)",
     )
     a(
+        "--scheduler-headroom",
+        type=headroom_arg,
+        dest="scheduler_headroom",
+        metavar="H|off",
+        help=HEADROOM_HELP,
+    )
+    a(
         "--scheduler-engine-priority",
         action="store_true",
         default=None,
@@ -255,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
             scheduler=None if args.scheduler is None else args.scheduler == "on",
             slo_ttft_s=args.slo_ttft_s,
             scheduler_budget_s=args.scheduler_budget_s,
+            scheduler_headroom=args.scheduler_headroom,
             scheduler_engine_priority=args.scheduler_engine_priority,
             scheduler_reserve=args.scheduler_reserve,
             scheduler_isolation=(

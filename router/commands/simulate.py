@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from router.commands import usage_error
+from router.commands._scheduler_args import HEADROOM_HELP, headroom_arg
 
 HELP = "simulate a pool of SGLang backends in virtual time and compare routing policies"
 DESCRIPTION = """\
@@ -107,6 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --scheduler on: shed on arrival requests predicted to miss this TTFT",
     )
     parser.add_argument(
+        "--scheduler-headroom", type=headroom_arg, default=None, metavar="H|off", help=HEADROOM_HELP
+    )
+    parser.add_argument(
         "--pd",
         default=None,
         metavar="P:D",
@@ -173,8 +177,10 @@ def run(args: argparse.Namespace) -> int:
     ):
         if value is not None and not (value > 0 and math.isfinite(value)):
             return _fail(f"{flag} must be a positive number, got {value:g}")
-    if args.scheduler == "off" and (args.slo_ttft is not None or args.scheduler_budget):
-        return _fail("--slo-ttft and --scheduler-budget need --scheduler on")
+    if args.scheduler == "off" and (
+        args.slo_ttft is not None or args.scheduler_budget or args.scheduler_headroom is not None
+    ):
+        return _fail("--slo-ttft, --scheduler-budget and --scheduler-headroom need --scheduler on")
     if args.link_gbps is not None and not (args.link_gbps > 0 and math.isfinite(args.link_gbps)):
         return _fail(f"--link-gbps must be a positive number, got {args.link_gbps:g}")
     if args.slo_tpot is not None and not (args.slo_tpot > 0 and math.isfinite(args.slo_tpot)):
@@ -227,6 +233,10 @@ def run(args: argparse.Namespace) -> int:
         knobs: dict[str, Any] = {"slo_ttft_s": args.slo_ttft, "late_last_s": slo}
         if args.scheduler_budget is not None:
             knobs["budget_s"] = args.scheduler_budget
+        if args.scheduler_headroom == 0:
+            knobs["throughput_admission"] = False
+        elif args.scheduler_headroom is not None:
+            knobs["throughput_headroom"] = args.scheduler_headroom
         scheduler = SchedulerConfig(**knobs)
     goodput_slo = args.slo_ttft if args.slo_ttft is not None else slo
 
@@ -301,6 +311,11 @@ def run(args: argparse.Namespace) -> int:
             "pool_kv_tokens": pool_tokens,
             "scheduler": args.scheduler,
             "slo_ttft": args.slo_ttft,
+            "scheduler_headroom": (
+                None
+                if scheduler is None or scheduler.slo_ttft_s is None
+                else scheduler.throughput_headroom if scheduler.throughput_admission else "off"
+            ),
             "results": results,
         }
         if capacity:

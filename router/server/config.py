@@ -83,6 +83,8 @@ class ServerConfig(BaseSettings):
     scheduler: bool = False
     slo_ttft_s: float | None = Field(default=None, gt=0)
     scheduler_budget_s: float = Field(default=0.5, gt=0)
+    # throughput admission: admit at most this multiple of the pool's full-batch rate (0: off)
+    scheduler_headroom: float = Field(default=1.5, ge=0)
     # the backends run SGLang's --enable-priority-scheduling: send under-share tenants first
     scheduler_engine_priority: bool = False
     scheduler_reserve: float = Field(default=0.0, ge=0, lt=1)

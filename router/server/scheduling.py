@@ -44,8 +44,12 @@ DEADLINE_HEADER = "X-TTFT-SLO"
 
 def scheduler_config(config: ServerConfig) -> SchedulerConfig:
     """The scheduler's knobs from the server's configuration (`serve --scheduler on`)."""
+    # headroom 0: throughput admission off (SchedulerConfig wants a positive headroom anyway)
+    headroom = config.scheduler_headroom
     return SchedulerConfig(
         budget_s=config.scheduler_budget_s,
+        throughput_admission=headroom > 0,
+        throughput_headroom=headroom if headroom > 0 else 1.0,
         engine_priority=config.scheduler_engine_priority,
         reserve=config.scheduler_reserve,
         isolation=config.scheduler_isolation,

@@ -1,0 +1,31 @@
+"""The scheduler's command-line knobs that `serve` and `simulate` share."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+__all__ = ["HEADROOM_HELP", "headroom_arg"]
+
+HEADROOM_HELP = (
+    "throughput admission (with --slo-ttft): admit at most H x the pool's full-batch rate, so "
+    "at sustained overload the batches turn over instead of filling at once and decoding in "
+    "lock-step; 'off' (or 0) admits by the deadline alone, which serves more of a short burst "
+    "the running slots absorb but collapses sooner under sustained overload (default 1.5; "
+    "benchmarks/README.md has the trade-off measured)"
+)
+
+
+def headroom_arg(text: str) -> float:
+    """`H` (a positive number) or 'off' (0.0: throughput admission off)."""
+    if text.strip().lower() == "off":
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number or 'off', got {text!r}"
+        ) from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'off', got {text!r}")
+    return value

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from conftest import REPO_ROOT
 
+from router.cli import build_parser
 from router.core.policies import POLICIES
 from router.replay.compare import (
     CompareConfig,
@@ -76,6 +77,13 @@ def test_parse_targets() -> None:
         ("smg:cache_aware+queue", "smg", "cache_aware", True),
     ]
     bad_ones += ("cost@0", "cost@x", "nope@2", "cost+fast", "sglang-router:cache_aware+queue")
+    headrooms = parse_targets("cost+queue=2,cost+queue=off,cost+queue", sorted(POLICIES))
+    assert [(t.name, t.queue, t.headroom) for t in headrooms] == [
+        ("cost+queue=2", True, "2"),
+        ("cost+queue=off", True, "off"),
+        ("cost+queue", True, None),
+    ]
+    bad_ones += ("cost+queue=-1", "cost+queue=lots", "smg:cache_aware+queue=2", "cost+fast=2")
     for bad in (*bad_ones, "cost,cost", ""):
         with pytest.raises(ValueError):
             parse_targets(bad, sorted(POLICIES))
@@ -96,6 +104,11 @@ def test_queue_targets_turn_on_each_routers_own_admission() -> None:
     assert argv[argv.index("--queue-timeout-secs") + 1] == "2"  # whole seconds, rounded
     plain = _router_argv(parse_targets("cost", sorted(POLICIES))[0], config, 1, urls, 2)
     assert "--scheduler" not in plain
+    assert "--scheduler-headroom" not in _router_argv(ours, config, 1, urls, 2)
+    (wide,) = parse_targets("cost+queue=off", sorted(POLICIES))
+    argv = _router_argv(wide, config, 1, urls, 2)
+    assert argv[argv.index("--scheduler-headroom") + 1] == "off"
+    assert build_parser().parse_args(argv[argv.index("serve") :]).scheduler_headroom == 0.0
 
 
 def test_load_window_one_clear_error(tmp_path: Path) -> None:

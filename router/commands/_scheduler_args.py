@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import math
+
+from router.core.scheduler import parse_headroom
 
 __all__ = ["HEADROOM_HELP", "headroom_arg"]
 
@@ -17,15 +18,8 @@ HEADROOM_HELP = (
 
 
 def headroom_arg(text: str) -> float:
-    """`H` (a positive number) or 'off' (0.0: throughput admission off)."""
-    if text.strip().lower() == "off":
-        return 0.0
+    """argparse's type for `--scheduler-headroom`."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive number or 'off', got {text!r}"
-        ) from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'off', got {text!r}")
-    return value
+        return parse_headroom(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -32,7 +32,8 @@ Targets: our policies by name (cost, cache_aware, round_robin, ...), SMG 1.13 (t
 Model Gateway, what SGLang users run now) as smg:cache_aware, smg:least_load, smg:prefix_hash,
 smg:power_of_two, ..., and sglang-router 0.3.2 as sglang-router:cache_aware, ... (the bench
 extra installs both). A "+queue" suffix turns on
-the router's own admission: ours as `serve --scheduler on --slo-ttft S`, SMG with
+the router's own admission: ours as `serve --scheduler on --slo-ttft S` (`+queue=H` or
+`+queue=off` adds `--scheduler-headroom H|off`), SMG with
 `--max-concurrent-requests 32xN --queue-size 100 --queue-timeout-secs S` (S: --slo-ttft-p90
 when given in seconds, else 2); a 429 counts as a failed request.
 Ours runs as one process; POLICY@N (cost@2) runs it as `serve --workers N`.

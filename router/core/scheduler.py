@@ -142,6 +142,7 @@ __all__ = [
     "SchedulerConfig",
     "Shed",
     "Ticket",
+    "parse_headroom",
 ]
 
 # Prefill tokens per second assumed for policies that do not predict queues (llama3-8b-h100).
@@ -1114,3 +1115,17 @@ class Scheduler:
 def retry_after_header(shed: Shed) -> str:
     """Retry-After in whole seconds, at least 1."""
     return str(max(1, math.ceil(shed.retry_after_s)))
+
+
+def parse_headroom(text: str) -> float:
+    """`--scheduler-headroom`'s value: a non-negative number, or 'off' (0.0: no throughput
+    admission); ValueError otherwise."""
+    if text.strip().lower() == "off":
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"expected a non-negative number or 'off', got {text!r}")
+    return value

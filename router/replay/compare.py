@@ -42,6 +42,7 @@ from typing import IO, Literal
 
 import aiohttp
 
+from router.core.scheduler import parse_headroom
 from router.replay.client import Api, ReplayConfig, ReplayRun, replay
 from router.replay.launchers import LAUNCHERS, sglang_router_argv, smg_argv
 from router.replay.metrics import RequestOutcome
@@ -80,13 +81,16 @@ class Target:
     # "+queue": admission and a queue in the router. Ours: `--scheduler on --slo-ttft S`; SMG:
     # `--max-concurrent-requests`, `--queue-size`, `--queue-timeout-secs S` (CompareConfig).
     queue: bool = False
+    # ours with "+queue=H" / "+queue=off": `--scheduler-headroom H|off` (None: its default)
+    headroom: str | None = None
 
 
 def parse_targets(spec: str, our_policies: Sequence[str]) -> list[Target]:
     """Parse "cost,cost@2,smg:cache_aware,sglang-router:cache_aware"; ValueError if bad.
 
     `POLICY@N` is ours with N worker processes (`serve --workers N`); plain `POLICY` is one.
-    A `+queue` suffix (ours or SMG's) turns on the router's own admission and queue.
+    A `+queue` suffix (ours or SMG's) turns on the router's own admission and queue;
+    ours also takes `+queue=H` or `+queue=off`, its throughput admission's headroom.
     """
     targets: list[Target] = []
     theirs = " or ".join(f"{k}:<{'|'.join(v.policies)}>" for k, v in LAUNCHERS.items())
@@ -95,8 +99,16 @@ def parse_targets(spec: str, our_policies: Sequence[str]) -> list[Target]:
         if not name:
             continue
         base, plus, option = name.partition("+")
+        option, eq, headroom = option.partition("=")
         if plus and option != "queue":
             raise ValueError(f"{name!r}: the only option after + is 'queue'")
+        if eq:
+            if ":" in base:
+                raise ValueError(f"{name!r}: only our router takes a headroom after +queue=")
+            try:
+                parse_headroom(headroom)
+            except ValueError as exc:
+                raise ValueError(f"{name!r}: headroom {exc}") from None
         if plus and base.startswith("sglang-router:"):
             raise ValueError(f"{name!r}: sglang-router 0.3.2 has no queue to turn on")
         queue = bool(plus)
@@ -119,7 +131,14 @@ def parse_targets(spec: str, our_policies: Sequence[str]) -> list[Target]:
                 raise ValueError(f"{name!r}: workers after @ must be a positive integer")
             workers = int(count) if at else 1
             targets.append(
-                Target(name=name, kind="ours", policy=policy, workers=workers, queue=queue)
+                Target(
+                    name=name,
+                    kind="ours",
+                    policy=policy,
+                    workers=workers,
+                    queue=queue,
+                    headroom=headroom if eq else None,
+                )
             )
     if not targets:
         raise ValueError("no targets given")
@@ -335,6 +354,8 @@ def _router_argv(
     argv += ["--workers", str(target.workers)]
     if target.queue:
         argv += ["--scheduler", "on", "--slo-ttft", f"{config.queue_deadline_s:g}"]
+        if target.headroom is not None:
+            argv += ["--scheduler-headroom", target.headroom]
     for url in urls:
         argv += ["--backend", url]
     return argv

@@ -17,7 +17,15 @@ policy's backlog in seconds, from the learned PP: `queue_s`) plus the work the s
 for it stays under `budget_s`, and while it has a running slot free (fewer requests in flight
 than its `max_running_requests`: past that SGLang queues them where no order of ours applies;
 at 3x capacity multi-turn engines sat at their 256 slots with a prefill queue the budget
-allowed). The rest waits here, where the order can still change.
+allowed). The rest waits here, where the order can still change. The queue the budget
+reads counts the decode step each prefill shares once per engine step (`step_tokens`), not
+once per request as the policy's backlog does, while the backend's in-flight requests hold
+under `kv_room_share` of its KV (`CostPolicy.budget_queue_s`, `LiveKV`): the per-request
+count read a busy engine's queue twice as long as it was and kept 2-4 prefills in its steps
+where the engine alone ran ~10 (multi-turn bursts on 16 backends: 0.93-0.97x cost's capacity
+-> 1.00-1.03x), but
+where KV is short what the engine queues waits for memory, and the shorter queue the
+per-request count keeps is better (multi-turn on 8 backends).
 
 **Order.** Higher `priority` first; within a priority, the tenant with the least service so
 far (virtual-time fair queueing: each bound request charges its tenant its predicted prefill
@@ -199,6 +207,11 @@ class SchedulerConfig:
     throughput_admission: bool = True
     # ... at up to this multiple of that rate (bursts above it go into the batches).
     throughput_headroom: float = 1.5
+    # The budget's queue counts the decode share of mixed steps once per engine step of up to
+    # `step_tokens` (SGLang's default max_prefill_tokens) while the backend's in-flight
+    # requests hold under `kv_room_share` of its KV, else once per request (see "Late binding").
+    step_tokens: int = 16384
+    kv_room_share: float = 0.85
 
     def __post_init__(self) -> None:
         if not self.budget_s > 0:
@@ -223,6 +236,8 @@ class SchedulerConfig:
             raise ValueError("max_queue and scan must be at least 1")
         if not self.queue_timeout_s > 0:
             raise ValueError("queue_timeout_s must be positive")
+        if self.step_tokens < 1 or not self.kv_room_share > 0:
+            raise ValueError("step_tokens must be at least 1 and kv_room_share positive")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -309,6 +324,12 @@ class QueuePredictor(Protocol):
 
     def forget(self, rid: str) -> None: ...
 
+    def track_live_kv(self) -> None: ...
+
+    def budget_queue_s(
+        self, state: BackendState, now: float, step_tokens: int, kv_room_share: float
+    ) -> float: ...
+
 
 @dataclass(slots=True)
 class _Waiting:
@@ -353,6 +374,8 @@ class Scheduler:
         self._predictor: QueuePredictor | None = (
             policy if isinstance(policy, QueuePredictor) else None
         )
+        if self._predictor is not None:
+            self._predictor.track_live_kv()  # for the budget's queue (`_budget_queue_s`)
         self._lanes: dict[tuple[int, str], _Lane] = {}  # (priority, tenant)
         self._items: dict[str, _Waiting] = {}
         # Arrival order, for timeouts; entries of requests that left are skipped lazily.
@@ -457,7 +480,7 @@ class Scheduler:
         if not backends:
             return ScheduleOutput(shed=tuple(shed), wake_at=self._next_timeout())
         budget = self.config.budget_s
-        queue = {s.id: self._queue_s(s, now) for s in backends}
+        queue = {s.id: self._budget_queue_s(s, now) for s in backends}
         ahead: dict[str, float] = dict.fromkeys(queue, 0.0)
         # Running slots left (the engine admits no more than max_running_requests; past that
         # a bound request waits inside the engine where no order of ours applies).
@@ -578,7 +601,7 @@ class Scheduler:
                 choice.explain.prefill_s if choice.explain is not None else item.prefill_s,
             )
             state = next(s for s in backends if s.id == b)
-            queue[b] = self._queue_s(state, now)
+            queue[b] = self._budget_queue_s(state, now)
             slots[b] -= 1
             engine_priority: int | None = None
             if boosted is not None:
@@ -621,6 +644,8 @@ class Scheduler:
                 "isolation": self.config.isolation,
                 "throughput_admission": self.config.throughput_admission,
                 "throughput_headroom": self.config.throughput_headroom,
+                "step_tokens": self.config.step_tokens,
+                "kv_room_share": self.config.kv_room_share,
             },
         }
 
@@ -633,6 +658,14 @@ class Scheduler:
         if self._predictor is not None:
             return self._predictor.queue_s(state, now)
         return state.pending_prefill_tokens / DEFAULT_PP
+
+    def _budget_queue_s(self, state: BackendState, now: float) -> float:
+        """The queue the budget compares with (`CostPolicy.budget_queue_s`)."""
+        if self._predictor is not None:
+            return self._predictor.budget_queue_s(
+                state, now, self.config.step_tokens, self.config.kv_room_share
+            )
+        return self._queue_s(state, now)
 
     def _prefill_s(self, req: RouteRequest, backends: Sequence[BackendState]) -> float:
         if self._predictor is not None:

@@ -836,7 +836,8 @@ class Scheduler:
 
         The prefill seconds held for a backend do not see that wait, so the requests behind
         kept choosing a backend whose slots were taken: multi-turn capacity 1.05-1.07x ->
-        1.07-1.09x with it (benchmarks/README.md). Memoised per step time.
+        1.07-1.09x with it, before the budget's own queue changed (benchmarks/README.md).
+        Memoised per step time.
         """
         if self._slot_gap_at != now:
             self._slot_gap.clear()

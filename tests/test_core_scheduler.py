@@ -378,7 +378,7 @@ def test_a_request_behind_one_waiting_for_a_running_slot_prices_that_wait() -> N
     # y waits behind x for the same slot: besides x's and its own prefill (0.1 + 0.1 s) it
     # waits for requests to finish there. b0's full-batch rate, one slot: each request its
     # 0.9 s prefill (the size bound lately) and 256 decode steps (no outputs seen yet) of 0.01 s.
-    gap = s._slot_wait_s(b0, s.core.backends(), 1.0)
+    gap = s._slot_gap_s(next(st for st in s.core.backends() if st.id == b0))
     assert gap == pytest.approx(0.9 + 256 * 0.01)  # far later than b1's 1.0 s first token
     s.submit(_ticket("y", 10_000, 1.0, blocks=(*prefix, 60_001)), 1.0)
     out = s.step(1.0)

@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     from backends.sim.engine import EngineConfig
     from backends.sim.perf import PROFILES
     from router.core.policies import POLICIES
-    from router.core.scheduler import SchedulerConfig
+    from router.core.scheduler import SchedulerConfig, headroom_knobs
     from router.replay.analyze import ideal_hit_ratio, lru_hit_ratio
     from router.replay.metrics import write_json
     from router.replay.report import format_table, plot_ttft_cdf
@@ -233,10 +233,8 @@ def run(args: argparse.Namespace) -> int:
         knobs: dict[str, Any] = {"slo_ttft_s": args.slo_ttft, "late_last_s": slo}
         if args.scheduler_budget is not None:
             knobs["budget_s"] = args.scheduler_budget
-        if args.scheduler_headroom == 0:
-            knobs["throughput_admission"] = False
-        elif args.scheduler_headroom is not None:
-            knobs["throughput_headroom"] = args.scheduler_headroom
+        if args.scheduler_headroom is not None:
+            knobs.update(headroom_knobs(args.scheduler_headroom))
         scheduler = SchedulerConfig(**knobs)
     goodput_slo = args.slo_ttft if args.slo_ttft is not None else slo
 
@@ -301,6 +299,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"  capacity at p90 TTFT <= {slo:g} s: {policy} {load:.3f}")
 
     if args.json is not None:
+        headroom: float | str | None = None  # throughput admission, with deadline admission
+        if scheduler is not None and scheduler.slo_ttft_s is not None:
+            headroom = scheduler.throughput_headroom if scheduler.throughput_admission else "off"
         doc: dict[str, Any] = {
             "trace": trace.name,
             "backends": args.backends,
@@ -311,11 +312,7 @@ def run(args: argparse.Namespace) -> int:
             "pool_kv_tokens": pool_tokens,
             "scheduler": args.scheduler,
             "slo_ttft": args.slo_ttft,
-            "scheduler_headroom": (
-                None
-                if scheduler is None or scheduler.slo_ttft_s is None
-                else scheduler.throughput_headroom if scheduler.throughput_admission else "off"
-            ),
+            "scheduler_headroom": headroom,
             "results": results,
         }
         if capacity:

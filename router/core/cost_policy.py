@@ -473,7 +473,7 @@ class CostPolicy(BasePolicy):
             new = n - cached  # >= 1: a hit is capped at n - 1 tokens
             pairs = new * (n - new) + new * (new + 1) // 2  # attention_pairs(new, n)
             prefill_s = new * per_token + pairs * per_pair
-            kv = state.decoding_kv_tokens
+            kv = state.decoding_kv_tokens  # `_decode_batch`, inlined
             decoding = state.decoding
             if self._remote_decode:
                 extra = self._remote_decode.get(backend)
@@ -577,9 +577,19 @@ class CostPolicy(BasePolicy):
             if held > kv_room_share * capacity:
                 return queue
         _, _, step0, per_kv = self._model(state).speeds()
-        mixed = step0 + per_kv * state.decoding_kv_tokens if state.decoding else 0.0
+        decoding, kv = self._decode_batch(state)
+        mixed = step0 + per_kv * kv if decoding else 0.0  # as `choose` prices it
         steps = -(-tokens // step_tokens)
         return max(0.0, queue - over + steps * mixed)
+
+    def _decode_batch(self, state: BackendState) -> tuple[int, int]:
+        """(requests decoding on `state`, their KV tokens), other replicas' included."""
+        decoding, kv = state.decoding, state.decoding_kv_tokens
+        extra = self._remote_decode.get(state.id)
+        if extra is not None:
+            decoding += extra[0]
+            kv += extra[1]
+        return decoding, kv
 
     def prefill_estimate(self, req: RouteRequest, backends: Sequence[BackendState]) -> float:
         """`req`'s shortest predicted prefill over `backends` (each with its own cached prefix)."""

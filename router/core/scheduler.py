@@ -23,9 +23,8 @@ once per request as the policy's backlog does, while the backend's in-flight req
 under `kv_room_share` of its KV (`CostPolicy.budget_queue_s`, `LiveKV`): the per-request
 count read a busy engine's queue twice as long as it was and kept 2-4 prefills in its steps
 where the engine alone ran ~10 (multi-turn bursts on 16 backends: 0.93-0.97x cost's capacity
--> 1.00-1.03x), but
-where KV is short what the engine queues waits for memory, and the shorter queue the
-per-request count keeps is better (multi-turn on 8 backends).
+-> 1.00-1.03x), but where KV is short what the engine queues waits for memory, and the
+shorter queue the per-request count keeps is better (multi-turn on 8 backends).
 
 **Order.** Higher `priority` first; within a priority, the tenant with the least service so
 far (virtual-time fair queueing: each bound request charges its tenant its predicted prefill
@@ -47,7 +46,7 @@ has room it binds there; if not it waits for that backend (its cached prefix is 
 than the queue, by the policy's own arithmetic) and its prefill counts as held work there, so
 the requests behind it see that backend as busier and go elsewhere; past the backend's free
 running slots each one held there also adds the time between two of its requests finishing
-with its batch full (`_slot_wait_s`), a wait its prefill seconds do not show. It does not
+with its batch full (`_slot_gap_s`), a wait its prefill seconds do not show. It does not
 wait when a backend with room predicts a first token no later with no less of its prompt cached
 (`_no_wait`): the policy's pick can be a full backend for its other terms (the decode steps
 the request will share, its interference with the running streams), and a wait for it costs a
@@ -137,7 +136,7 @@ import math
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from router.core.model import BackendState, Choice, RouteRequest
 from router.core.routing import Decision, NoBackendError, RoutingCore
@@ -150,6 +149,7 @@ __all__ = [
     "SchedulerConfig",
     "Shed",
     "Ticket",
+    "headroom_knobs",
     "parse_headroom",
 ]
 
@@ -405,9 +405,6 @@ class Scheduler:
         self._sizes: deque[tuple[int, int, float]] = deque(maxlen=256)
         self._size_sums = [0.0, 0.0, 0.0]
         self._paced_at = -math.inf
-        # _slot_wait_s's figures for the step at _slot_gap_at.
-        self._slot_gap: dict[str, float] = {}
-        self._slot_gap_at = -math.inf
 
     # -- what the driver asks -------------------------------------------------------------
 
@@ -507,14 +504,20 @@ class Scheduler:
             return queue[b] + held_s[b] < cap * (1 - keep) and slots[b] - held_n[b] - kept[b] >= 1
 
         # Seconds the requests held for a backend past its free running slots wait for its
-        # running requests to finish (`_slot_wait_s`), added to their prefill in the price.
+        # running requests to finish, added to their prefill in the price: one `_slot_gap_s`
+        # each (`gaps`: this step's, per backend).
         slot_wait: dict[str, float] = dict.fromkeys(queue, 0.0)
+        gaps: dict[str, float] = {}
+        by_id = {s.id: s for s in backends}
 
         def wait_for(b: str, item: _Waiting, under: bool) -> None:
             ahead[b] += item.prefill_s  # later requests see b busier
             waiting[b] += 1
             if waiting[b] + kept[b] > slots[b]:
-                slot_wait[b] += self._slot_wait_s(b, backends, now)
+                gap = gaps.get(b)
+                if gap is None:
+                    gap = gaps[b] = self._slot_gap_s(by_id[b])
+                slot_wait[b] += gap
             if under:
                 ahead_under[b] += item.prefill_s
                 waiting_under[b] += 1
@@ -600,7 +603,7 @@ class Scheduler:
                 req.prompt_tokens - decision.predicted_cached_tokens,
                 choice.explain.prefill_s if choice.explain is not None else item.prefill_s,
             )
-            state = next(s for s in backends if s.id == b)
+            state = by_id[b]
             queue[b] = self._budget_queue_s(state, now)
             slots[b] -= 1
             engine_priority: int | None = None
@@ -821,38 +824,32 @@ class Scheduler:
         """Count one admitted request against `headroom` x the pool's full-batch throughput."""
         if not self.config.throughput_admission or self._predictor is None:
             return
-        n = len(self._sizes)
-        if not n:
+        if not self._sizes:
             return
-        tokens, new, prefill_s = (total / n for total in self._size_sums)
-        rate = sum(self._predictor.service_rate(s, tokens, new, prefill_s) for s in backends)
-        rate *= headroom
+        rate = sum(self._full_batch_rate(s) for s in backends) * headroom
         if 0 < rate < math.inf:
             self._paced_at = max(self._paced_at, now) + 1.0 / rate
 
-    def _slot_wait_s(self, backend: str, backends: Sequence[BackendState], now: float) -> float:
-        """Seconds between two requests finishing on `backend` with its batch full: what one
+    def _full_batch_rate(self, state: BackendState) -> float:
+        """Requests per second `state` completes with its batch full, for requests of the mean
+        size bound lately (`CostPolicy.service_rate`; call with sizes noted and a predictor)."""
+        assert self._predictor is not None and self._sizes
+        n = len(self._sizes)
+        tokens, new, prefill_s = (total / n for total in self._size_sums)
+        return self._predictor.service_rate(state, tokens, new, prefill_s)
+
+    def _slot_gap_s(self, state: BackendState) -> float:
+        """Seconds between two requests finishing on `state` with its batch full: what one
         more request held for it past its free running slots waits (0 with nothing to go by).
 
         The prefill seconds held for a backend do not see that wait, so the requests behind
         kept choosing a backend whose slots were taken: multi-turn capacity 1.05-1.07x ->
         1.07-1.09x with it, before the budget's own queue changed (benchmarks/README.md).
-        Memoised per step time.
         """
-        if self._slot_gap_at != now:
-            self._slot_gap.clear()
-            self._slot_gap_at = now
-        gap = self._slot_gap.get(backend)
-        if gap is None:
-            gap = 0.0
-            n = len(self._sizes)
-            if self._predictor is not None and n:
-                tokens, new, prefill_s = (total / n for total in self._size_sums)
-                state = next(s for s in backends if s.id == backend)
-                rate = self._predictor.service_rate(state, tokens, new, prefill_s)
-                gap = 1.0 / rate if 0 < rate < math.inf else 0.0
-            self._slot_gap[backend] = gap
-        return gap
+        if self._predictor is None or not self._sizes:
+            return 0.0
+        rate = self._full_batch_rate(state)
+        return 1.0 / rate if 0 < rate < math.inf else 0.0
 
     def _held_ahead(self, item: _Waiting, held: Iterable[_Waiting]) -> int:
         """Held requests that bind before `item`: all of higher priority; within its priority
@@ -1149,6 +1146,14 @@ class Scheduler:
 def retry_after_header(shed: Shed) -> str:
     """Retry-After in whole seconds, at least 1."""
     return str(max(1, math.ceil(shed.retry_after_s)))
+
+
+def headroom_knobs(headroom: float) -> dict[str, Any]:
+    """The `SchedulerConfig` fields for a `--scheduler-headroom` value (0: throughput
+    admission off)."""
+    if headroom > 0:
+        return {"throughput_headroom": headroom}
+    return {"throughput_admission": False}
 
 
 def parse_headroom(text: str) -> float:

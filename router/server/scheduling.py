@@ -29,7 +29,14 @@ from aiohttp import web
 
 from router.core.model import RouteRequest
 from router.core.routing import Decision
-from router.core.scheduler import Scheduler, SchedulerConfig, Shed, Ticket, retry_after_header
+from router.core.scheduler import (
+    Scheduler,
+    SchedulerConfig,
+    Shed,
+    Ticket,
+    headroom_knobs,
+    retry_after_header,
+)
 from router.server.auth import bearer_token
 from router.server.config import ServerConfig
 from router.server.errors import ApiError
@@ -44,12 +51,9 @@ DEADLINE_HEADER = "X-TTFT-SLO"
 
 def scheduler_config(config: ServerConfig) -> SchedulerConfig:
     """The scheduler's knobs from the server's configuration (`serve --scheduler on`)."""
-    # headroom 0: throughput admission off (SchedulerConfig wants a positive headroom anyway)
-    headroom = config.scheduler_headroom
     return SchedulerConfig(
         budget_s=config.scheduler_budget_s,
-        throughput_admission=headroom > 0,
-        throughput_headroom=headroom if headroom > 0 else 1.0,
+        **headroom_knobs(config.scheduler_headroom),
         engine_priority=config.scheduler_engine_priority,
         reserve=config.scheduler_reserve,
         isolation=config.scheduler_isolation,
